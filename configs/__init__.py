@@ -1,0 +1,1 @@
+"""Config files: each exports `get_config(arg)`; see configs/default.py."""

@@ -1,0 +1,146 @@
+"""Default job: a byte-level GPT trained on the Python standard library's own source.
+
+Usage: `python train.py --config=configs/default.py[:preset,preset...] --config.<key>=<value>`.
+Presets (comma-separated, applied left to right):
+  gpt2 | llama          model style (gpt2 is the default)
+  dp | fsdp | fsdp_tp   parallelism over the mesh: data, fully sharded, fully sharded x tensor
+  tiny                  a minimal model and short run, for tests and smoke checks
+Every key is declared here; the config is locked, so a misspelt override is an error.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axes. Each mesh axis is used at most once per array: a later rule for an
+# axis already taken leaves that dimension unsharded, which is how activations (batch over
+# data+fsdp) and parameters (embed over fsdp) share one table.
+RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+)
+
+
+def model_config():
+  m = ml_collections.ConfigDict()
+  m.name = 'transformer'
+  m.vocab_size = 256  # bytes; byte 0 separates documents
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.embed_dim = 256
+  m.mlp_dim = 1024
+  m.max_len = 256
+  m.position = 'learned'  # learned | rope
+  m.rope_theta = 10000.0
+  m.norm = 'layernorm'  # layernorm | rmsnorm
+  m.mlp = 'gelu'  # gelu | swiglu
+  m.use_bias = True
+  m.tie_embeddings = True
+  m.dropout_rate = 0.0
+  m.dtype = 'float32'  # activations
+  m.param_dtype = 'float32'
+  return m
+
+
+def data_config():
+  d = ml_collections.ConfigDict()
+  d.source = 'stdlib'  # stdlib | files | tfds
+  d.files = ''  # glob for source=files, e.g. '/data/books/**/*.txt'
+  d.eval_percent = 2  # files whose path hashes below this percentage form the validation split
+  d.tfds_name = ''  # for source=tfds, e.g. 'lm1b'
+  d.tfds_train_split = 'train'
+  d.tfds_eval_split = 'test'
+  d.tfds_text_key = 'text'
+  d.seq_len = 256
+  d.global_batch_size = 32
+  d.shuffle_seed = 0
+  d.worker_threads = 2  # threads that prefetch batches
+  d.prefetch_batches = 4
+  return d
+
+
+def optim_config():
+  o = ml_collections.ConfigDict()
+  o.learning_rate = 3e-3
+  o.warmup_steps = 30
+  o.schedule = 'cosine'  # cosine | linear | constant | exponential | inverse_time
+  o.final_lr_fraction = 0.1  # cosine and linear decay end at learning_rate * this
+  o.decay_rate = 0.5  # exponential: lr halves every `decay_steps`
+  o.decay_steps = 1000
+  o.inverse_time_b = 0.01  # inverse_time: lr0 / (1 + b*t)^g, t counted after warmup
+  o.inverse_time_power = 0.5
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1  # masked off norms, biases and embeddings
+  o.grad_clip_norm = 1.0
+  return o
+
+
+def train_config():
+  t = ml_collections.ConfigDict()
+  t.steps = 400
+  t.grad_accum_steps = 1
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 4
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+  t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
+  t.num_samples = 3
+  t.sample_length = 160
+  t.sample_temperature = 0.8
+  t.sample_prompts = ('def ', 'import ', 'class ')
+  return t
+
+
+def mesh_config():
+  mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all devices not used by the other axes
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  mesh.rules = RULES
+  return mesh
+
+
+def apply_preset(config, preset):
+  m, mesh = config.model, config.mesh
+  if preset == 'gpt2':
+    pass  # the defaults
+  elif preset == 'llama':
+    m.position, m.norm, m.mlp, m.use_bias, m.tie_embeddings = 'rope', 'rmsnorm', 'swiglu', False, False
+    m.num_kv_heads = max(1, m.num_heads // 2)
+    m.mlp_dim = 688  # ~8/3 * embed_dim, as SwiGLU keeps the parameter count of a 4x GELU MLP
+  elif preset == 'dp':
+    mesh.data, mesh.fsdp, mesh.tensor = -1, 1, 1
+  elif preset == 'fsdp':
+    mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 1
+  elif preset == 'fsdp_tp':
+    mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 2
+  elif preset == 'tiny':
+    m.num_layers, m.num_heads, m.num_kv_heads, m.embed_dim, m.mlp_dim = 2, 4, 4, 32, 128
+    m.max_len = config.data.seq_len = 32
+    config.data.global_batch_size = 8
+    config.train.update(steps=8, log_every=1, eval_every=4, checkpoint_every=4, eval_batches=1,
+                        num_samples=1, sample_length=16)
+    config.optim.warmup_steps = 2
+  else:
+    raise ValueError(f'unknown preset {preset!r}; choose from gpt2, llama, dp, fsdp, fsdp_tp, tiny')
+
+
+def get_config(presets: str = ''):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model_config()
+  config.data = data_config()
+  config.optim = optim_config()
+  config.train = train_config()
+  config.mesh = mesh_config()
+  for preset in filter(None, presets.split(',')):
+    apply_preset(config, preset)
+  return config

@@ -1,0 +1,1 @@
+"""Text sources and the Grain input pipeline."""

@@ -1,0 +1,77 @@
+"""Random-access text sources. Each item is one document as UTF-8 bytes.
+
+Sources only say where documents come from; `data/pipeline.py` does everything after that.
+"""
+
+import glob
+import os
+import sysconfig
+import zlib
+
+import grain
+
+SPLITS = ('train', 'eval')
+
+
+def stdlib_files() -> list[str]:
+  """The Python standard library's own `.py` files: a corpus every installation carries."""
+  root = sysconfig.get_paths()['stdlib']
+  files = glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
+  return sorted(f for f in files if 'site-packages' not in os.path.relpath(f, root).split(os.sep))
+
+
+def split_files(files: list[str], split: str, eval_percent: int) -> list[str]:
+  """Deterministic split on the file name, independent of the machine's install prefix."""
+  def is_eval(path):
+    tail = '/'.join(path.split(os.sep)[-2:])
+    return zlib.crc32(tail.encode()) % 100 < eval_percent
+  return [f for f in files if is_eval(f) == (split == 'eval')]
+
+
+class FileSource(grain.sources.RandomAccessDataSource):
+  """Whole files, read as bytes when asked for."""
+
+  def __init__(self, paths: list[str]):
+    self._paths = list(paths)
+
+  def __len__(self):
+    return len(self._paths)
+
+  def __getitem__(self, index):
+    with open(self._paths[index], 'rb') as f:
+      return f.read()
+
+  def __repr__(self):
+    return f'FileSource({len(self._paths)} files)'
+
+
+class TfdsTextSource(grain.sources.RandomAccessDataSource):
+  """One text feature of a TFDS dataset, through `tfds.data_source` (ArrayRecord, no TF)."""
+
+  def __init__(self, name: str, split: str, text_key: str):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top; optional and slow
+    self._source = tfds.data_source(name, split=split)
+    self._text_key = text_key
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    text = self._source[index][self._text_key]
+    return text.encode('utf-8') if isinstance(text, str) else bytes(text)
+
+
+def make_source(data_config, split: str) -> grain.sources.RandomAccessDataSource:
+  """The documents of `split` ('train' or 'eval') for the configured source."""
+  if data_config.source == 'tfds':
+    tfds_split = data_config.tfds_train_split if split == 'train' else data_config.tfds_eval_split
+    return TfdsTextSource(data_config.tfds_name, tfds_split, data_config.tfds_text_key)
+  if data_config.source == 'stdlib':
+    files = stdlib_files()
+  else:
+    files = sorted(glob.glob(data_config.files, recursive=True))
+  files = split_files(files, split, data_config.eval_percent)
+  if not files:
+    raise ValueError(f'data: no {split} files for source={data_config.source!r} '
+                     f'files={data_config.files!r} eval_percent={data_config.eval_percent}')
+  return FileSource(files)

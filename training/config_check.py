@@ -1,0 +1,115 @@
+"""Validates a config before anything compiles, with one-line errors that name the key."""
+
+import math
+
+import jax
+import numpy as np
+
+from models import MODELS
+from parallel import sharding
+from training import optimizer
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with the key's name."""
+
+
+def _require(ok: bool, key: str, message: str):
+  if not ok:
+    raise ConfigError(f'{key}: {message}')
+
+
+def _one_of(config, key: str, choices):
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  _require(value in choices, key, f'{value!r} is not one of {", ".join(map(str, choices))}')
+
+
+def check_model(config):
+  m = config.model
+  _one_of(config, 'model.name', sorted(MODELS))
+  _one_of(config, 'model.position', ('learned', 'rope'))
+  _one_of(config, 'model.norm', ('layernorm', 'rmsnorm'))
+  _one_of(config, 'model.mlp', ('gelu', 'swiglu'))
+  for key in ('dtype', 'param_dtype'):
+    _one_of(config, f'model.{key}', ('float32', 'bfloat16', 'float16'))
+  for key in ('vocab_size', 'num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim',
+              'max_len'):
+    _require(m[key] > 0, f'model.{key}', f'must be positive, got {m[key]}')
+  _require(m.embed_dim % m.num_heads == 0, 'model.embed_dim',
+           f'{m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
+  _require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads',
+           f'{m.num_kv_heads} does not divide model.num_heads={m.num_heads}')
+  _require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'model.num_heads',
+           'rope needs an even head dimension (embed_dim / num_heads)')
+  _require(0 <= m.dropout_rate < 1, 'model.dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
+
+
+def check_data(config):
+  d = config.data
+  _one_of(config, 'data.source', ('stdlib', 'files', 'tfds'))
+  _require(d.source != 'files' or bool(d.files), 'data.files', "is empty but data.source='files'")
+  _require(d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name',
+           "is empty but data.source='tfds'")
+  _require(config.model.vocab_size >= 256, 'model.vocab_size',
+           f'{config.model.vocab_size} is too small for byte tokens (needs 256)')
+  _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}')
+  _require(d.seq_len <= config.model.max_len, 'data.seq_len',
+           f'{d.seq_len} is longer than model.max_len={config.model.max_len}')
+  _require(0 <= d.eval_percent < 100, 'data.eval_percent', f'must be in [0, 100), got {d.eval_percent}')
+  _require(d.global_batch_size > 0, 'data.global_batch_size', 'must be positive')
+
+
+def check_optim(config):
+  o, steps = config.optim, config.train.steps
+  _one_of(config, 'optim.schedule', optimizer.SCHEDULES)
+  _require(o.learning_rate > 0, 'optim.learning_rate', f'must be > 0, got {o.learning_rate}')
+  _require(0 <= o.warmup_steps < steps, 'optim.warmup_steps',
+           f'{o.warmup_steps} must be in [0, train.steps={steps})')
+  _require(o.weight_decay >= 0, 'optim.weight_decay', f'must be >= 0, got {o.weight_decay}')
+  _require(o.grad_clip_norm > 0, 'optim.grad_clip_norm', f'must be > 0, got {o.grad_clip_norm}')
+  _require(0 <= o.final_lr_fraction <= 1, 'optim.final_lr_fraction', 'must be in [0, 1]')
+
+
+def check_train(config):
+  t = config.train
+  for key in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'grad_accum_steps'):
+    _require(t[key] > 0, f'train.{key}', f'must be positive, got {t[key]}')
+  for key in ('eval_every', 'eval_batches', 'stop_after', 'num_samples'):
+    _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
+
+
+def check_mesh(config, num_devices: int, num_processes: int):
+  try:
+    shape = sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  sizes = dict(zip(sharding.MESH_AXES, shape))
+  batch_axes = np.atleast_1d(sharding.logical_spec(config.mesh.rules, 'batch')[0] or ())
+  shards = math.prod(sizes[a] for a in batch_axes)
+  per_update = shards * config.train.grad_accum_steps
+  _require(config.data.global_batch_size % per_update == 0, 'data.global_batch_size',
+           f'{config.data.global_batch_size} is not divisible by {shards} data shards x '
+           f'{config.train.grad_accum_steps} micro-batches')
+  _require(config.data.global_batch_size % num_processes == 0, 'data.global_batch_size',
+           f'is not divisible by the {num_processes} processes')
+
+
+def check_param_shapes(abstract_params, mesh):
+  """Every sharded parameter dimension must divide evenly over its mesh axes."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    for dim, axes in zip(leaf.shape, leaf.sharding.spec):
+      axes = tuple(np.atleast_1d(axes or ()))
+      ways = math.prod(mesh.shape[a] for a in axes)
+      _require(dim % ways == 0, f'mesh.{"/".join(axes)}',
+               f'splits parameter {jax.tree_util.keystr(path)} dimension {dim} {ways} ways')
+
+
+def validate(config, num_devices: int, num_processes: int):
+  """Raises ConfigError for the first problem found."""
+  check_model(config)
+  check_data(config)
+  check_train(config)
+  check_optim(config)
+  check_mesh(config, num_devices, num_processes)

@@ -1,0 +1,69 @@
+"""Where metrics go: `metrics.jsonl`, TensorBoard event files, and the progress bar."""
+
+import json
+import os
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+  """Writes scalar metrics from process 0; other processes write nothing."""
+
+  def __init__(self, workdir: str, resumed_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    if not self.enabled:
+      return
+    _truncate_after(self.path, resumed_step)
+    self._jsonl = open(self.path, 'a', encoding='utf-8')
+    self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self._jsonl.flush()
+    for name, value in metrics.items():
+      self._tensorboard.add_scalar(name, value, step)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+def _truncate_after(path: str, step: int):
+  """Drops records past `step`: a resumed run rewrites them, so the file keeps one history."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  with open(path, 'w', encoding='utf-8') as f:
+    f.writelines(kept)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A progress bar with step, loss, tokens/s and ETA, on process 0."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self._bar = tqdm.tqdm(initial=start_step, total=total_steps, unit='step', dynamic_ncols=True,
+                          disable=jax.process_index() != 0, mininterval=1.0)
+
+  def update(self, step: int, metrics: dict):
+    self._bar.update(step - self._bar.n)
+    self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                          tok_s=f"{metrics['tokens_per_second']:,.0f}", refresh=False)
+
+  def write(self, line: str):
+    self._bar.write(line) if jax.process_index() == 0 else None
+
+  def close(self):
+    self._bar.close()

@@ -1,0 +1,80 @@
+"""Train state: built already sharded over the mesh, never whole on one device.
+
+The state is a plain pytree `{'step', 'params', 'opt_state'}` of arrays; the model's graph
+definition is split off once, so the compiled step only ever sees arrays.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from models import MODELS
+from parallel import sharding
+from training import optimizer
+
+TrainState = dict  # {'step': int32[], 'params': nested dict, 'opt_state': optax state}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything static about a run's state: how to rebuild the model and where arrays live."""
+  graphdef: nnx.GraphDef
+  param_template: nnx.State  # abstract params with their Variable types and logical axes
+  tx: optax.GradientTransformation
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+  shardings: TrainState
+
+  def model(self, params) -> nnx.Module:
+    """The model holding `params` (a pure dict); used while tracing, so cheap enough."""
+    template = jax.tree.map(lambda v: v, self.param_template)
+    nnx.replace_by_pure_dict(template, params)
+    return nnx.merge(self.graphdef, template)
+
+
+def _new_model(config):
+  model_class = MODELS[config.model.name]
+  return model_class(config.model, rngs=nnx.Rngs(params=config.seed))
+
+
+def _to_dict(state):
+  """nnx.State -> nested dicts, keeping whatever leaves it holds (here: shardings)."""
+  return {k: _to_dict(v) if isinstance(v, (nnx.State, dict)) else v for k, v in state.items()}
+
+
+def make_setup(config, mesh) -> Setup:
+  graphdef, param_template = nnx.split(nnx.eval_shape(lambda: _new_model(config)), nnx.Param)
+  tx = optimizer.make_optimizer(config.optim, config.train.steps)
+  rules = config.mesh.rules
+  param_shardings = _to_dict(sharding.param_shardings(param_template, mesh, rules))
+  abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                 nnx.to_pure_dict(param_template))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
+              'opt_state': abstract_opt}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return Setup(graphdef, param_template, tx, abstract, shardings)
+
+
+def init_state(config, setup: Setup) -> TrainState:
+  """Fresh state, each array initialised directly in its shard."""
+
+  def init():
+    params = nnx.to_pure_dict(nnx.state(_new_model(config), nnx.Param))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': setup.tx.init(params)}
+
+  return jax.jit(init, out_shardings=setup.shardings)()
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,88 @@
+"""The train and eval steps: pure functions over the train state, compiled once each.
+
+The task (next-token cross-entropy) lives in `next_token_loss`, apart from the update logic, so
+other tasks can swap it.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from parallel import sharding
+from training import optimizer
+from training.state import Setup, TrainState
+
+
+def next_token_loss(model, tokens_BxL1, dropout_key=None):
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
+  rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+  logits_BxLxV = model(tokens_BxL1[:, :-1], rngs=rngs)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, tokens_BxL1[:, 1:]).mean()
+
+
+def _loss_and_grads(setup: Setup, params, tokens_BxL1, dropout_key):
+  loss_fn = lambda p: next_token_loss(setup.model(p), tokens_BxL1, dropout_key)
+  return jax.value_and_grad(loss_fn)(params)
+
+
+def _accumulated_loss_and_grads(setup, params, tokens_BxL1, dropout_key, num_micro):
+  """Averages loss and gradients over `num_micro` micro-batches, one at a time (saves memory).
+
+  Micro-batch i takes rows i, i+num_micro, ... so every data shard contributes to each one.
+  """
+  b, l1 = tokens_BxL1.shape
+  micro_MxBxL1 = tokens_BxL1.reshape(b // num_micro, num_micro, l1).swapaxes(0, 1)
+  micro_MxBxL1 = sharding.constrain(micro_MxBxL1, None, 'batch', 'length')
+
+  def add_micro(carry, xs):
+    index, tokens = xs
+    loss, grads = _loss_and_grads(setup, params, tokens, _fold(dropout_key, index))
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(add_micro, zeros, (jnp.arange(num_micro), micro_MxBxL1))
+  return jax.tree.map(lambda x: x / num_micro, (loss, grads))
+
+
+def _fold(key, data):
+  return None if key is None else jax.random.fold_in(key, data)
+
+
+def train_step(state: TrainState, tokens_BxL1, *, setup: Setup, config):
+  """One optimiser update on a global batch; returns the new state and scalar metrics."""
+  params = state['params']
+  dropout_key = None
+  if config.model.dropout_rate > 0:
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), state['step'])
+  num_micro = config.train.grad_accum_steps
+  if num_micro == 1:
+    loss, grads = _loss_and_grads(setup, params, tokens_BxL1, dropout_key)
+  else:
+    loss, grads = _accumulated_loss_and_grads(setup, params, tokens_BxL1, dropout_key,
+                                              num_micro)
+  updates, opt_state = setup.tx.update(grads, state['opt_state'], params)
+  new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
+               'opt_state': opt_state}
+  schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
+  metrics = {'learning_rate': schedule(state['step']), 'train/loss': loss, 'train/grad_norm': optax.global_norm(grads),
+             'train/param_norm': optax.global_norm(params)}
+  return new_state, metrics
+
+
+def eval_step(params, tokens_BxL1, *, setup: Setup):
+  return next_token_loss(setup.model(params), tokens_BxL1)
+
+
+def compile_steps(setup: Setup, config, mesh):
+  """jit-compiled (train_step, eval_step) with explicit shardings; the state is donated."""
+  batch = sharding.logical_sharding(mesh, config.mesh.rules, 'batch', 'length')
+  replicated = sharding.replicated(mesh)
+  train = jax.jit(functools.partial(train_step, setup=setup, config=config),
+                  in_shardings=(setup.shardings, batch),
+                  out_shardings=(setup.shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, setup=setup),
+                     in_shardings=(setup.shardings['params'], batch), out_shardings=replicated)
+  return train, evaluate
