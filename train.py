@@ -7,42 +7,76 @@ resumes from the newest checkpoint in DIR. Config problems exit with status 2 an
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
-
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:presets].',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.',
-                               required=True)
+FLAGS = flags.FLAGS
 
 
 def _usage_error(message: str):
-  sys.stderr.write(f'train.py: error: {message.strip().splitlines()[0]}\n')
+  sys.stderr.write(f'train.py: error: {" ".join(str(message).split())}\n')
   sys.exit(2)
 
 
-def parse_flags(argv):
-  """absl's parser, with errors (bad types, unknown keys, missing files) as one line, status 2."""
+def _first_and_last_line(error: Exception) -> str:
+  """Config-file errors arrive with a traceback inside; its last line says what went wrong."""
+  lines = str(error).strip().splitlines()
+  return lines[0] if len(lines) == 1 else f'{lines[0].split(":")[0]}: {lines[-1]}'
+
+
+
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.',
+                      required=True)
+  try:  # config_flags may resolve `--config.a.b=` overrides against the config right here
+    config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:presets].',
+                                    lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _unknown_key_error(e)
+
+
+def _unknown_key_error(error: Exception):
+  detail = error.args[0]
+  while isinstance(detail, Exception):  # a KeyError wrapped in an AttributeError
+    detail = detail.args[0]
+  _usage_error(f'unknown config key {detail}')
+
+
+def _parse_flags(argv):
+  """absl's parser, with errors (bad types, unknown flags, bad files) as one line, status 2."""
   try:
-    return flags.FLAGS(argv)
+    return FLAGS(argv)
   except flags.Error as e:
-    _usage_error(str(e))
+    _usage_error(_first_and_last_line(e))
+  except (AttributeError, KeyError) as e:  # an override of a key the config lacks
+    _unknown_key_error(e)
+
+
+def _loaded_config():
+  try:
+    FLAGS.config.keys()  # config_flags defers file-loading errors to first use
+    return FLAGS.config
+  except OSError as e:
+    _usage_error(f'cannot load --config={config_flags.get_config_filename(FLAGS["config"])}: '
+                 f'{str(e).strip().splitlines()[-1].strip()}')
 
 
 def main(argv):
   if len(argv) > 1:
     _usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  config = _loaded_config()
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
   from training import config_check, loop  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
   try:
     config_check.validate(config, jax.device_count(), jax.process_count())
-    loop.train(config, _WORKDIR.value)
+    loop.train(config, FLAGS.workdir)
   except config_check.ConfigError as e:
     _usage_error(f'config {e}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)

@@ -32,9 +32,9 @@ def model_config():
   m.num_layers = 4
   m.num_heads = 4
   m.num_kv_heads = 4
-  m.embed_dim = 256
-  m.mlp_dim = 1024
-  m.max_len = 256
+  m.embed_dim = 128
+  m.mlp_dim = 512
+  m.max_len = 128
   m.position = 'learned'  # learned | rope
   m.rope_theta = 10000.0
   m.norm = 'layernorm'  # layernorm | rmsnorm
@@ -56,7 +56,7 @@ def data_config():
   d.tfds_train_split = 'train'
   d.tfds_eval_split = 'test'
   d.tfds_text_key = 'text'
-  d.seq_len = 256
+  d.seq_len = 128
   d.global_batch_size = 32
   d.shuffle_seed = 0
   d.worker_threads = 2  # threads that prefetch batches
@@ -67,7 +67,7 @@ def data_config():
 def optim_config():
   o = ml_collections.ConfigDict()
   o.learning_rate = 3e-3
-  o.warmup_steps = 30
+  o.warmup_steps = 50
   o.schedule = 'cosine'  # cosine | linear | constant | exponential | inverse_time
   o.final_lr_fraction = 0.1  # cosine and linear decay end at learning_rate * this
   o.decay_rate = 0.5  # exponential: lr halves every `decay_steps`
@@ -84,7 +84,7 @@ def optim_config():
 
 def train_config():
   t = ml_collections.ConfigDict()
-  t.steps = 400
+  t.steps = 600
   t.grad_accum_steps = 1
   t.log_every = 10
   t.eval_every = 100
@@ -115,7 +115,8 @@ def apply_preset(config, preset):
   elif preset == 'llama':
     m.position, m.norm, m.mlp, m.use_bias, m.tie_embeddings = 'rope', 'rmsnorm', 'swiglu', False, False
     m.num_kv_heads = max(1, m.num_heads // 2)
-    m.mlp_dim = 688  # ~8/3 * embed_dim, as SwiGLU keeps the parameter count of a 4x GELU MLP
+    # SwiGLU has three matrices: 8/3 of the width keeps a 4x GELU MLP's parameter count.
+    m.mlp_dim = 32 * round(8 * m.embed_dim / 3 / 32)
   elif preset == 'dp':
     mesh.data, mesh.fsdp, mesh.tensor = -1, 1, 1
   elif preset == 'fsdp':

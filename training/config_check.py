@@ -80,18 +80,25 @@ def check_train(config):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
 
 
+def _mesh_axes(rules, logical_name) -> tuple[str, ...]:
+  return tuple(np.atleast_1d(sharding.logical_spec(rules, logical_name)[0] or ()))
+
+
 def check_mesh(config, num_devices: int, num_processes: int):
   try:
     shape = sharding.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   sizes = dict(zip(sharding.MESH_AXES, shape))
-  batch_axes = np.atleast_1d(sharding.logical_spec(config.mesh.rules, 'batch')[0] or ())
-  shards = math.prod(sizes[a] for a in batch_axes)
+  shards = math.prod(sizes[a] for a in _mesh_axes(config.mesh.rules, 'batch'))
   per_update = shards * config.train.grad_accum_steps
   _require(config.data.global_batch_size % per_update == 0, 'data.global_batch_size',
            f'{config.data.global_batch_size} is not divisible by {shards} data shards x '
            f'{config.train.grad_accum_steps} micro-batches')
+  heads_ways = math.prod(sizes[a] for a in _mesh_axes(config.mesh.rules, 'heads'))
+  for key in ('num_heads', 'num_kv_heads'):
+    _require(config.model[key] % heads_ways == 0, f'model.{key}',
+             f'{config.model[key]} heads cannot be split {heads_ways} ways over the mesh')
   _require(config.data.global_batch_size % num_processes == 0, 'data.global_batch_size',
            f'is not divisible by the {num_processes} processes')
 
@@ -100,7 +107,7 @@ def check_param_shapes(abstract_params, mesh):
   """Every sharded parameter dimension must divide evenly over its mesh axes."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
     for dim, axes in zip(leaf.shape, leaf.sharding.spec):
-      axes = tuple(np.atleast_1d(axes or ()))
+      axes = tuple(np.atleast_1d(axes or ()))  # None, 'fsdp' or ('data', 'fsdp')
       ways = math.prod(mesh.shape[a] for a in axes)
       _require(dim % ways == 0, f'mesh.{"/".join(axes)}',
                f'splits parameter {jax.tree_util.keystr(path)} dimension {dim} {ways} ways')

@@ -4,8 +4,6 @@ import os
 import time
 
 import jax
-import numpy as np
-from absl import logging
 
 from data import pipeline, sources
 from parallel import cpu_backend, sharding
@@ -26,8 +24,8 @@ def train(config, workdir: str):
     state, start = _restore_or_init(config, setup, manager, train_iter)
     end = min(config.train.steps, config.train.stop_after or config.train.steps)
     if start >= config.train.steps:
-      logging.info('Training is complete: %s has step %d of %d.', workdir, start, config.train.steps)
-      print(f'Training is already complete at step {start} in {workdir}.')
+      _announce(f'Training is already complete: {workdir} holds step {start} of '
+                f'{config.train.steps}.')
       return state
     train_step, eval_step = step_lib.compile_steps(setup, config, mesh)
     to_global = _batch_placer(config, mesh)
@@ -94,10 +92,11 @@ class _Throughput:
 def _restore_or_init(config, setup, manager, train_iter):
   restored = checkpointing.restore_latest(manager, setup.abstract_state, train_iter)
   if restored is None:
-    logging.info('Starting from scratch.')
+    _announce(f'Starting from scratch: {state_lib.count_params(setup.abstract_state["params"]):,} '
+              'parameters.')
     return state_lib.init_state(config, setup), 0
   step, state = restored
-  logging.info('Resumed from the checkpoint at step %d.', step)
+  _announce(f'Resumed from the checkpoint at step {step}.')
   return state, step
 
 
@@ -138,6 +137,10 @@ def _print_samples(config, setup, state):
   texts = sampling.generate(setup, state['params'], prompts, max_len=config.model.max_len,
                             new_tokens=t.sample_length, temperature=t.sample_temperature,
                             seed=config.seed)
+  for text in texts:
+    _announce(f'--- sample ---\n{text}')
+
+
+def _announce(message: str):
   if jax.process_index() == 0:
-    for text in texts:
-      print(f'--- sample ---\n{text}')
+    print(message, flush=True)

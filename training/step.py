@@ -67,8 +67,8 @@ def train_step(state: TrainState, tokens_BxL1, *, setup: Setup, config):
   new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
                'opt_state': opt_state}
   schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
-  metrics = {'learning_rate': schedule(state['step']), 'train/loss': loss, 'train/grad_norm': optax.global_norm(grads),
-             'train/param_norm': optax.global_norm(params)}
+  metrics = {'learning_rate': schedule(state['step']), 'train/loss': loss, 'train/grad_norm': optax.tree.norm(grads),
+             'train/param_norm': optax.tree.norm(params)}
   return new_state, metrics
 
 

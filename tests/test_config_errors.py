@@ -1,0 +1,50 @@
+"""Bad configs stop before anything compiles: exit status 2, one line naming the key, no files."""
+
+import os
+
+import pytest
+
+from configs import default
+from tests.test_train_e2e import run_train
+from training import config_check
+
+CASES = {
+    'wrong type': (['--config.train.steps=abc'], 'config.train.steps'),
+    'unknown key': (['--config.train.stepz=5'], "'stepz'"),
+    'unknown preset': (['--config=configs/default.py:bogus'], "unknown preset 'bogus'"),
+    'missing config file': (['--config=configs/nope.py'], 'configs/nope.py'),
+    'mesh does not divide devices': (['--config.mesh.data=3'], 'do not divide the 8 devices'),
+    'batch does not divide data axes': (['--config.data.global_batch_size=12'],
+                                        'data.global_batch_size'),
+    'learning rate not positive': (['--config.optim.learning_rate=0'], 'optim.learning_rate'),
+    'negative steps': (['--config.train.steps=-5'], 'train.steps'),
+    'sequence longer than model': (['--config.data.seq_len=64'], 'data.seq_len'),
+    'unknown model': (['--config.model.name=gpt5'], 'model.name'),
+    'tensor axis does not divide heads': (['--config.mesh.tensor=8', '--config.mesh.data=1'],
+                                          'model.num_heads'),
+    'unknown flag': (['--bogus_flag=1'], 'bogus_flag'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_bad_config_exits_2_with_one_line(tmp_path, case):
+  args, expected = CASES[case]
+  workdir = tmp_path / 'run'
+  result = run_train(workdir, *args)
+  assert result.returncode == 2, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('train.py: error:')]
+  assert len(errors) == 1 and expected in errors[0], result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_valid_presets_pass_validation():
+  for presets in ('', 'llama', 'fsdp', 'fsdp_tp', 'tiny,llama,fsdp_tp'):
+    config_check.validate(default.get_config(presets), num_devices=8, num_processes=1)
+
+
+def test_grad_accumulation_must_divide_the_batch():
+  config = default.get_config('tiny')
+  config.train.grad_accum_steps = 3
+  with pytest.raises(config_check.ConfigError, match='data.global_batch_size'):
+    config_check.validate(config, num_devices=1, num_processes=1)

@@ -1,0 +1,76 @@
+"""A sharded train step must give what one device gives, for every mesh layout."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from parallel import sharding
+from training import state as state_lib
+from training import step as step_lib
+
+LAYOUTS = {
+    'data8': dict(data=8, fsdp=1, tensor=1),
+    'fsdp8': dict(data=1, fsdp=8, tensor=1),
+    'fsdp4_tensor2': dict(data=1, fsdp=4, tensor=2),
+    'mixed_2x2x2': dict(data=2, fsdp=2, tensor=2),
+}
+STEPS = 3
+
+
+def _run(config, mesh_sizes, devices, batches):
+  config.mesh.update(mesh_sizes)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  setup = state_lib.make_setup(config, mesh)
+  with sharding.activate(mesh, config.mesh.rules):
+    state = state_lib.init_state(config, setup)
+    train_step, _ = step_lib.compile_steps(setup, config, mesh)
+    losses = []
+    for tokens in batches:
+      state, metrics = train_step(state, tokens)
+      losses.append(float(metrics['train/loss']))
+  return losses, jax.device_get(state)
+
+
+def _batches(config, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (config.data.global_batch_size, config.data.seq_len + 1)
+  return [rng.integers(0, 256, shape, dtype=np.int32) for _ in range(STEPS)]
+
+
+def _assert_same_run(run, reference):
+  np.testing.assert_allclose(run[0], reference[0], rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
+               run[1], reference[1])
+
+
+@pytest.fixture(scope='module')
+def reference():
+  config = default.get_config('tiny')
+  return _run(config, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], _batches(config))
+
+
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_sharded_step_matches_single_device(tiny_config, reference, layout):
+  run = _run(tiny_config, LAYOUTS[layout], jax.devices(), _batches(tiny_config))
+  _assert_same_run(run, reference)
+
+
+@pytest.mark.parametrize('preset', ['fsdp', 'fsdp_tp'])
+def test_presets_shard_parameters(preset):
+  config = default.get_config(f'tiny,{preset}')
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.make_setup(config, mesh)
+  state = state_lib.init_state(config, setup)
+  kernel = state['params']['blocks'][0]['mlp']['up']['kernel']
+  mu = state['opt_state'][1][0].mu['blocks'][0]['mlp']['up']['kernel']
+  # embed (32) over fsdp, mlp (128) over tensor: each device holds only its shard.
+  expected = (8, 64) if preset == 'fsdp_tp' else (4, 128)
+  assert kernel.addressable_shards[0].data.shape == expected
+  assert mu.sharding == kernel.sharding  # optimizer state is sharded like its parameter
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_config, reference):
+  tiny_config.train.grad_accum_steps = 2
+  run = _run(tiny_config, LAYOUTS['data8'], jax.devices(), _batches(tiny_config))
+  _assert_same_run(run, reference)

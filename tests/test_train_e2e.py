@@ -1,0 +1,74 @@
+"""train.py end to end, as a user runs it: a stopped and resumed run equals an unbroken one."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from training import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=' + os.path.join(REPO, 'configs', 'default.py') + ':tiny']
+
+
+def run_train(workdir, *args):
+  return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}',
+                         *TINY, *args], capture_output=True, text=True, cwd=REPO, timeout=600,
+                        check=False)
+
+
+def _final_state(workdir, step):
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def _losses(workdir):
+  return [(r['step'], r['train/loss'], r.get('eval/loss')) for r in metrics.read_metrics(workdir)]
+
+
+@pytest.fixture(scope='module')
+def unbroken(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('unbroken')
+  result = run_train(workdir)
+  assert result.returncode == 0, result.stderr
+  return workdir, result
+
+
+def test_run_writes_outputs(unbroken):
+  workdir, result = unbroken
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '8']
+  assert os.listdir(workdir / 'tensorboard')
+  assert (workdir / 'config.json').exists()
+  records = metrics.read_metrics(workdir)
+  assert [r['step'] for r in records] == list(range(1, 9))
+  for key in ('train/loss', 'learning_rate', 'tokens_per_second'):
+    assert all(np.isfinite(r[key]) for r in records)
+  assert [r['step'] for r in records if 'eval/loss' in r] == [4, 8]
+  assert '--- sample ---' in result.stdout
+
+
+def test_stopped_and_resumed_run_matches_unbroken_run_bit_for_bit(unbroken, tmp_path):
+  workdir, _ = unbroken
+  first = run_train(tmp_path, '--config.train.stop_after=4')
+  assert first.returncode == 0, first.stderr
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
+  second = run_train(tmp_path)
+  assert second.returncode == 0, second.stderr
+  assert 'Resumed from the checkpoint at step 4' in second.stdout
+  assert _losses(tmp_path) == _losses(workdir)
+  resumed, reference = _final_state(tmp_path, 8), _final_state(workdir, 8)
+  assert jax.tree.structure(resumed) == jax.tree.structure(reference)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)  # params and optimizer state, bit for bit
+
+
+def test_finished_run_reports_complete(unbroken):
+  workdir, _ = unbroken
+  again = run_train(workdir)
+  assert again.returncode == 0, again.stderr
+  assert 'already complete' in again.stdout
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '8']
