@@ -56,6 +56,15 @@ def test_sharded_step_matches_single_device(tiny_config, reference, layout):
   _assert_same_run(run, reference)
 
 
+def test_llama_style_sharded_matches_single_device():
+  """Rotary positions and grouped-query heads split over the tensor axis."""
+  config = default.get_config('tiny,llama')
+  reference = _run(config, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], _batches(config))
+  config = default.get_config('tiny,llama')
+  run = _run(config, LAYOUTS['mixed_2x2x2'], jax.devices(), _batches(config))
+  _assert_same_run(run, reference)
+
+
 @pytest.mark.parametrize('preset', ['fsdp', 'fsdp_tp'])
 def test_presets_shard_parameters(preset):
   config = default.get_config(f'tiny,{preset}')

@@ -63,7 +63,8 @@ class Progress:
                           tok_s=f"{metrics['tokens_per_second']:,.0f}", refresh=False)
 
   def write(self, line: str):
-    self._bar.write(line) if jax.process_index() == 0 else None
+    if jax.process_index() == 0:
+      self._bar.write(line)
 
   def close(self):
     self._bar.close()

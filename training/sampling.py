@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.pipeline import DOCUMENT_SEPARATOR
 from training.state import Setup
 
 
@@ -30,5 +31,9 @@ def generate(setup: Setup, params, prompts: list[str], *, max_len: int, new_toke
     return jax.lax.fori_loop(0, new_tokens, sample_one, (tokens_NxL, positions_N))[0]
 
   out = np.asarray(sample_all(params, buffer, positions, jax.random.key(seed)))
-  return [bytes(row[:len(p) + new_tokens].astype(np.uint8)).decode('utf-8', 'replace')
-          for row, p in zip(out, encoded)]
+  texts = []
+  for row, prompt in zip(out, encoded):
+    continuation = bytes(row[len(prompt):len(prompt) + new_tokens].astype(np.uint8))
+    document = continuation.split(bytes([DOCUMENT_SEPARATOR]))[0]  # stop where a file would end
+    texts.append((prompt + document).decode('utf-8', 'replace'))
+  return texts
