@@ -20,22 +20,28 @@ def train(config, workdir: str):
   train_iter = iter(_batches(config, sources.make_source(config.data, 'train'), shuffle=True))
   _write_config(workdir, config)
   manager = checkpointing.make_manager(workdir, config.train)
-  with sharding.activate(mesh, config.mesh.rules):
-    state, start = _restore_or_init(config, setup, manager, train_iter)
-    end = min(config.train.steps, config.train.stop_after or config.train.steps)
-    if start >= config.train.steps:
-      _announce(f'Training is already complete: {workdir} holds step {start} of '
-                f'{config.train.steps}.')
-      return state
-    train_step, eval_step = step_lib.compile_steps(setup, config, mesh)
-    to_global = _batch_placer(config, mesh)
-    eval_set = [to_global(b) for b in _eval_batches(config)]
-    state = _run_steps(config, workdir, state, start, end, train_iter, to_global,
-                       train_step, eval_step, eval_set, manager)
-    manager.wait_until_finished()
-    if end == config.train.steps and config.train.num_samples:
-      _print_samples(config, setup, state)
-  train_iter.close()
+  try:
+    with sharding.activate(mesh, config.mesh.rules):
+      return _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter)
+  finally:
+    manager.close()  # waits for a save still being written
+    train_iter.close()
+
+
+def _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter):
+  state, start = _restore_or_init(config, setup, manager, train_iter)
+  if start >= config.train.steps:
+    _announce(f'Training is already complete: {workdir} holds step {start} of '
+              f'{config.train.steps}.')
+    return state
+  end = min(config.train.steps, config.train.stop_after or config.train.steps)
+  train_step, eval_step = step_lib.compile_steps(setup, config, mesh)
+  to_global = _batch_placer(config, mesh)
+  eval_set = [to_global(b) for b in _eval_batches(config)]
+  state = _run_steps(config, workdir, state, start, end, train_iter, to_global,
+                     train_step, eval_step, eval_set, manager)
+  if end == config.train.steps and config.train.num_samples:
+    _print_samples(config, setup, state)
   return state
 
 
