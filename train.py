@@ -69,12 +69,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = _loaded_config()
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
-  from training import config_check, loop  # pylint: disable=g-import-not-at-top
+  from training import checkpointing, config_check, loop  # pylint: disable=g-import-not-at-top
   try:
     config_check.validate(config, jax.device_count(), jax.process_count())
     loop.train(config, FLAGS.workdir)
   except config_check.ConfigError as e:
     _usage_error(f'config {e}')
+  except checkpointing.NoUsableCheckpointError as e:
+    sys.stderr.write(f'train.py: error: {e}\n')
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -4,9 +4,14 @@ Saves are asynchronous: `save` copies arrays off the devices and returns while a
 thread writes them, so the next steps (which donate the state's buffers) can start at once.
 """
 
+import time
+
 import grain
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils as multihost
 
 
 def make_manager(workdir, train_config) -> ocp.CheckpointManager:
@@ -28,12 +33,40 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every:
   return manager.save(step, args=args, force=True)
 
 
+class NoUsableCheckpointError(RuntimeError):
+  """Checkpoints exist but none can be read; starting over would discard the user's run."""
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator):
-  """(step, state) from the newest checkpoint, moving `data_iterator` to match; None if none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  return step, restored['state']
+  """(step, state) from the newest readable checkpoint, moving `data_iterator` to match.
+
+  Returns None when there are no checkpoints. An unreadable checkpoint is moved aside into
+  `checkpoints_unreadable/` (never deleted) and the next older one is tried.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      return step, restored['state']
+    except Exception as e:  # pylint: disable=broad-except; any failure to read means unusable
+      aside = _set_aside(manager, step)
+      logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '
+                      'trying the one before.', step, type(e).__name__,
+                      (str(e).splitlines() or [''])[0][:200], aside)
+  if steps:
+    raise NoUsableCheckpointError(
+        f'none of the checkpoints {steps} in {manager.directory} can be read; they were moved '
+        'to checkpoints_unreadable/. Refusing to start over in this workdir.')
+  return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  target = manager.directory.parent / 'checkpoints_unreadable' / f'{step}-{int(time.time())}'
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (manager.directory / str(step)).rename(target)
+  multihost.sync_global_devices(f'set_aside_{step}')
+  manager.reload()
+  return target

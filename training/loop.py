@@ -7,7 +7,8 @@ import jax
 
 from data import pipeline, sources
 from parallel import cpu_backend, sharding
-from training import checkpointing, config_check, metrics, sampling, step as step_lib
+from training import checkpointing, config_check, metrics, preemption, sampling
+from training import step as step_lib
 from training import state as state_lib
 
 
@@ -38,9 +39,9 @@ def _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter):
   train_step, eval_step = step_lib.compile_steps(setup, config, mesh)
   to_global = _batch_placer(config, mesh)
   eval_set = [to_global(b) for b in _eval_batches(config)]
-  state = _run_steps(config, workdir, state, start, end, train_iter, to_global,
-                     train_step, eval_step, eval_set, manager)
-  if end == config.train.steps and config.train.num_samples:
+  state, last = _run_steps(config, workdir, state, start, end, train_iter, to_global,
+                           train_step, eval_step, eval_set, manager)
+  if last == config.train.steps and config.train.num_samples:
     _print_samples(config, setup, state)
   return state
 
@@ -52,23 +53,31 @@ def _run_steps(config, workdir, state, start, end, train_iter, to_global, train_
   progress = metrics.Progress(start, config.train.steps)
   throughput = _Throughput(start, config.data.global_batch_size * config.data.seq_len)
   pending = None
-  for step in range(start + 1, end + 1):
-    state, step_metrics = train_step(state, to_global(next(train_iter)))
-    if pending:
-      _log(pending, throughput, writer, progress)
-    pending = None
-    if step % config.train.log_every == 0 or step == end:
-      pending = (step, step_metrics)
-    if eval_set and config.train.eval_every and (step % config.train.eval_every == 0 or step == end):
-      eval_loss = sum(eval_step(state['params'], b) for b in eval_set) / len(eval_set)
-      pending = (step, {**step_metrics, 'eval/loss': eval_loss})
-    checkpointing.save(manager, step, state, train_iter, config.train.checkpoint_every,
-                       final=step == end)
+  with preemption.PreemptionWatcher(manager) as watcher:
+    for step in range(start + 1, end + 1):
+      state, step_metrics = train_step(state, to_global(next(train_iter)))
+      if pending:
+        _log(pending, throughput, writer, progress)
+      pending = None
+      if step % config.train.log_every == 0 or step == end:
+        pending = (step, step_metrics)
+      if eval_set and config.train.eval_every and (step % config.train.eval_every == 0 or
+                                                   step == end):
+        eval_loss = sum(eval_step(state['params'], b) for b in eval_set) / len(eval_set)
+        pending = (step, {**step_metrics, 'eval/loss': eval_loss})
+      preempted = watcher.should_stop(step)
+      checkpointing.save(manager, step, state, train_iter, config.train.checkpoint_every,
+                         final=step == end or preempted)
+      if preempted:
+        manager.wait_until_finished()
+        progress.write(f'{watcher.signal_name or "Preemption"} received: saved step {step} to '
+                       f'{manager.directory / str(step)}; rerun the same command to resume.')
+        break
   if pending:
     _log(pending, throughput, writer, progress)
   progress.close()
   writer.close()
-  return state
+  return state, step
 
 
 def _log(pending, throughput, writer, progress):

@@ -1,0 +1,136 @@
+"""Never lose work: preemption signals and unreadable checkpoints, with real processes."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.test_train_e2e import REPO, TINY, run_train
+from training import metrics
+
+LONG = ['--config.train.steps=40', '--config.train.checkpoint_every=1000',
+        '--config.train.eval_every=0', '--config.train.num_samples=0']
+
+
+def _state(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step),
+                                                         'state'))
+
+
+def _assert_same_state(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _losses(workdir):
+  return [(r['step'], r['train/loss']) for r in metrics.read_metrics(workdir)]
+
+
+def _wait_for_step(workdir, step, process, timeout=300):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(path) and any(r['step'] >= step for r in metrics.read_metrics(workdir)):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f'run did not reach step {step}')
+
+
+@pytest.fixture(scope='module')
+def unbroken(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('unbroken_long')
+  result = run_train(workdir, *LONG)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_current_step_and_resume_matches(unbroken, tmp_path, sig):
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={tmp_path}', *TINY, *LONG],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+  _wait_for_step(tmp_path, 3, process)
+  signalled = time.time()
+  process.send_signal(sig)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  assert time.time() - signalled < 30
+  saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints')]
+  assert len(saved) == 1 and 3 <= saved[0] < 40
+  assert f'{sig.name} received: saved step {saved[0]}' in out + err
+  assert max(r['step'] for r in metrics.read_metrics(tmp_path)) == saved[0]
+  resumed = run_train(tmp_path, *LONG)
+  assert resumed.returncode == 0, resumed.stderr
+  assert _losses(tmp_path) == _losses(unbroken)
+  _assert_same_state(_state(tmp_path, 40), _state(unbroken, 40))
+
+
+def _array_files(step_dir):
+  """Files of array data; which of them a restore reads depends on the OCDBT layout."""
+  state = step_dir / 'state'
+  return [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs
+          if os.path.basename(d) == 'd']
+
+
+def _truncate_array_files(step_dir):
+  for path in _array_files(step_dir):
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete_array_files(step_dir):
+  for path in _array_files(step_dir):
+    os.remove(path)
+
+
+CORRUPTIONS = {
+    'truncated array files': _truncate_array_files,
+    'deleted state metadata': lambda d: os.remove(d / 'state' / '_METADATA'),
+    'deleted data iterator state': lambda d: os.remove(d / 'data' / 'process_0-of-1.json'),
+    'deleted array files': _delete_array_files,
+    'deleted state directory': lambda d: shutil.rmtree(d / 'state'),
+}
+
+
+@pytest.fixture(scope='module')
+def two_checkpoints(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('two_checkpoints')
+  result = run_train(workdir)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+@pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
+def test_unreadable_newest_checkpoint_is_set_aside_and_the_previous_used(
+    two_checkpoints, tmp_path, corruption):
+  workdir = tmp_path / 'run'
+  shutil.copytree(two_checkpoints, workdir)
+  CORRUPTIONS[corruption](workdir / 'checkpoints' / '8')
+  result = run_train(workdir)
+  assert result.returncode == 0, result.stderr
+  assert 'Resumed from the checkpoint at step 4' in result.stdout
+  aside = os.listdir(workdir / 'checkpoints_unreadable')
+  assert len(aside) == 1 and aside[0].startswith('8-')
+  assert _losses(workdir) == _losses(two_checkpoints)
+  _assert_same_state(_state(workdir, 8), _state(two_checkpoints, 8))
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(two_checkpoints, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(two_checkpoints, workdir)
+  for step in ('4', '8'):
+    os.remove(workdir / 'checkpoints' / step / 'state' / '_METADATA')
+  result = run_train(workdir)
+  assert result.returncode == 1
+  assert 'Refusing to start over' in result.stderr.splitlines()[-1]
+  assert sorted(n.split('-')[0] for n in os.listdir(workdir / 'checkpoints_unreadable')) == [
+      '4', '8']
+  assert not os.listdir(workdir / 'checkpoints')
