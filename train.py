@@ -75,7 +75,7 @@ def main(argv):
     loop.train(config, FLAGS.workdir)
   except config_check.ConfigError as e:
     _usage_error(f'config {e}')
-  except checkpointing.NoUsableCheckpointError as e:
+  except (checkpointing.NoUsableCheckpointError, loop.TrainingHalted) as e:
     sys.stderr.write(f'train.py: error: {e}\n')
     sys.exit(1)
 

@@ -92,6 +92,10 @@ def train_config():
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
+  t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
+  t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
+  t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
+  t.debug_nan_at_step = 0  # fault injection: make this step's loss and gradients NaN
   t.num_samples = 3
   t.sample_length = 160
   t.sample_temperature = 0.8

@@ -51,7 +51,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
           data=grain.checkpoint.CheckpointRestore(data_iterator)))
       return step, restored['state']
     except Exception as e:  # pylint: disable=broad-except; any failure to read means unusable
-      aside = _set_aside(manager, step)
+      aside = _set_aside(manager, step, 'checkpoints_unreadable')
       logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '
                       'trying the one before.', step, type(e).__name__,
                       (str(e).splitlines() or [''])[0][:200], aside)
@@ -62,11 +62,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
   return None
 
 
-def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
-  target = manager.directory.parent / 'checkpoints_unreadable' / f'{step}-{int(time.time())}'
+def _set_aside(manager: ocp.CheckpointManager, step: int, folder: str) -> epath.Path:
+  """Moves a checkpoint out of the manager's sight, into `folder` beside it."""
+  target = manager.directory.parent / folder / f'{step}-{int(time.time())}'
   if jax.process_index() == 0:
     target.parent.mkdir(parents=True, exist_ok=True)
     (manager.directory / str(step)).rename(target)
   multihost.sync_global_devices(f'set_aside_{step}')
   manager.reload()
   return target
+
+
+def restore_before(manager: ocp.CheckpointManager, step: int, abstract_state):
+  """The train state of the newest checkpoint before `step`, or None; newer ones are set aside.
+
+  The data iterator is deliberately not restored: training goes on with the batches after the
+  ones that went wrong.
+  """
+  earlier = [s for s in manager.all_steps() if s < step]
+  if not earlier:
+    return None
+  for newer in [s for s in manager.all_steps() if s > max(earlier)]:
+    _set_aside(manager, newer, 'checkpoints_rolled_back')
+  restored = manager.restore(max(earlier), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))
+  return restored['state']

@@ -36,59 +36,112 @@ def _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter):
               f'{config.train.steps}.')
     return state
   end = min(config.train.steps, config.train.stop_after or config.train.steps)
-  train_step, eval_step = step_lib.compile_steps(setup, config, mesh)
-  to_global = _batch_placer(config, mesh)
-  eval_set = [to_global(b) for b in _eval_batches(config)]
-  state, last = _run_steps(config, workdir, state, start, end, train_iter, to_global,
-                           train_step, eval_step, eval_set, manager)
+  run = _StepLoop(config, workdir, setup, mesh, manager, train_iter, start)
+  state, last = run.steps(state, start, end)
   if last == config.train.steps and config.train.num_samples:
     _print_samples(config, setup, state)
   return state
 
 
-def _run_steps(config, workdir, state, start, end, train_iter, to_global, train_step, eval_step,
-               eval_set, manager):
-  """Steps start+1..end. Step N's metrics are read only after step N+1 is dispatched."""
-  writer = metrics.MetricsWriter(workdir, resumed_step=start)
-  progress = metrics.Progress(start, config.train.steps)
-  throughput = _Throughput(start, config.data.global_batch_size * config.data.seq_len)
-  pending = None
-  with preemption.PreemptionWatcher(manager) as watcher:
-    for step in range(start + 1, end + 1):
-      state, step_metrics = train_step(state, to_global(next(train_iter)))
-      if pending:
-        _log(pending, throughput, writer, progress)
-      pending = None
-      if step % config.train.log_every == 0 or step == end:
-        pending = (step, step_metrics)
-      if eval_set and config.train.eval_every and (step % config.train.eval_every == 0 or
-                                                   step == end):
-        eval_loss = sum(eval_step(state['params'], b) for b in eval_set) / len(eval_set)
-        pending = (step, {**step_metrics, 'eval/loss': eval_loss})
-      preempted = watcher.should_stop(step)
-      checkpointing.save(manager, step, state, train_iter, config.train.checkpoint_every,
-                         final=step == end or preempted)
-      if preempted:
-        manager.wait_until_finished()
-        progress.write(f'{watcher.signal_name or "Preemption"} received: saved step {step} to '
-                       f'{manager.directory / str(step)}; rerun the same command to resume.')
-        break
-  if pending:
-    _log(pending, throughput, writer, progress)
-  progress.close()
-  writer.close()
-  return state, step
+class TrainingHalted(RuntimeError):
+  """The non-finite policy `stop` fired; the message names the step and what went wrong."""
 
 
-def _log(pending, throughput, writer, progress):
-  step, device_metrics = pending
-  values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  values['tokens_per_second'] = throughput.update(step)
-  writer.write(step, values)
-  progress.update(step, values)
-  if 'eval/loss' in values:
-    progress.write(f"step {step}: train/loss {values['train/loss']:.4f}  "
-                   f"eval/loss {values['eval/loss']:.4f}")
+class _StepLoop:
+  """Runs steps, reading step N's results only after step N+1 is dispatched."""
+
+  def __init__(self, config, workdir, setup, mesh, manager, train_iter, start):
+    self.config, self.setup, self.manager, self.train_iter = config, setup, manager, train_iter
+    self.train_step, self.eval_step = step_lib.compile_steps(setup, config, mesh)
+    self.to_global = _batch_placer(config, mesh)
+    self.eval_set = [self.to_global(b) for b in _eval_batches(config)]
+    self.writer = metrics.MetricsWriter(workdir, resumed_step=start)
+    self.progress = metrics.Progress(start, config.train.steps)
+    self.throughput = _Throughput(start, config.data.global_batch_size * config.data.seq_len)
+    self.rolled_back_for = set()
+
+  def steps(self, state, step, end):
+    """Steps after `step` up to `end`; returns the state and the last step taken."""
+    previous = None  # (step, device metrics, whether to log them)
+    try:
+      with preemption.PreemptionWatcher(self.manager) as watcher:
+        while step < end or previous:
+          current = None
+          if step < end:
+            step += 1
+            state, step_metrics = self.train_step(state, self.to_global(next(self.train_iter)))
+            current = self._with_eval(step, end, state, step_metrics)
+          if previous:
+            rolled_back = self._check(previous, state, step)
+            if rolled_back:
+              state, step, previous = rolled_back, int(rolled_back['step']), None
+              continue
+            if previous[2]:
+              self._log(*previous[:2])
+          previous = current
+          if current and self._save(step, state, end, watcher):
+            end = step  # preempted: finish the bookkeeping of this step, then stop
+    finally:
+      self.progress.close()
+      self.writer.close()
+    return state, step
+
+  def _with_eval(self, step, end, state, step_metrics):
+    t = self.config.train
+    due = step % t.log_every == 0 or step == end
+    if self.eval_set and t.eval_every and (step % t.eval_every == 0 or step == end):
+      eval_loss = sum(self.eval_step(state['params'], b) for b in self.eval_set)
+      return step, {**step_metrics, 'eval/loss': eval_loss / len(self.eval_set)}, True
+    return step, step_metrics, due
+
+  def _save(self, step, state, end, watcher) -> bool:
+    """Saves when due; returns True when preempted (after the save has finished)."""
+    preempted = watcher.should_stop(step)
+    checkpointing.save(self.manager, step, state, self.train_iter,
+                       self.config.train.checkpoint_every, final=step == end or preempted)
+    if preempted:
+      self.manager.wait_until_finished()
+      self.progress.write(f'{watcher.signal_name or "Preemption"} received: saved step {step} '
+                          f'to {self.manager.directory / str(step)}; rerun to resume.')
+    return preempted
+
+  def _check(self, previous, state, step):
+    """Applies the non-finite policy to the previous step; returns a rolled-back state or None."""
+    bad_step, step_metrics, _ = previous
+    guard = {k: bool(v) for k, v in jax.device_get(step_metrics).items() if k.startswith('guard/')}
+    if guard['guard/accept']:
+      return None
+    what = ', '.join(k for k in ('nonfinite_loss', 'nonfinite_grads', 'loss_spike')
+                     if guard[f'guard/{k}'])
+    policy = self.config.train.nonfinite_policy
+    if policy == 'stop':
+      checkpointing.save(self.manager, step, state, self.train_iter, 1, final=True)
+      self.manager.wait_until_finished()
+      raise TrainingHalted(f'step {bad_step}: {what} (train.nonfinite_policy=stop); the update '
+                           f'was not applied and step {step} is saved in {self.manager.directory}')
+    self.progress.write(f'step {bad_step}: {what}; update skipped')
+    if policy == 'rollback' and bad_step not in self.rolled_back_for:
+      self.rolled_back_for.add(bad_step)  # once: if the step fails again, skipping it is all
+      return self._rollback(bad_step)
+    return None
+
+  def _rollback(self, bad_step):
+    restored = checkpointing.restore_before(self.manager, bad_step, self.setup.abstract_state)
+    if restored is None:
+      self.progress.write('no checkpoint before it to roll back to; continuing')
+      return None
+    self.writer.rewind(int(restored['step']))
+    self.progress.write(f'rolled back to step {int(restored["step"])}; its data is skipped')
+    return restored
+
+  def _log(self, step, device_metrics):
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    values['tokens_per_second'] = self.throughput.update(step)
+    self.writer.write(step, values)
+    self.progress.update(step, values)
+    if 'eval/loss' in values:
+      self.progress.write(f"step {step}: train/loss {values['train/loss']:.4f}  "
+                          f"eval/loss {values['eval/loss']:.4f}")
 
 
 class _Throughput:

@@ -20,6 +20,13 @@ class MetricsWriter:
     self._jsonl = open(self.path, 'a', encoding='utf-8')
     self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
+  def rewind(self, step: int):
+    """Forgets records after `step`, as when training rolls back to it."""
+    if self.enabled:
+      self._jsonl.close()
+      _truncate_after(self.path, step)
+      self._jsonl = open(self.path, 'a', encoding='utf-8')
+
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return

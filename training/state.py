@@ -15,7 +15,7 @@ from models import MODELS
 from parallel import sharding
 from training import optimizer
 
-TrainState = dict  # {'step': int32[], 'params': nested dict, 'opt_state': optax state}
+TrainState = dict  # {'step', 'params', 'opt_state', 'skipped_steps', 'loss_stats'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,22 +44,30 @@ def _to_dict(state):
   return {k: _to_dict(v) if isinstance(v, (nnx.State, dict)) else v for k, v in state.items()}
 
 
+def _initial_state(config, tx) -> TrainState:
+  params = nnx.to_pure_dict(nnx.state(_new_model(config), nnx.Param))
+  return {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'opt_state': tx.init(params),
+      'skipped_steps': jnp.zeros((), jnp.int32),  # updates rejected by the step's guard
+      'loss_stats': {'mean': jnp.zeros(()), 'var': jnp.zeros(()),  # for spike detection
+                     'count': jnp.zeros((), jnp.int32)},
+  }
+
+
 def make_setup(config, mesh) -> Setup:
   graphdef, param_template = nnx.split(nnx.eval_shape(lambda: _new_model(config)), nnx.Param)
   tx = optimizer.make_optimizer(config.optim, config.train.steps)
-  rules = config.mesh.rules
-  param_shardings = _to_dict(sharding.param_shardings(param_template, mesh, rules))
-  abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                                 nnx.to_pure_dict(param_template))
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract = jax.eval_shape(lambda: _initial_state(config, tx))
   replicated = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_shardings,
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  shardings['params'] = _to_dict(sharding.param_shardings(param_template, mesh,
+                                                          config.mesh.rules))
+  shardings['opt_state'] = optax.tree_map_params(
+      tx, lambda _, s: s, abstract['opt_state'], shardings['params'],
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
-  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
-              'opt_state': abstract_opt}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return Setup(graphdef, param_template, tx, abstract, shardings)
@@ -67,13 +75,7 @@ def make_setup(config, mesh) -> Setup:
 
 def init_state(config, setup: Setup) -> TrainState:
   """Fresh state, each array initialised directly in its shard."""
-
-  def init():
-    params = nnx.to_pure_dict(nnx.state(_new_model(config), nnx.Param))
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': setup.tx.init(params)}
-
-  return jax.jit(init, out_shardings=setup.shardings)()
+  return jax.jit(lambda: _initial_state(config, setup.tx), out_shardings=setup.shardings)()
 
 
 def count_params(params) -> int:

@@ -63,13 +63,45 @@ def train_step(state: TrainState, tokens_BxL1, *, setup: Setup, config):
   else:
     loss, grads = _accumulated_loss_and_grads(setup, params, tokens_BxL1, dropout_key,
                                               num_micro)
+  if config.train.debug_nan_at_step:  # fault injection, for testing the policies below
+    poison = jnp.where(state['step'] + 1 == config.train.debug_nan_at_step, jnp.nan, 1.0)
+    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
   updates, opt_state = setup.tx.update(grads, state['opt_state'], params)
-  new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
-               'opt_state': opt_state}
+  grad_norm = optax.tree.norm(grads)
+  verdict = _guard(config.train, state['loss_stats'], loss, grad_norm)
+  updated = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+             'loss_stats': _update_loss_stats(config.train, state['loss_stats'], loss)}
+  kept = {k: state[k] for k in updated}
+  # A rejected update leaves parameters, optimizer and loss statistics exactly as they were.
+  new_state = jax.tree.map(lambda new, old: jnp.where(verdict['accept'], new, old), updated, kept)
+  new_state['step'] = state['step'] + 1
+  new_state['skipped_steps'] = state['skipped_steps'] + 1 - verdict['accept'].astype(jnp.int32)
   schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
-  metrics = {'learning_rate': schedule(state['step']), 'train/loss': loss, 'train/grad_norm': optax.tree.norm(grads),
-             'train/param_norm': optax.tree.norm(params)}
+  metrics = {'learning_rate': schedule(state['step']), 'train/loss': loss,
+             'train/grad_norm': grad_norm, 'train/param_norm': optax.tree.norm(params),
+             'train/skipped_steps': new_state['skipped_steps'],
+             **{f'guard/{k}': v.astype(jnp.float32) for k, v in verdict.items()}}
   return new_state, metrics
+
+
+def _guard(train_config, stats, loss, grad_norm):
+  """Accept the update only with a finite loss and gradients and, if enabled, no loss spike."""
+  nonfinite_loss, nonfinite_grads = ~jnp.isfinite(loss), ~jnp.isfinite(grad_norm)
+  spike = jnp.zeros((), bool)
+  if train_config.spike_sigmas > 0:
+    threshold = stats['mean'] + train_config.spike_sigmas * jnp.sqrt(stats['var'])
+    spike = (stats['count'] >= train_config.spike_window) & (loss > threshold)
+  return {'accept': ~(nonfinite_loss | nonfinite_grads | spike), 'nonfinite_loss': nonfinite_loss,
+          'nonfinite_grads': nonfinite_grads, 'loss_spike': spike}
+
+
+def _update_loss_stats(train_config, stats, loss):
+  """Exponential moving mean and variance of the loss over about `spike_window` steps."""
+  decay = 1.0 - 1.0 / train_config.spike_window
+  delta = loss - stats['mean']
+  mean = stats['mean'] + (1 - decay) * delta
+  var = decay * (stats['var'] + (1 - decay) * delta ** 2)
+  return {'mean': mean, 'var': var, 'count': stats['count'] + 1}
 
 
 def eval_step(params, tokens_BxL1, *, setup: Setup):

@@ -1,0 +1,76 @@
+"""Non-finite losses and loss spikes: the skip, rollback and stop policies, end to end."""
+
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+
+from tests.test_faults import _state
+from tests.test_train_e2e import run_train
+from training import metrics
+from training import step as step_lib
+
+NAN_AT_5 = ['--config.train.debug_nan_at_step=5', '--config.train.num_samples=0']
+
+
+def _records(workdir):
+  return {r['step']: r for r in metrics.read_metrics(workdir)}
+
+
+def test_skip_leaves_parameters_and_optimizer_untouched(tmp_path):
+  result = run_train(tmp_path, *NAN_AT_5, '--config.train.checkpoint_every=1',
+                     '--config.train.stop_after=5')
+  assert result.returncode == 0, result.stderr
+  assert 'step 5: nonfinite_loss, nonfinite_grads; update skipped' in result.stdout + result.stderr
+  records = _records(tmp_path)
+  assert records[5]['train/skipped_steps'] == 1 and records[5]['guard/nonfinite_loss'] == 1
+  assert records[4]['train/skipped_steps'] == 0
+  before, after = _state(tmp_path, 4), _state(tmp_path, 5)
+  for key in ('params', 'opt_state', 'loss_stats'):
+    for a, b in zip(jax_leaves(before[key]), jax_leaves(after[key])):
+      np.testing.assert_array_equal(a, b)
+  assert int(after['step']) == 5 and int(after['skipped_steps']) == 1
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(tree)
+
+
+def test_stop_names_the_step_and_saves(tmp_path):
+  result = run_train(tmp_path, *NAN_AT_5, '--config.train.nonfinite_policy=stop')
+  assert result.returncode == 1
+  errors = [l for l in result.stderr.splitlines() if l.startswith('train.py: error:')]
+  assert len(errors) == 1
+  assert 'step 5: nonfinite_loss, nonfinite_grads' in errors[0]
+  assert 'nonfinite_policy=stop' in errors[0]
+  assert '6' in {p.name for p in (tmp_path / 'checkpoints').iterdir()}
+
+
+def test_rollback_restores_the_last_checkpoint_and_skips_the_bad_batches(tmp_path):
+  unbroken = tmp_path / 'unbroken'
+  assert run_train(unbroken, '--config.train.num_samples=0').returncode == 0
+  workdir = tmp_path / 'rollback'
+  result = run_train(workdir, *NAN_AT_5, '--config.train.nonfinite_policy=rollback',
+                     '--config.train.checkpoint_every=2')
+  assert result.returncode == 0, result.stderr
+  assert 'rolled back to step 4' in result.stdout + result.stderr
+  # The injected fault follows the step, not the data, so step 5 fails again: it is skipped.
+  assert (result.stdout + result.stderr).count('step 5: nonfinite_loss') == 2
+  records, reference = _records(workdir), _records(unbroken)
+  assert sorted(records) == list(range(1, 9))  # one history, no duplicated steps
+  assert all(records[s]['train/loss'] == reference[s]['train/loss'] for s in range(1, 5))
+  # Steps 6.. resume from step 4's state but on the batches after the offending ones.
+  assert records[6]['train/loss'] != reference[6]['train/loss']
+  assert all(np.isfinite(records[s]['train/loss']) for s in records if s != 5)
+
+
+def test_guard_rejects_non_finite_values_and_spikes():
+  train = ml_collections.ConfigDict({'spike_sigmas': 3.0, 'spike_window': 10})
+  stats = {'mean': jnp.float32(2.0), 'var': jnp.float32(0.01), 'count': jnp.int32(10)}
+  finite = jnp.float32(1.0)
+  assert bool(step_lib._guard(train, stats, jnp.float32(2.2), finite)['accept'])
+  assert bool(step_lib._guard(train, stats, jnp.float32(2.5), finite)['loss_spike'])
+  assert not bool(step_lib._guard(train, stats, jnp.float32(np.nan), finite)['accept'])
+  assert not bool(step_lib._guard(train, stats, jnp.float32(2.0), jnp.float32(np.inf))['accept'])
+  warming_up = {**stats, 'count': jnp.int32(3)}
+  assert bool(step_lib._guard(train, warming_up, jnp.float32(2.5), finite)['accept'])
