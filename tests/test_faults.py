@@ -34,6 +34,12 @@ def _losses(workdir):
   return [(r['step'], r['train/loss']) for r in metrics.read_metrics(workdir)]
 
 
+def _last_step(workdir):
+  if not (workdir / 'metrics.jsonl').exists():
+    return 0
+  return max((r['step'] for r in metrics.read_metrics(workdir)), default=0)
+
+
 def _wait_for_step(workdir, step, process, timeout=300):
   path = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + timeout
@@ -134,3 +140,21 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(two_checkpoints, 
   assert sorted(n.split('-')[0] for n in os.listdir(workdir / 'checkpoints_unreadable')) == [
       '4', '8']
   assert not os.listdir(workdir / 'checkpoints')
+
+
+def test_sigkill_at_random_moments_then_resume_matches_unbroken_run(unbroken, tmp_path):
+  """Kills land anywhere, including inside async checkpoint writes (one every 2 steps)."""
+  rng = np.random.default_rng(1234)
+  args = [*LONG, '--config.train.checkpoint_every=2']
+  command = [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={tmp_path}', *TINY, *args]
+  for _ in range(3):
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=REPO)
+    _wait_for_step(tmp_path, _last_step(tmp_path) + 2, process)
+    time.sleep(rng.uniform(0.0, 0.3))
+    process.kill()
+    process.wait()
+  finished = run_train(tmp_path, *args)
+  assert finished.returncode == 0, finished.stderr
+  assert _losses(tmp_path) == _losses(unbroken)  # its checkpoints were every 1000 steps
+  _assert_same_state(_state(tmp_path, 40), _state(unbroken, 40))

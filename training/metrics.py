@@ -47,9 +47,17 @@ def _truncate_after(path: str, step: int):
   if not os.path.exists(path):
     return
   with open(path, encoding='utf-8') as f:
-    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
   with open(path, 'w', encoding='utf-8') as f:
     f.writelines(kept)
+
+
+def _step_of(line: str):
+  """The record's step, or None for a line cut short by a crash."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError):
+    return None
 
 
 def read_metrics(workdir: str) -> list[dict]:
