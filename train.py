@@ -71,10 +71,13 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
   from training import checkpointing, config_check, loop  # pylint: disable=g-import-not-at-top
   try:
+    config_check.check_workdir(FLAGS.workdir)
     config_check.validate(config, jax.device_count(), jax.process_count())
     loop.train(config, FLAGS.workdir)
   except config_check.ConfigError as e:
-    _usage_error(f'config {e}')
+    _usage_error(e if str(e).startswith('--') else f'config {e}')
+  except checkpointing.IncompatibleCheckpointError as e:
+    _usage_error(e)
   except (checkpointing.NoUsableCheckpointError, loop.TrainingHalted) as e:
     sys.stderr.write(f'train.py: error: {e}\n')
     sys.exit(1)

@@ -26,6 +26,28 @@ CASES = {
 }
 
 
+def _snapshot(directory):
+  return {p: os.stat(p).st_mtime_ns for p in directory.rglob('*')}
+
+
+def test_unwritable_workdir_exits_2(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  result = run_train(blocker / 'run')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith('train.py: error: --workdir:')
+
+
+def test_checkpoint_of_another_model_shape_exits_2_and_touches_nothing(tmp_path):
+  assert run_train(tmp_path, '--config.train.stop_after=4').returncode == 0
+  before = _snapshot(tmp_path)
+  result = run_train(tmp_path, '--config.model.embed_dim=64')
+  assert result.returncode == 2, result.stderr
+  error = result.stderr.strip().splitlines()[-1]
+  assert 'does not fit this config: params.' in error and '(32,) there and (64,) here' in error
+  assert _snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bad_config_exits_2_with_one_line(tmp_path, case):
   args, expected = CASES[case]

@@ -19,8 +19,10 @@ def make_manager(workdir, train_config) -> ocp.CheckpointManager:
       max_to_keep=train_config.keep_checkpoints,
       enable_async_checkpointing=True,
       create=True)
+  handlers = {'state': ocp.StandardCheckpointHandler(),
+              'data': grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
-                               item_names=('state', 'data'))
+                               item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every: int,
@@ -45,6 +47,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
   """
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
+    _check_shapes(manager, step, abstract_state)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -60,6 +63,35 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
         f'none of the checkpoints {steps} in {manager.directory} can be read; they were moved '
         'to checkpoints_unreadable/. Refusing to start over in this workdir.')
   return None
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir's checkpoint was written by a differently shaped model or optimizer."""
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state):
+  """Raises IncompatibleCheckpointError unless the saved arrays have the shapes we expect."""
+  try:
+    saved_tree = manager.item_metadata(step)['state'].tree
+  except Exception:  # pylint: disable=broad-except; unreadable: restoring will set it aside
+    return
+  saved = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(saved_tree)}
+  wanted = {'.'.join(_key_name(k) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  for name in sorted(saved.keys() | wanted.keys(), key=lambda n: (not n.startswith('params'), n)):
+    if saved.get(name) != wanted.get(name):
+      raise IncompatibleCheckpointError(
+          f'the checkpoint at step {step} in {manager.directory} does not fit this config: '
+          f'{name} is {saved.get(name, "absent")} there and {wanted.get(name, "absent")} here; '
+          'use another --workdir or the config that wrote it')
+
+
+def _key_name(key) -> str:
+  """A pytree path entry as Orbax names it: dict key, sequence index or attribute name."""
+  for attribute in ('key', 'idx', 'name'):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, folder: str) -> epath.Path:

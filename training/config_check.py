@@ -1,6 +1,7 @@
 """Validates a config before anything compiles, with one-line errors that name the key."""
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -114,6 +115,17 @@ def check_param_shapes(abstract_params, mesh):
       ways = math.prod(mesh.shape[a] for a in axes)
       _require(dim % ways == 0, f'mesh.{"/".join(axes)}',
                f'splits parameter {jax.tree_util.keystr(path)} dimension {dim} {ways} ways')
+
+
+def check_workdir(workdir: str):
+  """A local workdir must be, or be creatable in, a writable directory; checked, not created."""
+  if '://' in workdir:  # gs:// and other remote paths: the first write will tell
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  _require(os.path.isdir(path), '--workdir', f'{workdir!r} cannot be created: {path} is a file')
+  _require(os.access(path, os.W_OK | os.X_OK), '--workdir', f'{path} is not writable')
 
 
 def validate(config, num_devices: int, num_processes: int):

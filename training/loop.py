@@ -19,7 +19,6 @@ def train(config, workdir: str):
   setup = state_lib.make_setup(config, mesh)
   config_check.check_param_shapes(setup.abstract_state['params'], mesh)
   train_iter = iter(_batches(config, sources.make_source(config.data, 'train'), shuffle=True))
-  _write_config(workdir, config)
   manager = checkpointing.make_manager(workdir, config.train)
   try:
     with sharding.activate(mesh, config.mesh.rules):
@@ -31,6 +30,7 @@ def train(config, workdir: str):
 
 def _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter):
   state, start = _restore_or_init(config, setup, manager, train_iter)
+  _write_config(workdir, config)
   if start >= config.train.steps:
     _announce(f'Training is already complete: {workdir} holds step {start} of '
               f'{config.train.steps}.')
