@@ -59,6 +59,7 @@ def data_config():
   d.seq_len = 128
   d.global_batch_size = 32
   d.shuffle_seed = 0
+  d.max_bad_fraction = 0.01  # stop if more of the records read are unusable (checked after 100)
   d.worker_threads = 2  # threads that prefetch batches
   d.prefetch_batches = 4
   return d

@@ -4,6 +4,8 @@ The order is a pure function of the seed and the shard, and the iterator's state
 saved with each checkpoint, so a resumed run sees exactly the batches it would have seen.
 """
 
+import threading
+
 import grain
 import numpy as np
 
@@ -16,17 +18,61 @@ def tokenize(document: bytes) -> dict[str, np.ndarray]:
   return {'tokens': np.append(tokens, np.int32(DOCUMENT_SEPARATOR))}
 
 
+class RecordStats:
+  """Counts records read and records skipped as unusable, keeping a few examples of the latter.
+
+  Counts cover this process since it started (prefetching reads a little ahead of training).
+  """
+
+  def __init__(self, max_examples: int = 3):
+    self._lock = threading.Lock()
+    self.seen = self.bad = 0
+    self.examples = []
+    self._max_examples = max_examples
+
+  def count(self, problem: str | None):
+    with self._lock:
+      self.seen += 1
+      if problem:
+        self.bad += 1
+        if len(self.examples) < self._max_examples:
+          self.examples.append(problem)
+
+  @property
+  def bad_fraction(self) -> float:
+    return self.bad / max(self.seen, 1)
+
+
+def _load(source, stats: RecordStats):  # source: a data.sources class
+  """Index -> tokens, or None (counted) for a record that cannot be read or is not text."""
+
+  def load(index):
+    try:
+      document = source[index]
+      problem = None if document else 'empty'
+      document.decode('utf-8')
+    except UnicodeDecodeError as e:
+      problem = f'invalid UTF-8 at byte {e.start}'
+    except Exception as e:  # pylint: disable=broad-except; a bad record must not stop training
+      problem = f'{type(e).__name__}: {e}'
+    stats.count(problem and f'{source.record_name(index)}: {problem}')
+    return None if problem else tokenize(document)
+
+  return load
+
+
 def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
             shard_index: int = 0, shard_count: int = 1, worker_threads: int = 2,
-            prefetch_batches: int = 4) -> grain.IterDataset:
+            prefetch_batches: int = 4, stats: RecordStats | None = None) -> grain.IterDataset:
   """Endless batches {'tokens': int32[batch_size, seq_len + 1]} (inputs and shifted targets).
 
-  Each shard (one per process) reads only its own documents.
+  Each shard (one per process) reads only its own documents. Unusable records are skipped and
+  counted in `stats`.
   """
-  docs = grain.MapDataset.source(source)[shard_index::shard_count]
+  docs = grain.MapDataset.range(len(source))[shard_index::shard_count]
   if shuffle:
     docs = docs.shuffle(seed=seed)
-  docs = docs.repeat().map(tokenize)
+  docs = docs.repeat().map(_load(source, stats or RecordStats())).filter(lambda x: x is not None)
   read_options = grain.ReadOptions(num_threads=worker_threads,
                                    prefetch_buffer_size=4 * worker_threads)
   sequences = grain.experimental.ConcatThenSplitIterDataset(

@@ -14,10 +14,11 @@ SPLITS = ('train', 'eval')
 
 
 def stdlib_files() -> list[str]:
-  """The Python standard library's own `.py` files: a corpus every installation carries."""
+  """The Python standard library's own non-empty `.py` files: a corpus every Python carries."""
   root = sysconfig.get_paths()['stdlib']
   files = glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
-  return sorted(f for f in files if 'site-packages' not in os.path.relpath(f, root).split(os.sep))
+  return sorted(f for f in files if 'site-packages' not in os.path.relpath(f, root).split(os.sep)
+                and os.path.getsize(f))
 
 
 def split_files(files: list[str], split: str, eval_percent: int) -> list[str]:
@@ -41,6 +42,9 @@ class FileSource(grain.sources.RandomAccessDataSource):
     with open(self._paths[index], 'rb') as f:
       return f.read()
 
+  def record_name(self, index) -> str:
+    return self._paths[index]
+
   def __repr__(self):
     return f'FileSource({len(self._paths)} files)'
 
@@ -55,6 +59,9 @@ class TfdsTextSource(grain.sources.RandomAccessDataSource):
 
   def __len__(self):
     return len(self._source)
+
+  def record_name(self, index) -> str:
+    return f'{self._source} record {index}'
 
   def __getitem__(self, index):
     text = self._source[index][self._text_key]

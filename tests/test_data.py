@@ -90,3 +90,24 @@ def test_missing_files_are_reported(tiny_config):
   tiny_config.data.update(source='files', files='/nonexistent/**/*.txt')
   with pytest.raises(ValueError, match='no train files'):
     sources.make_source(tiny_config.data, 'train')
+
+
+def _add_bad_records(tmp_path):
+  (tmp_path / 'empty.txt').write_bytes(b'')
+  (tmp_path / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
+  (tmp_path / 'gone.txt').symlink_to(tmp_path / 'missing-target')
+
+
+def test_unusable_records_are_skipped_and_counted(tmp_path):
+  _write_corpus(tmp_path, n=10)
+  _add_bad_records(tmp_path)
+  source = sources.FileSource(sorted(str(p) for p in tmp_path.glob('*.txt')))
+  stats = pipeline.RecordStats()
+  ds = pipeline.batches(source, seq_len=16, batch_size=2, seed=0, shuffle=True, stats=stats,
+                        prefetch_batches=0, worker_threads=1)
+  text = bytes(np.concatenate(_take(iter(ds), 200)).astype(np.uint8).ravel())
+  assert b'caf' not in text
+  assert stats.bad >= 3 and abs(stats.bad_fraction - 3 / 13) < 0.1  # 3 of 13 files
+  problems = ' | '.join(stats.examples)
+  assert 'empty.txt: empty' in problems and 'latin1.txt: invalid UTF-8 at byte 3' in problems
+  assert 'gone.txt: FileNotFoundError' in problems

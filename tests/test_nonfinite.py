@@ -74,3 +74,28 @@ def test_guard_rejects_non_finite_values_and_spikes():
   assert not bool(step_lib._guard(train, stats, jnp.float32(2.0), jnp.float32(np.inf))['accept'])
   warming_up = {**stats, 'count': jnp.int32(3)}
   assert bool(step_lib._guard(train, warming_up, jnp.float32(2.5), finite)['accept'])
+
+
+def _corpus(directory, good, bad):
+  directory.mkdir()
+  for i in range(good):
+    (directory / f'good{i:03d}.txt').write_text(f'record {i} is fine')
+  for i in range(bad):
+    (directory / f'bad{i:03d}.txt').write_bytes(b'\xff\xfe broken ' + bytes([i % 250]))
+  return ['--config.data.source=files', f'--config.data.files={directory}/*.txt',
+          '--config.data.eval_percent=5', '--config.train.num_samples=0']
+
+
+def test_a_few_bad_records_are_skipped_and_reported(tmp_path):
+  result = run_train(tmp_path / 'run', *_corpus(tmp_path / 'corpus', good=400, bad=2))
+  assert result.returncode == 0, result.stderr
+  assert 'invalid UTF-8 at byte 0' in result.stdout + result.stderr
+  last = metrics.read_metrics(tmp_path / 'run')[-1]
+  assert last['data/bad_records'] >= 1 and last['data/bad_fraction'] < 0.01
+
+
+def test_too_many_bad_records_stop_the_run(tmp_path):
+  result = run_train(tmp_path / 'run', *_corpus(tmp_path / 'corpus', good=200, bad=200))
+  assert result.returncode == 1
+  errors = [l for l in result.stderr.splitlines() if l.startswith('train.py: error: data:')]
+  assert len(errors) == 1 and 'data.max_bad_fraction=0.01' in errors[0]

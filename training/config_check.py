@@ -60,6 +60,7 @@ def check_data(config):
            f'{d.seq_len} is longer than model.max_len={config.model.max_len}')
   _require(0 <= d.eval_percent < 100, 'data.eval_percent', f'must be in [0, 100), got {d.eval_percent}')
   _require(d.global_batch_size > 0, 'data.global_batch_size', 'must be positive')
+  _require(0 <= d.max_bad_fraction <= 1, 'data.max_bad_fraction', 'must be in [0, 1]')
 
 
 def check_optim(config):

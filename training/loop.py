@@ -18,17 +18,20 @@ def train(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
   config_check.check_param_shapes(setup.abstract_state['params'], mesh)
-  train_iter = iter(_batches(config, sources.make_source(config.data, 'train'), shuffle=True))
+  record_stats = pipeline.RecordStats()
+  train_iter = iter(_batches(config, sources.make_source(config.data, 'train'), shuffle=True,
+                             stats=record_stats))
   manager = checkpointing.make_manager(workdir, config.train)
   try:
     with sharding.activate(mesh, config.mesh.rules):
-      return _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter)
+      return _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter,
+                                    record_stats)
   finally:
     manager.close()  # waits for a save still being written
     train_iter.close()
 
 
-def _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter):
+def _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter, record_stats):
   state, start = _restore_or_init(config, setup, manager, train_iter)
   _write_config(workdir, config)
   if start >= config.train.steps:
@@ -36,11 +39,14 @@ def _train_from_checkpoint(config, workdir, mesh, setup, manager, train_iter):
               f'{config.train.steps}.')
     return state
   end = min(config.train.steps, config.train.stop_after or config.train.steps)
-  run = _StepLoop(config, workdir, setup, mesh, manager, train_iter, start)
+  run = _StepLoop(config, workdir, setup, mesh, manager, train_iter, record_stats, start)
   state, last = run.steps(state, start, end)
   if last == config.train.steps and config.train.num_samples:
     _print_samples(config, setup, state)
   return state
+
+
+_MIN_RECORDS_FOR_BAD_FRACTION = 100  # too few records make the fraction noise
 
 
 class TrainingHalted(RuntimeError):
@@ -50,8 +56,9 @@ class TrainingHalted(RuntimeError):
 class _StepLoop:
   """Runs steps, reading step N's results only after step N+1 is dispatched."""
 
-  def __init__(self, config, workdir, setup, mesh, manager, train_iter, start):
+  def __init__(self, config, workdir, setup, mesh, manager, train_iter, record_stats, start):
     self.config, self.setup, self.manager, self.train_iter = config, setup, manager, train_iter
+    self.record_stats, self.reported_bad = record_stats, 0
     self.train_step, self.eval_step = step_lib.compile_steps(setup, config, mesh)
     self.to_global = _batch_placer(config, mesh)
     self.eval_set = [self.to_global(b) for b in _eval_batches(config)]
@@ -134,10 +141,25 @@ class _StepLoop:
     self.progress.write(f'rolled back to step {int(restored["step"])}; its data is skipped')
     return restored
 
+  def _check_data(self):
+    """Reports newly skipped records; stops when too large a share of them is unusable."""
+    stats, limit = self.record_stats, self.config.data.max_bad_fraction
+    if stats.bad > self.reported_bad:
+      self.progress.write(f'data: skipped {stats.bad} unusable of {stats.seen} records read, '
+                          f'e.g. {stats.examples[0]}')
+      self.reported_bad = stats.bad
+    if stats.seen >= _MIN_RECORDS_FOR_BAD_FRACTION and stats.bad_fraction > limit:
+      raise TrainingHalted(f'data: {stats.bad} of {stats.seen} records read were unusable '
+                           f'({stats.bad_fraction:.1%} > data.max_bad_fraction={limit}), e.g. '
+                           f'{"; ".join(stats.examples)}')
+
   def _log(self, step, device_metrics):
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     values['tokens_per_second'] = self.throughput.update(step)
+    values['data/bad_records'] = self.record_stats.bad
+    values['data/bad_fraction'] = self.record_stats.bad_fraction
     self.writer.write(step, values)
+    self._check_data()
     self.progress.update(step, values)
     if 'eval/loss' in values:
       self.progress.write(f"step {step}: train/loss {values['train/loss']:.4f}  "
@@ -168,13 +190,13 @@ def _restore_or_init(config, setup, manager, train_iter):
   return state, step
 
 
-def _batches(config, source, shuffle):
+def _batches(config, source, shuffle, stats=None):
   d = config.data
   return pipeline.batches(
       source, seq_len=d.seq_len, batch_size=d.global_batch_size // jax.process_count(),
       seed=d.shuffle_seed, shuffle=shuffle, shard_index=jax.process_index(),
       shard_count=jax.process_count(), worker_threads=d.worker_threads,
-      prefetch_batches=d.prefetch_batches)
+      prefetch_batches=d.prefetch_batches, stats=stats)
 
 
 def _eval_batches(config) -> list[dict]:
