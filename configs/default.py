@@ -92,6 +92,7 @@ def train_config():
   t.eval_batches = 4
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
+  t.on_save_error = 'warn'  # warn | stop, when a checkpoint cannot be written (e.g. disk full)
   t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
   t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
   t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean

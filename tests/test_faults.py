@@ -158,3 +158,37 @@ def test_sigkill_at_random_moments_then_resume_matches_unbroken_run(unbroken, tm
   assert finished.returncode == 0, finished.stderr
   assert _losses(tmp_path) == _losses(unbroken)  # its checkpoints were every 1000 steps
   _assert_same_state(_state(tmp_path, 40), _state(unbroken, 40))
+
+
+@pytest.fixture
+def small_checkpoint_disk(tmp_path):
+  """A workdir whose checkpoints/ is a 2 MiB tmpfs: room for two tiny checkpoints, not three."""
+  checkpoints = tmp_path / 'run' / 'checkpoints'
+  checkpoints.mkdir(parents=True)
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(checkpoints)],
+                           capture_output=True, check=False)
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a size-limited tmpfs here: {mounted.stderr.decode().strip()}')
+  yield tmp_path / 'run'
+  subprocess.run(['umount', str(checkpoints)], check=False)
+
+
+@pytest.mark.parametrize('policy', ['warn', 'stop'])
+def test_disk_full_during_save_keeps_earlier_checkpoints(small_checkpoint_disk, policy):
+  workdir = small_checkpoint_disk
+  result = run_train(workdir, '--config.train.checkpoint_every=2', '--config.train.num_samples=0',
+                     f'--config.train.on_save_error={policy}')
+  assert 'checkpoint write failed' in result.stdout + result.stderr
+  if policy == 'warn':
+    assert result.returncode == 0, result.stderr
+    assert max(r['step'] for r in metrics.read_metrics(workdir)) == 8
+  else:
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'train.py: error: checkpoint write failed')
+  complete = sorted(int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit())
+  assert complete[0] == 2
+  for step in complete:  # every checkpoint still listed is whole and readable
+    _state(workdir, step)
+  resumed = run_train(workdir, '--config.train.num_samples=0')  # partial writes are ignored
+  assert f'Resumed from the checkpoint at step {complete[-1]}' in resumed.stdout

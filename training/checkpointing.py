@@ -18,6 +18,7 @@ def make_manager(workdir, train_config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=train_config.keep_checkpoints,
       enable_async_checkpointing=True,
+      cleanup_tmp_directories=True,  # a write that died (crash, disk full) frees its space
       create=True)
   handlers = {'state': ocp.StandardCheckpointHandler(),
               'data': grain.checkpoint.CheckpointHandler()}
@@ -27,7 +28,11 @@ def make_manager(workdir, train_config) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every: int,
          final: bool) -> bool:
-  """Saves on every `every`-th step and the final one; returns whether a save started."""
+  """Saves on every `every`-th step and the final one; returns whether a save started.
+
+  Raises what went wrong in an earlier background write, if anything did.
+  """
+  manager.check_for_errors()
   if step % every and not final:
     return False
   args = ocp.args.Composite(state=ocp.args.StandardSave(state),

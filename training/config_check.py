@@ -79,6 +79,7 @@ def check_train(config):
   for key in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'grad_accum_steps'):
     _require(t[key] > 0, f'train.{key}', f'must be positive, got {t[key]}')
   _one_of(config, 'train.nonfinite_policy', ('skip', 'rollback', 'stop'))
+  _one_of(config, 'train.on_save_error', ('warn', 'stop'))
   _require(t.spike_sigmas >= 0, 'train.spike_sigmas', f'must be >= 0, got {t.spike_sigmas}')
   _require(t.spike_window > 1, 'train.spike_window', f'must be > 1, got {t.spike_window}')
   for key in ('eval_every', 'eval_batches', 'stop_after', 'num_samples', 'debug_nan_at_step'):

@@ -1,5 +1,6 @@
 """The training loop: mesh -> data -> state (new or restored) -> steps with logs, evals, saves."""
 
+import contextlib
 import os
 import time
 
@@ -104,13 +105,30 @@ class _StepLoop:
   def _save(self, step, state, end, watcher) -> bool:
     """Saves when due; returns True when preempted (after the save has finished)."""
     preempted = watcher.should_stop(step)
-    checkpointing.save(self.manager, step, state, self.train_iter,
-                       self.config.train.checkpoint_every, final=step == end or preempted)
+    final = step == end or preempted
+    with self._save_errors(step):
+      checkpointing.save(self.manager, step, state, self.train_iter,
+                         self.config.train.checkpoint_every, final=final)
+    if final:
+      with self._save_errors(step):
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
     if preempted:
-      self.manager.wait_until_finished()
       self.progress.write(f'{watcher.signal_name or "Preemption"} received: saved step {step} '
                           f'to {self.manager.directory / str(step)}; rerun to resume.')
     return preempted
+
+  @contextlib.contextmanager
+  def _save_errors(self, step):
+    """A failed checkpoint write (disk full, storage down) warns or stops, as configured."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except; whatever the storage raised
+      message = (f'checkpoint write failed (noticed at step {step}; {type(e).__name__}: '
+                 f'{" ".join(str(e).split())[:300]}); earlier checkpoints are intact')
+      if self.config.train.on_save_error == 'stop':
+        raise TrainingHalted(message) from e
+      self.progress.write(f'WARNING: {message}; training continues')
 
   def _check(self, previous, state, step):
     """Applies the non-finite policy to the previous step; returns a rolled-back state or None."""
