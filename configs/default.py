@@ -97,7 +97,10 @@ def train_config():
   t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
   t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
   t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
+  t.hang_factor = 10.0  # a step this many times the median step time is a hang (0: no watchdog)
+  t.hang_min_seconds = 300.0  # ... but never less than this
   t.debug_nan_at_step = 0  # fault injection: make this step's loss and gradients NaN
+  t.debug_hang_at_step = 0  # fault injection: hang the host loop at this step
   t.num_samples = 3
   t.sample_length = 160
   t.sample_temperature = 0.8

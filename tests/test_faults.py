@@ -192,3 +192,14 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(small_checkpoint_disk, 
     _state(workdir, step)
   resumed = run_train(workdir, '--config.train.num_samples=0')  # partial writes are ignored
   assert f'Resumed from the checkpoint at step {complete[-1]}' in resumed.stdout
+
+
+def test_watchdog_dumps_stacks_and_exits_on_a_hung_step(tmp_path):
+  started = time.time()
+  result = run_train(tmp_path, '--config.train.debug_hang_at_step=6', '--config.train.hang_factor=5',
+                     '--config.train.hang_min_seconds=2', '--config.train.eval_every=0')
+  assert result.returncode == 3, result.stderr
+  assert 'Watchdog: no step finished for' in result.stderr
+  assert 'Thread' in result.stderr and 'in steps' in result.stderr  # the stuck frame is shown
+  assert time.time() - started < 120
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']  # and the last save is intact

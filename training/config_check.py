@@ -82,7 +82,10 @@ def check_train(config):
   _one_of(config, 'train.on_save_error', ('warn', 'stop'))
   _require(t.spike_sigmas >= 0, 'train.spike_sigmas', f'must be >= 0, got {t.spike_sigmas}')
   _require(t.spike_window > 1, 'train.spike_window', f'must be > 1, got {t.spike_window}')
-  for key in ('eval_every', 'eval_batches', 'stop_after', 'num_samples', 'debug_nan_at_step'):
+  _require(t.hang_factor == 0 or t.hang_factor > 1, 'train.hang_factor', 'must be 0 (off) or > 1')
+  _require(t.hang_min_seconds > 0, 'train.hang_min_seconds', 'must be positive')
+  for key in ('eval_every', 'eval_batches', 'stop_after', 'num_samples', 'debug_nan_at_step',
+              'debug_hang_at_step'):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
 
 

@@ -10,6 +10,7 @@ from data import pipeline, sources
 from parallel import cpu_backend, sharding
 from training import checkpointing, config_check, metrics, preemption, sampling
 from training import step as step_lib
+from training import watchdog
 from training import state as state_lib
 
 
@@ -71,12 +72,17 @@ class _StepLoop:
   def steps(self, state, step, end):
     """Steps after `step` up to `end`; returns the state and the last step taken."""
     previous = None  # (step, device metrics, whether to log them)
+    t = self.config.train
     try:
-      with preemption.PreemptionWatcher(self.manager) as watcher:
+      with preemption.PreemptionWatcher(self.manager) as watcher, \
+          watchdog.Watchdog(t.hang_factor, t.hang_min_seconds) as dog:
         while step < end or previous:
+          dog.beat()
           current = None
           if step < end:
             step += 1
+            if step == t.debug_hang_at_step:  # fault injection, for testing the watchdog
+              time.sleep(1e6)
             state, step_metrics = self.train_step(state, self.to_global(next(self.train_iter)))
             current = self._with_eval(step, end, state, step_metrics)
           if previous:
