@@ -54,7 +54,10 @@ class TfdsTextSource(grain.sources.RandomAccessDataSource):
 
   def __init__(self, name: str, split: str, text_key: str):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top; optional and slow
-    self._source = tfds.data_source(name, split=split)
+    try:
+      self._source = tfds.data_source(name, split=split)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f'data.tfds_name: {e.args[0].splitlines()[0]}') from None
     self._text_key = text_key
 
   def __len__(self):

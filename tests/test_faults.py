@@ -15,8 +15,10 @@ import pytest
 from tests.test_train_e2e import REPO, TINY, run_train
 from training import metrics
 
+# Dropout on, so its random stream must resume exactly too.
 LONG = ['--config.train.steps=40', '--config.train.checkpoint_every=1000',
-        '--config.train.eval_every=0', '--config.train.num_samples=0']
+        '--config.train.eval_every=0', '--config.train.num_samples=0',
+        '--config.model.dropout_rate=0.1']
 
 
 def _state(workdir, step):

@@ -20,9 +20,12 @@ def train(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
   config_check.check_param_shapes(setup.abstract_state['params'], mesh)
+  try:
+    train_source = sources.make_source(config.data, 'train')
+  except ValueError as e:  # no files match, unknown dataset
+    raise config_check.ConfigError(str(e)) from None
   record_stats = pipeline.RecordStats()
-  train_iter = iter(_batches(config, sources.make_source(config.data, 'train'), shuffle=True,
-                             stats=record_stats))
+  train_iter = iter(_batches(config, train_source, shuffle=True, stats=record_stats))
   manager = checkpointing.make_manager(workdir, config.train)
   try:
     with sharding.activate(mesh, config.mesh.rules):
