@@ -14,10 +14,10 @@ from etils import epath
 from jax.experimental import multihost_utils as multihost
 
 
-def make_manager(workdir, train_config) -> ocp.CheckpointManager:
+def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=train_config.keep_checkpoints,
-      enable_async_checkpointing=True,
+      enable_async_checkpointing=asynchronous,
       cleanup_tmp_directories=True,  # a write that died (crash, disk full) frees its space
       create=True)
   handlers = {'state': ocp.StandardCheckpointHandler(),
