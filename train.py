@@ -68,6 +68,8 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   config = _loaded_config()
+  from parallel import cpu_backend  # pylint: disable=g-import-not-at-top
+  cpu_backend.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
   from training import checkpointing, config_check, loop  # pylint: disable=g-import-not-at-top
   try:

@@ -69,13 +69,15 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     k = cfg.embed_dim // cfg.num_heads
-    q_BxLxHxK = self.query(x_BxLxD).reshape(b, l, cfg.num_heads, k)
-    k_BxLxGxK = self.key(x_BxLxD).reshape(b, l, cfg.num_kv_heads, k)
-    v_BxLxGxK = self.value(x_BxLxD).reshape(b, l, cfg.num_kv_heads, k)
+    q_BxLxHK, k_BxLxGK, v_BxLxGK = cpu_backend.project(x_BxLxD, (self.query, self.key, self.value))
+    q_BxLxHxK = q_BxLxHK.reshape(b, l, cfg.num_heads, k)
+    k_BxLxGxK = k_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
+    v_BxLxGxK = v_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     if cfg.position == 'rope':
       q_BxLxHxK, k_BxLxGxK = rotary(q_BxLxHxK, cfg.rope_theta), rotary(k_BxLxGxK, cfg.rope_theta)
     q_BxLxHxK = constrain(q_BxLxHxK, 'batch', 'length', 'heads', 'kv')
-    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+    attention = cpu_backend.attention_fn()
+    out_BxLxHxK = attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
     return self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
 
 
@@ -92,7 +94,8 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD):
     if self.gated:
-      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+      gate_BxLxF, up_BxLxF = cpu_backend.project(x_BxLxD, (self.gate, self.up))
+      h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
       h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
     return self.down(constrain(h_BxLxF, 'batch', 'length', 'mlp'))
@@ -142,7 +145,7 @@ class Transformer(nnx.Module):
       x_BxLxD = block(x_BxLxD, rngs)
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.cfg.tie_embeddings:
-      logits_BxLxV = self.embed.attend(x_BxLxD)
+      logits_BxLxV = cpu_backend.attend(self.embed, x_BxLxD)
     else:
       logits_BxLxV = self.unembed(x_BxLxD)
     return constrain(logits_BxLxV.astype(jnp.float32), 'batch', 'length', 'vocab')

@@ -1,40 +1,120 @@
 """XLA:CPU workarounds, kept in one place; TPU and GPU never take these paths.
 
-Both are measured in `benchmarks/step_time.py`:
-- XLA:CPU inserts a transpose of the activations before each dense layer's weight-gradient
-  matmul when it sees `x.reshape(-1, d).T @ g`. Writing the weight gradient as one contraction
-  over all batch dimensions lets it call the matmul kernel directly.
-- glibc returns XLA's large temporary buffers to the kernel after every step and maps them again
-  on the next, costing thousands of page faults per step; raising the thresholds keeps them.
+Call `configure()` first thing in a program, before JAX initialises its backend. Everything
+here is measured by `benchmarks/step_time.py` and checked to leave the model's math unchanged
+by `benchmarks/check_numerics.py`.
+
+Matmuls. XLA:CPU's default matmul library (YNNPACK) only takes [M, K] x [K, N] operands, so the
+backward pass of every dense layer (weight gradient x^T @ g) and of attention (dK, dV) first
+materialises a transposed operand, fused with its producer and slow (strided reads). XLA's own
+matmul path (Eigen blocks on oneDNN's sgemm) reads transposed operands directly; over a whole
+step it is the faster of the two, so `configure` routes matmuls there and keeps YNNPACK for
+reductions.
+- `_dense` computes a weight gradient as one contraction over the flattened batch.
+- `project` runs projections that share an input (query/key/value, SwiGLU gate/up) as one
+  matmul on the concatenated kernels; the parameters stay separate.
+- `_attention` computes `jax.nn.dot_product_attention` on [batch, kv head, query, head dim]
+  operands with a backward pass whose two products over the query axis take an explicit
+  transposed copy (cheaper than a batched matmul reading a transposed operand).
+- `attend` (tied-embedding logits) uses `_dense` too.
+
+Memory. XLA allocates each step's temporaries as one block (50 MiB for the small model); glibc
+maps blocks that large afresh every step and unmaps them after, a page fault per 4 KiB (13K
+faults, ~15 ms a step). `tune_malloc` keeps them on the heap. With synchronous dispatch a step's
+block is freed before the next step allocates one, so steps reuse it instead of piling up
+copies; trimming after each compile hands back the compiler's garbage.
 """
 
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
+import math
+import os
 
 import jax
+import jax.numpy as jnp
 from jax import lax
+
+# Matmuls through XLA's own path; YNNPACK still does reductions (faster than XLA's there).
+XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce',)
+# XLA's newer (MLIR) fusion emitters make ~5 ms/step faster kernels for the small model but hold
+# ~130 MiB more while compiling; `configure(low_memory=True)` turns them off.
+LOW_MEMORY_FLAGS = ('--xla_cpu_use_fusion_emitters=false',)
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
-_KEEP_BYTES = 1 << 30
+_M_MMAP_MAX = -4
+
+
+def on_cpu() -> bool:
+  return jax.default_backend() == 'cpu'
+
+
+def configure(low_memory: bool = False) -> bool:
+  """Sets up the CPU backend. Call before JAX initialises it (its first `jax.devices()` or
+  computation), e.g. first thing in `main`. The flags only affect XLA:CPU. Returns whether the
+  malloc tuning applied (on CPU with glibc)."""
+  if not _cpu_only():
+    return False  # an accelerator's XLA may not know these flags; leave everything alone
+  flags = os.environ.get('XLA_FLAGS', '')
+  wanted = XLA_CPU_FLAGS + (LOW_MEMORY_FLAGS if low_memory else ())
+  extra = [f for f in wanted if f.split('=')[0] not in flags]  # the user's own flags win
+  if extra:
+    os.environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
+  # A step then returns when done, its temporaries already freed: the next step reuses them.
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  return tune_malloc()
+
+
+def _cpu_only() -> bool:
+  """Whether JAX will run on the CPU, decided without initialising a backend."""
+  platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
+  if platforms:
+    return platforms.split(',')[0] == 'cpu'
+  plugins = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+             'jax_rocm7_plugin')
+  return not any(importlib.util.find_spec(p) for p in plugins)
+
+
+def _glibc():
+  name = ctypes.util.find_library('c')
+  libc = ctypes.CDLL(name) if name else None
+  return libc if libc is not None and hasattr(libc, 'mallopt') and hasattr(
+      libc, 'malloc_trim') else None
 
 
 def tune_malloc() -> bool:
-  """Stops glibc from unmapping freed buffers between steps. Returns whether it applied."""
-  libc_name = ctypes.util.find_library('c')
-  if jax.default_backend() != 'cpu' or not libc_name:
+  """Keeps freed buffers on the heap for the next step. Returns whether it applied."""
+  libc = _glibc()
+  if libc is None or not on_cpu():
     return False
-  libc = ctypes.CDLL(libc_name)
-  if not hasattr(libc, 'mallopt'):  # not glibc
-    return False
-  # The mmap threshold caps at 32 MiB on 64-bit glibc; buffers above it are still mapped.
-  return all([
-      libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20),
-      libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES),
-      libc.mallopt(_M_TOP_PAD, 64 << 20),
-  ])
+  if jax.config.read('jax_cpu_enable_async_dispatch'):
+    # Steps overlap, so their temporaries would pile up on the heap: only blocks up to the mmap
+    # threshold's cap (32 MiB) stay; larger ones are still mapped afresh each step.
+    keep_large = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+  else:
+    keep_large = libc.mallopt(_M_MMAP_MAX, 0)  # every block comes from (and returns to) the heap
+  ok = all([keep_large, libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30),  # freed memory stays mapped
+            libc.mallopt(_M_TOP_PAD, 64 << 20)])
+  if ok and not getattr(tune_malloc, 'listening', False):
+    jax.monitoring.register_event_duration_secs_listener(_trim_after_compile)
+    tune_malloc.listening = True
+  return ok
+
+
+def _trim_after_compile(event, duration_secs, **kwargs):
+  """Hands back what the compiler freed, which the trim threshold above would otherwise keep."""
+  del duration_secs, kwargs
+  if event == '/jax/core/compile/backend_compile_duration':
+    _glibc().malloc_trim(0)
+
+
+def _transposed(x):
+  """x with its last two axes swapped, as a real copy that XLA can't fold into the matmul it
+  feeds (the matmul then reads both operands in order)."""
+  return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
 @jax.custom_vjp
@@ -48,10 +128,10 @@ def _dense_fwd(x, kernel):
 
 def _dense_bwd(residuals, g):
   x, kernel = residuals
-  batch_dims = tuple(range(x.ndim - 1))
   grad_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-  grad_kernel = lax.dot_general(x, g, ((batch_dims, batch_dims), ((), ())))
-  return grad_x, grad_kernel
+  # One [tokens, in] x [tokens, out] contraction: no transposes, no batch dims to canonicalise.
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  return grad_x, lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
@@ -73,4 +153,95 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 @functools.cache
 def dense_dot_general():
   """The dot_general dense layers should use on the current default backend."""
-  return dot_general if jax.default_backend() == 'cpu' else lax.dot_general
+  return dot_general if on_cpu() else lax.dot_general
+
+
+def project(x, layers):
+  """`[layer(x) for layer in layers]` for `nnx.Linear` layers sharing the input `x`.
+
+  On CPU, one matmul against the concatenated kernels: the same products, a third of the calls.
+  """
+  first = layers[0]
+  fusable = on_cpu() and len(layers) > 1 and all(
+      layer.dot_general is dot_general and layer.precision is None
+      and layer.preferred_element_type is None and layer.kernel.ndim == 2
+      and (layer.bias is None) == (first.bias is None) for layer in layers)
+  if not fusable:
+    return [layer(x) for layer in layers]
+  x, *kernels = first.promote_dtype((x, *(layer.kernel[...] for layer in layers)),
+                                    dtype=first.dtype)
+  y = _dense(x, jnp.concatenate(kernels, axis=1))
+  if first.bias is not None:
+    y += jnp.concatenate([layer.bias[...] for layer in layers]).astype(y.dtype)
+  widths = [k.shape[1] for k in kernels]
+  return jnp.split(y, [sum(widths[:i + 1]) for i in range(len(widths) - 1)], axis=-1)
+
+
+def attend(embed, x):
+  """`embed.attend(x)` (tied-embedding logits); on CPU with `_dense`'s weight gradient."""
+  if not on_cpu():
+    return embed.attend(x)
+  x, table = embed.promote_dtype((x, embed.embedding[...]), dtype=embed.dtype)
+  return _dense(x, table.T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_core(q, k, v, probs_fn):
+  """probs_fn(q @ k^T) @ v over [B, G, Q, H] x [B, G, S, H] x [B, G, S, H]."""
+  return _attention_core_fwd(q, k, v, probs_fn)[0]
+
+
+def _attention_core_fwd(q, k, v, probs_fn):
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum('bgqh,bgsh->bgqs', q, k, preferred_element_type=logits_dtype)
+  probs, probs_vjp = jax.vjp(probs_fn, logits)
+  return jnp.einsum('bgqs,bgsh->bgqh', probs, v), (q, k, v, probs, probs_vjp)
+
+
+def _attention_core_bwd(probs_fn, residuals, d_out):
+  """Autodiff's backward pass, with the two products over the query axis (dK, dV) written as
+  transpose-then-matmul."""
+  del probs_fn
+  q, k, v, probs, probs_vjp = residuals
+  d_probs = jnp.einsum('bgqh,bgsh->bgqs', d_out, v)
+  d_logits = probs_vjp(d_probs)[0].astype(q.dtype)
+  d_q = jnp.einsum('bgqs,bgsh->bgqh', d_logits, k)
+  d_k = jnp.einsum('bgsq,bgqh->bgsh', _transposed(d_logits), q)
+  d_v = jnp.einsum('bgsq,bgqh->bgsh', _transposed(probs), d_out)
+  return d_q, d_k, d_v
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+def _probs(logits, *, r, t, h, causal, dtype):
+  """Scaled, masked softmax in float32, as `jax.nn.dot_product_attention` computes it."""
+  logits = logits * jnp.array(1.0 / math.sqrt(h), logits.dtype)
+  if causal:
+    s = logits.shape[-1]
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool)), (r, t, s)).reshape(r * t, s)
+    big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+    logits = jnp.where(mask, logits, jnp.asarray(big_negative, logits.dtype))
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _attention(query, key, value, is_causal=False):
+  """`jax.nn.dot_product_attention(query, key, value, is_causal=...)` with its default scale.
+
+  Query heads N = G * R share kv head g in groups of R; the R*T query rows of a kv head form one
+  matrix, so every matmul is [B, G] batches of plain 2-D products.
+  """
+  b, t, n, h = query.shape
+  s, g = key.shape[1], key.shape[2]
+  r = n // g
+  q = query.reshape(b, t, g, r, h).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, h)
+  k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, G, S, H]
+  probs_fn = functools.partial(_probs, r=r, t=t, h=h, causal=is_causal, dtype=key.dtype)
+  out = _attention_core(q, k, v, probs_fn)
+  return out.reshape(b, g, r, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+@functools.cache
+def attention_fn():
+  """Attention with `jax.nn.dot_product_attention`'s (query, key, value, is_causal) interface."""
+  return _attention if on_cpu() else jax.nn.dot_product_attention

@@ -7,7 +7,7 @@ import time
 import jax
 
 from data import pipeline, sources
-from parallel import cpu_backend, sharding
+from parallel import sharding
 from training import checkpointing, config_check, metrics, preemption, sampling
 from training import step as step_lib
 from training import watchdog
@@ -16,7 +16,6 @@ from training import state as state_lib
 
 def train(config, workdir: str):
   """Trains to `config.train.steps` (or `stop_after`), resuming from `workdir` if it has a run."""
-  cpu_backend.tune_malloc()
   mesh = sharding.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
   config_check.check_param_shapes(setup.abstract_state['params'], mesh)
