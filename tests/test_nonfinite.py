@@ -4,7 +4,7 @@ import ml_collections
 import jax.numpy as jnp
 import numpy as np
 
-from tests.test_faults import _state
+from tests.test_faults import _assert_same_state, _state
 from tests.test_train_e2e import run_train
 from training import metrics
 from training import step as step_lib
@@ -26,14 +26,8 @@ def test_skip_leaves_parameters_and_optimizer_untouched(tmp_path):
   assert records[4]['train/skipped_steps'] == 0
   before, after = _state(tmp_path, 4), _state(tmp_path, 5)
   for key in ('params', 'opt_state', 'loss_stats'):
-    for a, b in zip(jax_leaves(before[key]), jax_leaves(after[key])):
-      np.testing.assert_array_equal(a, b)
+    _assert_same_state(before[key], after[key])
   assert int(after['step']) == 5 and int(after['skipped_steps']) == 1
-
-
-def jax_leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.leaves(tree)
 
 
 def test_stop_names_the_step_and_saves(tmp_path):
