@@ -4,8 +4,9 @@ Goes through the project's own code path (config -> mesh -> make_setup/init_stat
 compile_steps under `sharding.activate`), one fresh process per config so that each peak RSS is
 its own, and prints for each: median ms/step over --steps steps (each waited for), tokens/s,
 peak RSS, minor page faults per step, the step's FLOPs (XLA's cost analysis and the analytic
-6*N*T + attention count), and the step's FLOP/s as a fraction of this machine's float32 matmul
-rate (the best of twenty 2048^3 jnp.dots, in the parent process). Prints figures only.
+count of models/flops.py: 6 per matmul parameter and token plus causal attention), and the
+step's FLOP/s as a fraction of this machine's float32 matmul rate
+(`parallel.chips.matmul_flops_per_second`, in the parent process). Prints figures only.
 
 Configs (benchmarks/bench_configs.py):
   default  configs/default.py with no presets (random byte tokens).
@@ -26,12 +27,12 @@ import subprocess
 import time
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from benchmarks.bench_configs import CONFIGS
-from parallel import cpu_backend, sharding
+from models import flops
+from parallel import chips, cpu_backend, sharding
 from training import state as state_lib, step as step_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['default', 'small'], 'Configs to time, one process each.')
@@ -43,20 +44,6 @@ _DATA = flags.DEFINE_string('data', '/work/shared/data/tinyshakespeare.txt',
 _LOW_MEMORY = flags.DEFINE_bool('low_memory', False, 'cpu_backend.configure(low_memory=True).')
 _MATMUL_GFLOPS = flags.DEFINE_float('matmul_gflops', 0, 'The machine matmul rate (set by the '
                                     'parent process; 0 measures it here).')
-
-
-def matmul_flops_per_second(n=2048, repeats=20) -> float:
-  """This machine's float32 matmul rate: a jitted n x n jnp.dot, best of `repeats` (the shared
-  machine's other load only ever slows it)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  dot(a, a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    dot(a, a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / min(times)
 
 
 def _batches(config, rng):
@@ -76,18 +63,6 @@ def _batches(config, rng):
     else:
       starts = rng.integers(0, len(text) - l1, b)
       yield np.stack([text[s:s + l1] for s in starts])
-
-
-def analytic_flops(config, params) -> float:
-  """6 * (matmul parameters) * tokens, plus attention's two products (full, unmasked)."""
-  m, d = config.model, config.data
-  tokens = d.global_batch_size * d.seq_len
-  matmul = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
-               if getattr(path[-1], 'key', None) == 'kernel')
-  if m.tie_embeddings:
-    matmul += m.vocab_size * m.embed_dim  # the logits reuse the embedding table
-  attention = 3 * 4 * m.num_layers * d.seq_len * m.embed_dim * tokens
-  return 6 * matmul * tokens + attention
 
 
 def xla_flops(compiled) -> float:
@@ -135,7 +110,7 @@ def time_config(name, matmul_rate):
     others = max(0.0, (_busy_seconds_of_others() - others0) / sum(times))
   step_s = statistics.median(times)
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
-  flops_xla, flops_model = xla_flops(compiled), analytic_flops(config, state['params'])
+  flops_xla, flops_model = xla_flops(compiled), flops.train_flops_per_step(config)
   rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
   print(f'[{name}] {state_lib.count_params(state["params"]) / 1e6:.2f}M params, batch '
         f'{config.data.global_batch_size} x {config.data.seq_len}, compiled in {compile_s:.1f} s, '
@@ -157,7 +132,7 @@ def main(argv):
   cpu_backend.configure(low_memory=_LOW_MEMORY.value)
   if not _MATMUL_GFLOPS.value:
     # Parent: the matmul rate here, each config in its own process (its own peak RSS).
-    rate = matmul_flops_per_second()
+    rate = chips.matmul_flops_per_second()
     print(f'jax {jax.__version__}, {jax.default_backend()} x{jax.device_count()}, '
           f'{os.cpu_count()} CPUs; float32 2048^3 jnp.dot (best of 20): '
           f'{rate / 1e9:.1f} GFLOP/s; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
