@@ -1,10 +1,14 @@
-"""Grain pipeline: source -> shard -> shuffle -> repeat -> tokenize -> pack -> batch -> prefetch.
+"""Grain pipeline: source -> stream -> shuffle -> repeat -> tokenize -> pack -> batch -> prefetch.
 
-The order is a pure function of the seed and the shard, and the iterator's state is small and
-saved with each checkpoint, so a resumed run sees exactly the batches it would have seen.
+The documents are dealt into `num_streams` streams, each shuffled, packed and batched on its own;
+a global batch is the streams' rows side by side, stream 0 first. A process reads only the
+streams it owns, so the global batches depend on the seed and the number of streams, never on
+how many processes share them. The iterator's state is small and saved with each checkpoint, so
+a resumed run sees exactly the batches it would have seen.
 """
 
 import threading
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -62,22 +66,34 @@ def _load(source, stats: RecordStats):  # source: a data.sources class
 
 
 def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
-            shard_index: int = 0, shard_count: int = 1, worker_threads: int = 2,
+            streams: Sequence[int] = (0,), num_streams: int = 1, worker_threads: int = 2,
             prefetch_batches: int = 4, stats: RecordStats | None = None) -> grain.IterDataset:
   """Endless batches {'tokens': int32[batch_size, seq_len + 1]} (inputs and shifted targets).
 
-  Each shard (one per process) reads only its own documents. Unusable records are skipped and
-  counted in `stats`.
+  `batch_size` rows are shared equally by `streams`, this process's streams out of
+  `num_streams`. Unusable records are skipped and counted in `stats`.
   """
-  docs = grain.MapDataset.range(len(source))[shard_index::shard_count]
-  if shuffle:
-    docs = docs.shuffle(seed=seed)
-  docs = docs.repeat().map(_load(source, stats or RecordStats())).filter(lambda x: x is not None)
-  read_options = grain.ReadOptions(num_threads=worker_threads,
-                                   prefetch_buffer_size=4 * worker_threads)
-  sequences = grain.experimental.ConcatThenSplitIterDataset(
-      docs.to_iter_dataset(read_options), length_struct={'tokens': seq_len + 1})
-  ds = sequences.map(lambda x: {'tokens': x['tokens']}).batch(batch_size, drop_remainder=True)
+  stats = stats or RecordStats()
+  threads = max(1, worker_threads // len(streams))
+  parts = [_stream(source, stream, num_streams, seq_len=seq_len,
+                   rows=batch_size // len(streams), seed=seed, shuffle=shuffle, threads=threads,
+                   stats=stats) for stream in streams]
+  ds = parts[0]
+  if len(parts) > 1:
+    ds = grain.experimental.ZipIterDataset(parts).map(
+        lambda rows: {'tokens': np.concatenate([r['tokens'] for r in rows])})
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds
+
+
+def _stream(source, stream, num_streams, *, seq_len, rows, seed, shuffle, threads, stats):
+  """Batches of `rows` packed sequences from every `num_streams`-th document, from `stream`."""
+  docs = grain.MapDataset.range(len(source))[stream::num_streams]
+  if shuffle:
+    docs = docs.shuffle(seed=int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+  docs = docs.repeat().map(_load(source, stats)).filter(lambda x: x is not None)
+  read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+  sequences = grain.experimental.ConcatThenSplitIterDataset(
+      docs.to_iter_dataset(read_options), length_struct={'tokens': seq_len + 1})
+  return sequences.map(lambda x: {'tokens': x['tokens']}).batch(rows, drop_remainder=True)

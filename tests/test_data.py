@@ -19,8 +19,9 @@ def _take(iterator, n):
   return [next(iterator)['tokens'] for _ in range(n)]
 
 
-def _batches(source, seed=0, **kwargs):
-  return pipeline.batches(source, seq_len=16, batch_size=4, seed=seed, shuffle=True, **kwargs)
+def _batches(source, seed=0, batch_size=4, **kwargs):
+  return pipeline.batches(source, seq_len=16, batch_size=batch_size, seed=seed, shuffle=True,
+                          **kwargs)
 
 
 def test_batches_have_shape_and_carry_the_text(tmp_path):
@@ -58,15 +59,36 @@ def test_epochs_reshuffle_and_cover_every_document(tmp_path):
   assert all(f'{i} '.encode() in text for i in range(6))
 
 
-def test_shards_read_disjoint_documents(tmp_path):
+def test_streams_read_disjoint_documents(tmp_path):
   source = _write_corpus(tmp_path, n=10)
   seen = []
-  for shard in range(2):
+  for stream in range(2):
     ds = pipeline.batches(source, seq_len=4000, batch_size=1, seed=0, shuffle=False,
-                          shard_index=shard, shard_count=2)
+                          streams=(stream,), num_streams=2)
     text = bytes(next(iter(ds))['tokens'].astype(np.uint8).ravel())
     seen.append({d.split(b' ')[0] for d in text.split(b'\0')[:5]})
   assert seen[0] == {b'0', b'2', b'4', b'6', b'8'} and seen[1] == {b'1', b'3', b'5', b'7', b'9'}
+
+
+def test_global_batches_do_not_depend_on_how_processes_share_the_streams(tmp_path):
+  source = _write_corpus(tmp_path, n=30)
+  take = lambda streams, rows: _take(iter(_batches(source, streams=streams, num_streams=4,
+                                                   batch_size=rows)), 6)
+  one_process = take(range(4), 4)
+  two_processes = [take(range(0, 2), 2), take(range(2, 4), 2)]
+  for step, batch in enumerate(one_process):
+    np.testing.assert_array_equal(batch, np.concatenate([p[step] for p in two_processes]))
+
+
+def test_iterator_state_of_several_streams_resumes_exactly(tmp_path):
+  source = _write_corpus(tmp_path)
+  iterator = iter(_batches(source, streams=(0, 1, 2), num_streams=3, batch_size=3))
+  _take(iterator, 3)
+  state = iterator.get_state()
+  expected = _take(iterator, 4)
+  fresh = iter(_batches(source, streams=(0, 1, 2), num_streams=3, batch_size=3))
+  fresh.set_state(state)
+  np.testing.assert_array_equal(_take(fresh, 4), expected)
 
 
 def test_stdlib_corpus_split_is_deterministic_and_disjoint():
