@@ -27,8 +27,16 @@ def _first_and_last_line(error: Exception) -> str:
 
 
 def _define_flags():
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.',
-                      required=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
+  flags.DEFINE_string('coordinator_address', '',
+                      'HOST:PORT of process 0 in a multi-process run off Cloud TPU (on a TPU '
+                      'pod the hosts find each other).')
+  flags.DEFINE_integer('num_processes', 0, 'Processes in the run, with --coordinator_address.')
+  flags.DEFINE_integer('process_id', -1, 'This process, 0..num_processes-1.')
+  flags.DEFINE_bool('compile_only', False,
+                    'Compile the train step for --topology and report its memory; no training.')
+  flags.DEFINE_string('topology', '', 'Cloud TPU topology for --compile_only, e.g. v5p-128, '
+                      'v5e-16, v6e-8 or 2xv5e-16 (two slices).')
   try:  # config_flags may resolve `--config.a.b=` overrides against the config right here
     config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:presets].',
                                     lock_config=True)
@@ -68,22 +76,57 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   config = _loaded_config()
-  from parallel import cpu_backend  # pylint: disable=g-import-not-at-top
+  if FLAGS.compile_only:
+    _compile_only(config)
+  if not FLAGS.workdir:
+    _usage_error('flag --workdir must have a value')
+  from parallel import cpu_backend, multihost, sharding  # pylint: disable=g-import-not-at-top
   cpu_backend.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
   from training import checkpointing, config_check, loop  # pylint: disable=g-import-not-at-top
   try:
+    multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    _usage_error(e)
+  try:
     config_check.check_workdir(FLAGS.workdir)
-    config_check.validate(config, jax.device_count(), jax.process_count())
+    config_check.validate(config, jax.device_count(), jax.process_count(),
+                          sharding.num_slices(jax.devices()))
     loop.train(config, FLAGS.workdir)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
   except checkpointing.IncompatibleCheckpointError as e:
     _usage_error(e)
   except (checkpointing.NoUsableCheckpointError, loop.TrainingHalted) as e:
-    sys.stderr.write(f'train.py: error: {e}\n')
-    sys.exit(1)
+    _halt(f'train.py: error: {e}')
 
+
+def _compile_only(config):
+  """Compiles the train step for a TPU topology from this host and exits with its verdict."""
+  if not FLAGS.topology:
+    _usage_error('--compile_only needs --topology, e.g. --topology=v5p-128')
+  from parallel import aot  # pylint: disable=g-import-not-at-top
+  from training import config_check  # pylint: disable=g-import-not-at-top
+  try:
+    sys.exit(aot.run(config, FLAGS.topology))
+  except config_check.ConfigError as e:
+    _usage_error(e)
+
+
+def _halt(message: str):
+  """Prints `message` as the last line and exits 1, after checkpoints and metrics are closed.
+
+  A checkpoint write that failed (disk full) leaves errors in Orbax's and TensorStore's threads
+  that nobody awaits; they print tracebacks until the interpreter is gone. So stderr is muted
+  first, the message goes on a line of its own, and the process exits without teardown.
+  """
+  stderr, sys.stderr = sys.stderr, open(os.devnull, 'w', encoding='utf-8')
+  logging.flush()
+  logging.get_absl_handler().python_handler.stream = sys.stderr
+  stderr.write(f'\n{message}\n')
+  stderr.flush()
+  sys.stdout.flush()
+  os._exit(1)  # pylint: disable=protected-access
 
 if __name__ == '__main__':
   _define_flags()

@@ -11,34 +11,58 @@ import math
 import jax
 from flax import linen
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Resolves the per-axis sizes, filling one `-1` with the remaining devices."""
-  sizes = [mesh_config[axis] for axis in MESH_AXES]
-  known = math.prod(s for s in sizes if s != -1)
-  if sizes.count(-1) > 1:
-    raise ValueError('mesh: at most one axis may be -1')
-  if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}')
-  if num_devices % known:
-    raise ValueError(f'mesh: axis sizes {dict(zip(MESH_AXES, sizes))} do not divide the '
-                     f'{num_devices} devices')
-  sizes = [num_devices // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh: axis sizes {dict(zip(MESH_AXES, sizes))} use '
-                     f'{math.prod(sizes)} of the {num_devices} devices')
-  return tuple(sizes)
+def _resolve(sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]:
+  """Fills at most one `-1` so the sizes multiply to `total`."""
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if list(sizes.values()).count(-1) > 1:
+    raise ValueError(f'mesh: at most one {what} axis may be -1, got {sizes}')
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ValueError(f'mesh: sizes must be positive or -1, got {sizes}')
+  if total % known:
+    raise ValueError(f'mesh: {what} sizes {sizes} do not divide the {total} {what} devices')
+  resolved = tuple(total // known if s == -1 else s for s in sizes.values())
+  if math.prod(resolved) != total:
+    raise ValueError(f'mesh: {what} sizes {sizes} use {math.prod(resolved)} of the {total} '
+                     f'{what} devices')
+  return resolved
+
+
+def ici_dcn_shapes(mesh_config, num_devices: int, num_slices: int = 1):
+  """Per-axis sizes within a slice (ICI) and across slices (DCN), with -1 filled in."""
+  dcn = _resolve({f'dcn_{a}': mesh_config[f'dcn_{a}'] for a in MESH_AXES}, num_slices,
+                 'slice (dcn)')
+  ici = _resolve({a: mesh_config[a] for a in MESH_AXES}, num_devices // num_slices,
+                 'per-slice')
+  return ici, dcn
+
+
+def mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
+  """The whole mesh's per-axis sizes: within-slice size times across-slice size."""
+  ici, dcn = ici_dcn_shapes(mesh_config, num_devices, num_slices)
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def num_slices(devices) -> int:
+  """Slices joined over the data-centre network; devices without a slice index are one."""
+  return len({getattr(d, 'slice_index', 0) for d in devices})
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """A mesh whose device order follows the physical topology, slice-major across slices."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  slices = num_slices(devices)
+  ici, dcn = ici_dcn_shapes(mesh_config, len(devices), slices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if slices == 1:
+    return jax.make_mesh(ici, MESH_AXES, axis_types=axis_types, devices=devices)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_spec(rules, *names) -> PartitionSpec:
@@ -62,16 +86,49 @@ def logical_sharding(mesh, rules, *names) -> NamedSharding:
   return NamedSharding(mesh, logical_spec(rules, *names))
 
 
-def param_shardings(abstract_params: nnx.State, mesh, rules):
-  """NamedSharding for each Variable in `abstract_params`, from its `logical_axes` metadata."""
+def _fitting_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+  """`spec` with the mesh axes dropped from any dimension they do not divide evenly."""
+  def fits(dim, axes):
+    return dim % math.prod(mesh.shape[a] for a in _axis_tuple(axes)) == 0
+  return PartitionSpec(*(axes if fits(dim, axes) else None
+                         for dim, axes in zip(shape, tuple(spec) + (None,) * len(shape))))
 
+
+def _axis_tuple(axes) -> tuple[str, ...]:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _rule_spec(variable, rules) -> PartitionSpec:
+  names = variable.get_metadata().get('logical_axes')
+  return PartitionSpec() if names is None else logical_spec(rules, *names)
+
+
+def param_shardings(abstract_params: nnx.State, mesh, rules):
+  """NamedSharding for each Variable in `abstract_params`, from its `logical_axes` metadata.
+
+  A dimension its mesh axes do not divide (a vocabulary of 50257 over 4 ways) stays whole;
+  `unsharded_params` lists those.
+  """
   def sharding(variable):
-    names = variable.get_metadata().get('logical_axes')
-    if names is None:
-      return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, logical_spec(rules, *names))
+    return NamedSharding(mesh, _fitting_spec(_rule_spec(variable, rules), variable.shape, mesh))
 
   return jax.tree.map(sharding, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def unsharded_params(abstract_params: nnx.State, mesh, rules) -> list[str]:
+  """One line per parameter dimension the rules shard but the mesh cannot divide evenly."""
+  lines = []
+  for path, variable in nnx.to_flat_state(abstract_params):
+    wanted = _rule_spec(variable, rules)
+    got = _fitting_spec(wanted, variable.shape, mesh)
+    for dim, (want, have) in enumerate(zip(wanted, got)):
+      if want != have:
+        ways = math.prod(mesh.shape[a] for a in _axis_tuple(want))
+        size = variable.value.size * variable.value.dtype.itemsize
+        lines.append(f'{".".join(map(str, path))} dimension {dim} ({variable.shape[dim]}) is '
+                     f'not divisible by {"x".join(_axis_tuple(want))}={ways}: kept whole, '
+                     f'{size / 2**20:.2f} MiB on each of those devices')
+  return lines
 
 
 def replicated(mesh) -> NamedSharding:

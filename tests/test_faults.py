@@ -9,21 +9,16 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from tests.test_train_e2e import REPO, TINY, run_train
+from tests.test_train_e2e import saved_state as _state
 from training import metrics
 
 # Dropout on, so its random stream must resume exactly too.
 LONG = ['--config.train.steps=40', '--config.train.checkpoint_every=1000',
         '--config.train.eval_every=0', '--config.train.num_samples=0',
         '--config.model.dropout_rate=0.1']
-
-
-def _state(workdir, step):
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step),
-                                                         'state'))
 
 
 def _assert_same_state(a, b):

@@ -21,9 +21,14 @@ def run_train(workdir, *args):
                         check=False)
 
 
-def _final_state(workdir, step):
+def saved_state(workdir, step):
+  """The train state saved at `step`, on one local device whatever the run's layout was."""
   path = os.path.join(workdir, 'checkpoints', str(step), 'state')
-  return ocp.StandardCheckpointer().restore(path)
+  checkpointer = ocp.StandardCheckpointer()
+  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one_device),
+                        checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, target)
 
 
 def _losses(workdir):
@@ -60,7 +65,7 @@ def test_stopped_and_resumed_run_matches_unbroken_run_bit_for_bit(unbroken, tmp_
   assert second.returncode == 0, second.stderr
   assert 'Resumed from the checkpoint at step 4' in second.stdout
   assert _losses(tmp_path) == _losses(workdir)
-  resumed, reference = _final_state(tmp_path, 8), _final_state(workdir, 8)
+  resumed, reference = saved_state(tmp_path, 8), saved_state(workdir, 8)
   assert jax.tree.structure(resumed) == jax.tree.structure(reference)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(a, b)  # params and optimizer state, bit for bit

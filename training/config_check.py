@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from models import MODELS
+from models import MODELS, platforms, transformer
 from parallel import sharding
 from training import optimizer
 
@@ -33,8 +33,8 @@ def check_model(config):
   _one_of(config, 'model.position', ('learned', 'rope'))
   _one_of(config, 'model.norm', ('layernorm', 'rmsnorm'))
   _one_of(config, 'model.mlp', ('gelu', 'swiglu'))
-  for key in ('dtype', 'param_dtype'):
-    _one_of(config, f'model.{key}', ('float32', 'bfloat16', 'float16'))
+  _one_of(config, 'model.dtype', ('auto', 'float32', 'bfloat16', 'float16'))
+  _one_of(config, 'model.param_dtype', ('float32', 'bfloat16', 'float16'))
   for key in ('vocab_size', 'num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim',
               'max_len'):
     _require(m[key] > 0, f'model.{key}', f'must be positive, got {m[key]}')
@@ -45,6 +45,15 @@ def check_model(config):
   _require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'model.num_heads',
            'rope needs an even head dimension (embed_dim / num_heads)')
   _require(0 <= m.dropout_rate < 1, 'model.dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
+  # Memory levers.
+  _one_of(config, 'model.remat', transformer.REMAT)
+  unknown = sorted(set(m.remat_names) - set(transformer.REMAT_NAMES))
+  _require(not unknown, 'model.remat_names',
+           f'unknown {", ".join(unknown)}; tagged are {", ".join(transformer.REMAT_NAMES)}')
+  _one_of(config, 'model.attention', ('auto', *platforms.ATTENTION))
+  _require(m.loss_chunk >= 0, 'model.loss_chunk', f'must be >= 0, got {m.loss_chunk}')
+  _require(not m.loss_chunk or config.data.seq_len % m.loss_chunk == 0, 'model.loss_chunk',
+           f'{m.loss_chunk} does not divide data.seq_len={config.data.seq_len}')
 
 
 def check_data(config):
@@ -93,9 +102,9 @@ def _mesh_axes(rules, logical_name) -> tuple[str, ...]:
   return tuple(np.atleast_1d(sharding.logical_spec(rules, logical_name)[0] or ()))
 
 
-def check_mesh(config, num_devices: int, num_processes: int):
+def check_mesh(config, num_devices: int, num_processes: int, num_slices: int = 1):
   try:
-    shape = sharding.mesh_shape(config.mesh, num_devices)
+    shape = sharding.mesh_shape(config.mesh, num_devices, num_slices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   sizes = dict(zip(sharding.MESH_AXES, shape))
@@ -110,16 +119,11 @@ def check_mesh(config, num_devices: int, num_processes: int):
              f'{config.model[key]} heads cannot be split {heads_ways} ways over the mesh')
   _require(config.data.global_batch_size % num_processes == 0, 'data.global_batch_size',
            f'is not divisible by the {num_processes} processes')
-
-
-def check_param_shapes(abstract_params, mesh):
-  """Every sharded parameter dimension must divide evenly over its mesh axes."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
-    for dim, axes in zip(leaf.shape, leaf.sharding.spec):
-      axes = tuple(np.atleast_1d(axes or ()))  # None, 'fsdp' or ('data', 'fsdp')
-      ways = math.prod(mesh.shape[a] for a in axes)
-      _require(dim % ways == 0, f'mesh.{"/".join(axes)}',
-               f'splits parameter {jax.tree_util.keystr(path)} dimension {dim} {ways} ways')
+  streams = config.data.num_streams or num_processes
+  _require(streams >= 0 and streams % num_processes == 0, 'data.num_streams',
+           f'{config.data.num_streams} streams cannot be shared by {num_processes} processes')
+  _require(config.data.global_batch_size % streams == 0, 'data.global_batch_size',
+           f'{config.data.global_batch_size} is not divisible by {streams} data streams')
 
 
 def check_workdir(workdir: str):
@@ -133,10 +137,10 @@ def check_workdir(workdir: str):
   _require(os.access(path, os.W_OK | os.X_OK), '--workdir', f'{path} is not writable')
 
 
-def validate(config, num_devices: int, num_processes: int):
+def validate(config, num_devices: int, num_processes: int, num_slices: int = 1):
   """Raises ConfigError for the first problem found."""
   check_model(config)
   check_data(config)
   check_train(config)
   check_optim(config)
-  check_mesh(config, num_devices, num_processes)
+  check_mesh(config, num_devices, num_processes, num_slices)

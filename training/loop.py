@@ -18,7 +18,8 @@ def train(config, workdir: str):
   """Trains to `config.train.steps` (or `stop_after`), resuming from `workdir` if it has a run."""
   mesh = sharding.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
-  config_check.check_param_shapes(setup.abstract_state['params'], mesh)
+  for line in sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules):
+    _announce(f'WARNING: {line}')
   try:
     train_source = sources.make_source(config.data, 'train')
   except ValueError as e:  # no files match, unknown dataset
@@ -217,11 +218,15 @@ def _restore_or_init(config, setup, manager, train_iter):
 
 
 def _batches(config, source, shuffle, stats=None):
+  """This process's rows of each global batch: those of the data streams it owns."""
   d = config.data
+  num_streams = d.num_streams or jax.process_count()
+  per_process = num_streams // jax.process_count()
+  first = jax.process_index() * per_process
   return pipeline.batches(
       source, seq_len=d.seq_len, batch_size=d.global_batch_size // jax.process_count(),
-      seed=d.shuffle_seed, shuffle=shuffle, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), worker_threads=d.worker_threads,
+      seed=d.shuffle_seed, shuffle=shuffle, streams=range(first, first + per_process),
+      num_streams=num_streams, worker_threads=d.worker_threads,
       prefetch_batches=d.prefetch_batches, stats=stats)
 
 

@@ -2,7 +2,8 @@
 
 On one process the signal handler sets a flag the loop reads after each step. On several, each
 host may see the signal at a different step, so the hosts agree on one through JAX's preemption
-sync point (`CheckpointManager.reached_preemption`), which catches SIGTERM itself.
+sync point (`CheckpointManager.reached_preemption`). JAX catches SIGTERM itself there, so no
+Python handler may replace its own; Ctrl-C on one host of many simply interrupts it.
 """
 
 import signal
@@ -22,6 +23,8 @@ class PreemptionWatcher:
     self._previous = {}
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     for sig in _SIGNALS:
       self._previous[sig] = signal.signal(sig, self._on_signal)
     return self

@@ -1,0 +1,100 @@
+"""Two processes on this machine (4 CPU devices each, collectives over gloo) as one run."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.test_faults import _assert_same_state, _losses, _state, _wait_for_step
+from tests.test_train_e2e import REPO, TINY, run_train
+
+# FSDP x tensor over both processes, so parameters and checkpoints are split between them.
+# Two data streams: one per process here, both in the one-process run.
+SHARED = ['--config.data.num_streams=2', '--config.mesh.data=1', '--config.mesh.fsdp=4',
+          '--config.mesh.tensor=2', '--config.train.num_samples=0', '--config.train.steps=12',
+          '--config.model.dropout_rate=0.1']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, *args, num_processes=2):
+  """Starts the processes of one run; each sees 4 CPU devices."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  address = f'127.0.0.1:{_free_port()}'
+  return [subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}', *TINY, *SHARED,
+       *args, f'--coordinator_address={address}', f'--num_processes={num_processes}',
+       f'--process_id={i}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      cwd=REPO, env=env) for i in range(num_processes)]
+
+
+def _finish(processes, timeout=600):
+  outputs = [p.communicate(timeout=timeout) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return outputs
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('two_processes')
+  _finish(_start(workdir))
+  return workdir
+
+
+def test_two_processes_match_one_process_over_the_same_devices(two_process_run, tmp_path):
+  result = run_train(tmp_path, *SHARED)  # 8 devices in one process (tests/conftest.py)
+  assert result.returncode == 0, result.stderr
+  two, one = _losses(two_process_run), _losses(tmp_path)
+  assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 13))
+  # Gloo sums across processes in another order than one process does: float32 rounding only.
+  np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=2e-6)
+  a, b = _state(two_process_run, 12), _state(tmp_path, 12)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_stopped_and_resumed_match_the_unbroken_run(two_process_run, tmp_path):
+  _finish(_start(tmp_path, '--config.train.stop_after=5'))
+  _finish(_start(tmp_path))
+  assert _losses(tmp_path) == _losses(two_process_run)
+  _assert_same_state(_state(tmp_path, 12), _state(two_process_run, 12))
+
+
+def test_two_processes_killed_then_resumed_match_the_unbroken_run(two_process_run, tmp_path):
+  """SIGKILL to both (a host lost, the job rescheduled), twice, mid-run and mid-save."""
+  for kill_at in (3, 7):
+    processes = _start(tmp_path, '--config.train.checkpoint_every=2')
+    _wait_for_step(tmp_path, kill_at, processes[0])
+    for p in processes:
+      p.kill()
+      p.communicate()
+  _finish(_start(tmp_path, '--config.train.checkpoint_every=2'))
+  assert _losses(tmp_path) == _losses(two_process_run)
+  _assert_same_state(_state(tmp_path, 12), _state(two_process_run, 12))
+
+
+def test_sigterm_to_every_process_saves_one_agreed_step(two_process_run, tmp_path):
+  processes = _start(tmp_path, '--config.train.checkpoint_every=1000')
+  _wait_for_step(tmp_path, 3, processes[0])
+  signalled = time.time()
+  for p in processes:
+    p.send_signal(signal.SIGTERM)
+  outputs = _finish(processes, timeout=120)
+  assert time.time() - signalled < 60
+  saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints')]
+  assert len(saved) == 1 and 3 <= saved[0] < 12
+  assert f'received: saved step {saved[0]}' in ''.join(outputs[0])
+  _finish(_start(tmp_path))
+  assert _losses(tmp_path) == _losses(two_process_run)
+  _assert_same_state(_state(tmp_path, 12), _state(two_process_run, 12))
