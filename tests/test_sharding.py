@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from configs import default
 from parallel import sharding
@@ -83,3 +84,31 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config, reference):
   tiny_config.train.grad_accum_steps = 2
   run = _run(tiny_config, LAYOUTS['data8'], jax.devices(), _batches(tiny_config))
   _assert_same_run(run, reference)
+
+
+# The pod-size presets, shrunk to CPU size but keeping their scan, remat and chunked loss.
+SHRUNK = dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=64,
+              vocab_size=512, loss_chunk=16)
+POD_PRESETS = ['llama_1b', 'llama3_8b']
+
+
+@pytest.mark.parametrize('preset', ['gpt2', 'llama', 'dp', 'fsdp', 'fsdp_tp', 'multislice',
+                                    *POD_PRESETS])
+def test_every_preset_builds_its_mesh_and_trains(preset):
+  config = default.get_config(f'{preset},tiny' if preset in POD_PRESETS else f'tiny,{preset}')
+  if preset in POD_PRESETS:
+    config.model.update(SHRUNK)
+    config.data.seq_len = 64
+  losses, state = _run(config, {}, jax.devices(), _batches(config)[:1])
+  assert np.all(np.isfinite(losses)) and state['skipped_steps'] == 0
+
+
+def test_a_dimension_the_mesh_cannot_divide_is_kept_whole_and_reported():
+  config = default.get_config('tiny,fsdp_tp')
+  config.model.vocab_size = 65  # not divisible by tensor=2
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.make_setup(config, mesh)
+  assert setup.shardings['params']['embed']['embedding'].spec == PartitionSpec(None, 'fsdp')
+  report = sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules)
+  assert len(report) == 1 and report[0].startswith('embed.embedding dimension 0 (65)')
+  assert 'tensor=2' in report[0]

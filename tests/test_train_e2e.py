@@ -52,6 +52,9 @@ def test_run_writes_outputs(unbroken):
   assert [r['step'] for r in records] == list(range(1, 9))
   for key in ('train/loss', 'learning_rate', 'tokens_per_second'):
     assert all(np.isfinite(r[key]) for r in records)
+  for r in records:  # 8 devices share the tokens; MFU is against the measured matmul rate
+    assert r['perf/tokens_per_second_per_device'] == pytest.approx(r['tokens_per_second'] / 8)
+    assert 0 < r['perf/mfu'] < 1 and r['perf/model_tflops_per_device'] > 0
   assert [r['step'] for r in records if 'eval/loss' in r] == [4, 8]
   assert '--- sample ---' in result.stdout
 

@@ -7,7 +7,8 @@ import time
 import jax
 
 from data import pipeline, sources
-from parallel import sharding
+from models import flops
+from parallel import chips, sharding
 from training import checkpointing, config_check, metrics, preemption, sampling
 from training import step as step_lib
 from training import watchdog
@@ -69,7 +70,7 @@ class _StepLoop:
     self.eval_set = [self.to_global(b) for b in _eval_batches(config)]
     self.writer = metrics.MetricsWriter(workdir, resumed_step=start)
     self.progress = metrics.Progress(start, config.train.steps)
-    self.throughput = _Throughput(start, config.data.global_batch_size * config.data.seq_len)
+    self.throughput = _Throughput(config, mesh, start)
     self.rolled_back_for = set()
 
   def steps(self, state, step, end):
@@ -182,7 +183,7 @@ class _StepLoop:
 
   def _log(self, step, device_metrics):
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    values['tokens_per_second'] = self.throughput.update(step)
+    values.update(self.throughput.update(step))
     values['data/bad_records'] = self.record_stats.bad
     values['data/bad_fraction'] = self.record_stats.bad_fraction
     self.writer.write(step, values)
@@ -194,16 +195,23 @@ class _StepLoop:
 
 
 class _Throughput:
-  """Tokens per second between consecutive logged steps."""
+  """Tokens/s, and per device: tokens/s, analytic model TFLOP/s and MFU, between logged steps."""
 
-  def __init__(self, step, tokens_per_step):
-    self._step, self._time, self._tokens_per_step = step, time.perf_counter(), tokens_per_step
+  def __init__(self, config, mesh, step):
+    self._step, self._time = step, time.perf_counter()
+    self._tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    self._flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
+    self._devices = mesh.size
+    self._peak = chips.peak_flops_per_device(mesh.devices.flat[0])  # CPU: measured, ~1 s
 
-  def update(self, step):
+  def update(self, step) -> dict[str, float]:
     now = time.perf_counter()
     rate = (step - self._step) * self._tokens_per_step / max(now - self._time, 1e-9)
     self._step, self._time = step, now
-    return rate
+    flops_per_device = rate * self._flops_per_token / self._devices
+    return {'tokens_per_second': rate, 'perf/tokens_per_second_per_device': rate / self._devices,
+            'perf/model_tflops_per_device': flops_per_device / 1e12,
+            'perf/mfu': flops_per_device / self._peak}
 
 
 def _restore_or_init(config, setup, manager, train_iter):

@@ -75,7 +75,8 @@ class Progress:
   def update(self, step: int, metrics: dict):
     self._bar.update(step - self._bar.n)
     self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
-                          tok_s=f"{metrics['tokens_per_second']:,.0f}", refresh=False)
+                          tok_s=f"{metrics['tokens_per_second']:,.0f}",
+                          mfu=f"{metrics['perf/mfu']:.1%}", refresh=False)
 
   def write(self, line: str):
     if jax.process_index() == 0:
