@@ -1,12 +1,14 @@
 """A sharded train step must give what one device gives, for every mesh layout."""
 
+import importlib.util
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from configs import default
-from parallel import sharding
+from parallel import sharding, tpu_slices
 from training import state as state_lib
 from training import step as step_lib
 
@@ -112,3 +114,13 @@ def test_a_dimension_the_mesh_cannot_divide_is_kept_whole_and_reported():
   report = sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules)
   assert len(report) == 1 and report[0].startswith('embed.embedding dimension 0 (65)')
   assert 'tensor=2' in report[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu')
+def test_multislice_mesh_puts_data_across_slices_and_fsdp_within():
+  devices = tpu_slices.devices('2xv5e-8')  # compile-only TPU devices: two slices of 8 chips
+  config = default.get_config('multislice')
+  mesh = sharding.make_mesh(config.mesh, devices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 8, 'tensor': 1}
+  for index, row in enumerate(mesh.devices[:, :, 0]):  # one data index = one whole slice
+    assert {d.slice_index for d in row} == {index}
