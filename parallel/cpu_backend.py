@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from parallel import multihost
+
 # Matmuls through XLA's own path; YNNPACK still does reductions (faster than XLA's there).
 XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce',)
 # XLA's newer (MLIR) fusion emitters make ~5 ms/step faster kernels for the small model but hold
@@ -58,6 +60,9 @@ def configure(low_memory: bool = False) -> bool:
   malloc tuning applied (on CPU with glibc)."""
   if not _cpu_only():
     return False  # an accelerator's XLA may not know these flags; leave everything alone
+  # libtpu installed for ahead-of-time compilation on a host without TPU chips: do not let JAX
+  # try (and loudly fail) to start a TPU backend.
+  jax.config.update('jax_platforms', jax.config.jax_platforms or 'cpu')
   flags = os.environ.get('XLA_FLAGS', '')
   wanted = XLA_CPU_FLAGS + (LOW_MEMORY_FLAGS if low_memory else ())
   extra = [f for f in wanted if f.split('=')[0] not in flags]  # the user's own flags win
@@ -73,8 +78,9 @@ def _cpu_only() -> bool:
   platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
   if platforms:
     return platforms.split(',')[0] == 'cpu'
-  plugins = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-             'jax_rocm7_plugin')
+  if importlib.util.find_spec('libtpu') and multihost.tpu_chips_present():
+    return False
+  plugins = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'jax_rocm7_plugin')
   return not any(importlib.util.find_spec(p) for p in plugins)
 
 
@@ -88,7 +94,7 @@ def _glibc():
 def tune_malloc() -> bool:
   """Keeps freed buffers on the heap for the next step. Returns whether it applied."""
   libc = _glibc()
-  if libc is None or not on_cpu():
+  if libc is None or not _cpu_only():
     return False
   if jax.config.read('jax_cpu_enable_async_dispatch'):
     # Steps overlap, so their temporaries would pile up on the heap: only blocks up to the mmap
