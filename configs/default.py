@@ -22,6 +22,7 @@ RULES = (
     ('kv', None),
     ('mlp', 'tensor'),
     ('norm', None),
+    ('layers', None),  # the stacked axis of scanned blocks: each device holds every layer
 )
 
 
@@ -42,8 +43,14 @@ def model_config():
   m.use_bias = True
   m.tie_embeddings = True
   m.dropout_rate = 0.0
-  m.dtype = 'float32'  # activations
-  m.param_dtype = 'float32'
+  m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
+  m.param_dtype = 'float32'  # parameters and optimizer state
+  m.scan_layers = False  # one scanned layer body: compile time independent of depth
+  m.remat = 'none'  # none | full | dots (save matmul outputs) | names (save `remat_names`)
+  m.remat_names = ('attention_out', 'mlp_out')  # kept by remat=names (transformer.REMAT_NAMES)
+  # auto | cpu | xla | cudnn | splash (auto: splash on TPU, cudnn on GPU, cpu on CPU)
+  m.attention = 'auto'
+  m.loss_chunk = 0  # > 0: logits and loss this many positions at a time (never all of [B,L,V])
   return m
 
 

@@ -7,15 +7,33 @@ Each choice is its own config key, so mixtures work too.
 Tensor names carry their shapes: B batch, L length, D embed, H heads, G kv heads, K head dim,
 F mlp, V vocab. Parameters carry logical axis names in their `logical_axes` metadata, and
 activations are constrained with logical names; `parallel/sharding.py` maps both to the mesh.
+
+Memory levers (config keys): `scan_layers` stacks the blocks (leading logical axis 'layers')
+and runs them as one scanned body, so compile time does not grow with depth; `remat` recomputes
+each block's activations in the backward pass, all of them or all but those a policy keeps;
+`attention` picks the kernel (models/attention.py); `hidden` + `logits` let the loss unembed a
+few positions at a time. Settings left 'auto' are resolved per platform (models/platforms.py).
 """
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
+from models import attention
+from models.platforms import resolve_for_platform
 from parallel import cpu_backend
 from parallel.sharding import constrain
+
+# Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
+REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj',  # [B, L, H|G, K], after rotary
+               'attention_context',  # the kernel's output [B, L, H, K]: keeps attention unredone
+               'attention_out', 'mlp_hidden', 'mlp_out')  # [B, L, D], [B, L, F], [B, L, D]
+REMAT = ('none', 'full', 'dots', 'names')
+# Stacked (scanned) blocks: each parameter's leading axis is the layer, logical name 'layers'.
+_LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
 
 
 def _axes(*names):
@@ -25,11 +43,14 @@ def _axes(*names):
 class Dense(nnx.Linear):
   """`nnx.Linear` with logical axes on its parameters and the backend's best matmul."""
 
-  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init_scale=1.0):
+  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init_scale=1.0,
+               preferred_element_type=None):
+    # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
+    dot_general = cpu_backend.dot_general if cfg.platform == 'cpu' else lax.dot_general
     super().__init__(
         d_in, d_out, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(0.02 * init_scale),
-        dot_general=cpu_backend.dense_dot_general(),
+        kernel_init=nnx.initializers.normal(0.02 * init_scale), dot_general=dot_general,
+        preferred_element_type=preferred_element_type,
         kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
 
 
@@ -75,10 +96,14 @@ class Attention(nnx.Module):
     v_BxLxGxK = v_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     if cfg.position == 'rope':
       q_BxLxHxK, k_BxLxGxK = rotary(q_BxLxHxK, cfg.rope_theta), rotary(k_BxLxGxK, cfg.rope_theta)
-    q_BxLxHxK = constrain(q_BxLxHxK, 'batch', 'length', 'heads', 'kv')
-    attention = cpu_backend.attention_fn()
-    out_BxLxHxK = attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
-    return self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
+    q_BxLxHxK = constrain(checkpoint_name(q_BxLxHxK, 'query_proj'), 'batch', 'length', 'heads',
+                          'kv')
+    k_BxLxGxK = checkpoint_name(k_BxLxGxK, 'key_proj')
+    v_BxLxGxK = checkpoint_name(v_BxLxGxK, 'value_proj')
+    out_BxLxHxK = attention.causal_attention(cfg.attention, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+    out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attention_context')
+    out_BxLxD = self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
+    return checkpoint_name(out_BxLxD, 'attention_out')
 
 
 class Mlp(nnx.Module):
@@ -98,7 +123,8 @@ class Mlp(nnx.Module):
       h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
       h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
-    return self.down(constrain(h_BxLxF, 'batch', 'length', 'mlp'))
+    h_BxLxF = checkpoint_name(constrain(h_BxLxF, 'batch', 'length', 'mlp'), 'mlp_hidden')
+    return checkpoint_name(self.down(h_BxLxF), 'mlp_out')
 
 
 class Block(nnx.Module):
@@ -109,17 +135,48 @@ class Block(nnx.Module):
     self.mlp_norm, self.mlp = _norm(cfg, rngs), Mlp(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x_BxLxD, rngs):
-    drop = lambda y: self.dropout(y, deterministic=rngs is None, rngs=rngs)
-    x_BxLxD = x_BxLxD + drop(self.attention(self.attn_norm(x_BxLxD)))
-    x_BxLxD = x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)))
+  def __call__(self, x_BxLxD, dropout_key=None):
+    """`dropout_key`: this layer's dropout key; without it dropout is off."""
+    keys = [None, None] if dropout_key is None else jax.random.split(dropout_key)
+    drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
+    x_BxLxD = x_BxLxD + drop(self.attention(self.attn_norm(x_BxLxD)), keys[0])
+    x_BxLxD = x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)), keys[1])
     return constrain(x_BxLxD, 'batch', 'length', 'embed')
 
 
+def _stacked_blocks(cfg, rngs) -> Block:
+  """`num_layers` blocks as one Block whose parameters have a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
+  def make(rngs):
+    return Block(cfg, rngs=rngs)
+
+  return make(rngs)
+
+
+def remat_policy(cfg):
+  """What `jax.checkpoint` keeps of a block's activations (the rest is recomputed)."""
+  if cfg.remat == 'dots':
+    # Projection outputs ([B, L, *], linear in L) but not the attention scores [B, H, L, L]
+    # (a batched matmul), which are quadratic in L and cheap to recompute.
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if cfg.remat == 'names':
+    return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
+  return None  # full: only the block's input
+
+
 class Transformer(nnx.Module):
-  """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
+  """Token ids [B, L] -> next-token logits [B, L, V] (float32).
+
+  `cfg` should come from `resolve_for_platform`; an unresolved one is resolved for JAX's
+  default backend.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if 'platform' not in cfg:
+      cfg = resolve_for_platform(cfg, jax.default_backend())
+    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
     self.cfg = cfg
     embed_init = nnx.initializers.normal(0.02)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype,
@@ -128,24 +185,54 @@ class Transformer(nnx.Module):
     if cfg.position == 'learned':
       self.positions = nnx.Param(embed_init(rngs.params(), (cfg.max_len, cfg.embed_dim),
                                             cfg.param_dtype), **_axes('length', 'embed'))
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs)
-    if not cfg.tie_embeddings:
-      self.unembed = Dense(cfg.embed_dim, cfg.vocab_size, 'embed', 'vocab', cfg, rngs=rngs)
+    if not cfg.tie_embeddings:  # 16-bit activations: accumulated and returned in float32
+      wide = None if cfg.dtype == 'float32' else jnp.float32
+      self.unembed = Dense(cfg.embed_dim, cfg.vocab_size, 'embed', 'vocab', cfg, rngs=rngs,
+                           preferred_element_type=wide)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
   def __call__(self, tokens_BxL, *, rngs: nnx.Rngs | None = None):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation)."""
+    return self.logits(self.hidden(tokens_BxL, rngs=rngs))
+
+  def hidden(self, tokens_BxL, *, rngs: nnx.Rngs | None = None):
+    """The final norm's output [B, L, D]: everything but the unembedding."""
     x_BxLxD = self.embed(tokens_BxL)
     if self.cfg.position == 'learned':
       x_BxLxD = x_BxLxD + self.positions[: tokens_BxL.shape[1]].astype(x_BxLxD.dtype)
     x_BxLxD = self.dropout(x_BxLxD, deterministic=rngs is None, rngs=rngs)
     x_BxLxD = constrain(x_BxLxD, 'batch', 'length', 'embed')
-    for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, rngs)
-    x_BxLxD = self.final_norm(x_BxLxD)
-    if self.cfg.tie_embeddings:
-      logits_BxLxV = cpu_backend.attend(self.embed, x_BxLxD)
-    else:
+    keys_N = None if rngs is None else jax.random.split(rngs.dropout(), self.cfg.num_layers)
+    return self.final_norm(self._apply_blocks(x_BxLxD, keys_N))
+
+  def logits(self, x_BxLxD):
+    """Hidden states [B, L, D] (any L) -> logits [B, L, V], accumulated in float32."""
+    if not self.cfg.tie_embeddings:
       logits_BxLxV = self.unembed(x_BxLxD)
+    elif self.cfg.platform == 'cpu' and x_BxLxD.dtype == jnp.float32:
+      logits_BxLxV = cpu_backend.attend(self.embed, x_BxLxD)  # its CPU weight gradient
+    else:
+      table_VxD = self.embed.embedding[...].astype(x_BxLxD.dtype)
+      logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, table_VxD,
+                                preferred_element_type=jnp.float32)
     return constrain(logits_BxLxV.astype(jnp.float32), 'batch', 'length', 'vocab')
+
+  def _apply_blocks(self, x_BxLxD, keys_N):
+    """The blocks in order, each rematerialised as `remat` says, scanned if stacked."""
+    cfg = self.cfg
+    apply = lambda block, x, key: block(x, key)
+    if cfg.remat != 'none':
+      # Under scan there is no common subexpression to protect: XLA cannot hoist across steps.
+      apply = nnx.remat(apply, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+                      transform_metadata=_LAYERS)
+      return scan(self.blocks, x_BxLxD, keys_N)
+    for i, block in enumerate(self.blocks):
+      x_BxLxD = apply(block, x_BxLxD, None if keys_N is None else keys_N[i])
+    return x_BxLxD

@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from models import MODELS
+from models import platforms
 from parallel import sharding
 from training import optimizer
 
@@ -34,9 +35,10 @@ class Setup:
     return nnx.merge(self.graphdef, template)
 
 
-def _new_model(config):
-  model_class = MODELS[config.model.name]
-  return model_class(config.model, rngs=nnx.Rngs(params=config.seed))
+def _new_model(config, platform=None):
+  """The model for `platform` (default: JAX's backend); initial parameters never depend on it."""
+  model_config = platforms.resolve_for_platform(config.model, platform or jax.default_backend())
+  return MODELS[config.model.name](model_config, rngs=nnx.Rngs(params=config.seed))
 
 
 def _to_dict(state):
@@ -57,7 +59,10 @@ def _initial_state(config, tx) -> TrainState:
 
 
 def make_setup(config, mesh) -> Setup:
-  graphdef, param_template = nnx.split(nnx.eval_shape(lambda: _new_model(config)), nnx.Param)
+  """The model is built for the mesh's platform: an AOT mesh of TPU devices gets the TPU model."""
+  platform = platforms.mesh_platform(mesh)
+  graphdef, param_template = nnx.split(nnx.eval_shape(lambda: _new_model(config, platform)),
+                                       nnx.Param)
   tx = optimizer.make_optimizer(config.optim, config.train.steps)
   abstract = jax.eval_shape(lambda: _initial_state(config, tx))
   replicated = sharding.replicated(mesh)

@@ -17,10 +17,37 @@ from training.state import Setup, TrainState
 
 
 def next_token_loss(model, tokens_BxL1, dropout_key=None):
-  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1].
+
+  With `model.loss_chunk` > 0 the logits exist only `loss_chunk` positions at a time.
+  """
   rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-  logits_BxLxV = model(tokens_BxL1[:, :-1], rngs=rngs)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, tokens_BxL1[:, 1:]).mean()
+  inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+  chunk = model.cfg.loss_chunk
+  if not chunk:
+    logits_BxLxV = model(inputs_BxL, rngs=rngs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
+  return _chunked_loss(model, model.hidden(inputs_BxL, rngs=rngs), targets_BxL, chunk)
+
+
+def _chunked_loss(model, x_BxLxD, targets_BxL, chunk):
+  """Mean cross-entropy over chunks of `chunk` positions, scanned: each chunk's [B, C, V]
+  logits are made, reduced to a sum and dropped, then remade in the backward pass."""
+  b, l, d = x_BxLxD.shape
+  x_NxBxCxD = x_BxLxD.reshape(b, l // chunk, chunk, d).swapaxes(0, 1)
+  x_NxBxCxD = sharding.constrain(x_NxBxCxD, None, 'batch', 'length', 'embed')
+  targets_NxBxC = targets_BxL.reshape(b, l // chunk, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_sum(x_BxCxD, targets_BxC):
+    logits_BxCxV = model.logits(x_BxCxD)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC).sum()
+
+  def add_chunk(total, xs):
+    return total + chunk_sum(*xs), None
+
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (x_NxBxCxD, targets_NxBxC))
+  return total / (b * l)
 
 
 def _loss_and_grads(setup: Setup, params, tokens_BxL1, dropout_key):

@@ -1,0 +1,88 @@
+"""Causal attention kernels behind one interface, picked by `model.attention`.
+
+All take query [B, L, H, K] and key/value [B, L, G, K] (G kv heads shared by H/G query heads
+each) and return [B, L, H, K], with `jax.nn.dot_product_attention`'s 1/sqrt(K) scale.
+  cpu     XLA:CPU's tuned equivalent of `xla` (parallel/cpu_backend.py); the default on CPU.
+  xla     `jax.nn.dot_product_attention(implementation='xla')`: materialises [B, H, L, L].
+  cudnn   cuDNN's fused kernel (GPU, 16-bit activations).
+  splash  the Pallas TPU splash kernel: blockwise, never materialises [L, L]; runs per device
+          under `jax.shard_map`, batch and heads split as the logical rules split them.
+"""
+
+import math
+
+import jax
+import numpy as np
+from flax import linen
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import NamedSharding, PartitionSpec
+
+from parallel import cpu_backend
+from parallel import sharding
+
+SPLASH_BLOCK = 512  # tile edge over queries and keys (shorter sequences use one tile)
+_LANES = 128  # the kernel's tiles are multiples of the TPU's 128 vector lanes
+
+
+def causal_attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
+  if kind == 'cpu':
+    return cpu_backend.attention_fn()(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+  if kind in ('xla', 'cudnn'):
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
+                                        implementation=kind)
+  if kind == 'splash':
+    return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+  raise ValueError(f'model.attention: unknown kernel {kind!r}')
+
+
+def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
+  """Causal splash attention over the active mesh; sequences it cannot tile take XLA's path.
+
+  The kernel tiles the sequence in multiples of 128; shorter or ragged sequences (samples,
+  smoke tests) are small enough that XLA's [L, L] scores fit, so they fall back to 'xla'.
+  """
+  _, length, num_heads, head_dim = q_BxLxHxK.shape
+  if length % _LANES:
+    return causal_attention('xla', q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+  # The kernel takes [heads, length, head dim] per example and does not scale the scores.
+  q_BxHxLxK = (q_BxLxHxK * (1 / math.sqrt(head_dim))).astype(q_BxLxHxK.dtype).swapaxes(1, 2)
+  k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.swapaxes(1, 2), v_BxLxGxK.swapaxes(1, 2)
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = _spec(mesh, 'batch', 'heads', 'length', 'kv')
+  head_shards = _ways(mesh, spec[1])
+  kernel = _kernel(length, num_heads, head_shards)
+  per_example = lambda kernel, q, k, v: jax.vmap(kernel)(q, k, v)
+  if head_shards * _ways(mesh, spec[0]) == 1:  # nothing split: no mesh, or all replicated
+    return per_example(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
+  kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(spec[1], None)))
+  sharded = jax.shard_map(per_example, mesh=mesh, in_specs=(kernel_spec, spec, spec, spec),
+                          out_specs=spec, check_vma=False)
+  return sharded(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
+
+
+def _kernel(length: int, num_heads: int, head_shards: int):
+  """The causal kernel for one shape (the library caches the mask walk, ~0.5 s at 8192)."""
+  block = math.gcd(length, SPLASH_BLOCK)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=head_shards,
+                                q_seq_shards=1)
+
+
+def _spec(mesh, *names) -> PartitionSpec:
+  """The activation spec under the active logical rules, limited to axes `mesh` has."""
+  if mesh.empty:
+    return PartitionSpec(*(None,) * len(names))
+  spec = sharding.logical_spec(linen.get_logical_axis_rules(), *names)
+  if any(_ways(mesh, axes) > 1 for axes in spec[2:]):
+    raise ValueError('model.attention=splash: the length and kv dims must not be sharded, '
+                     f'got {spec}')
+  return spec
+
+
+def _ways(mesh, axes) -> int:
+  if mesh.empty or axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in np.atleast_1d(axes))

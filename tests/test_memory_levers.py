@@ -1,0 +1,217 @@
+"""Memory levers change what is stored and compiled, never the math: layer scan, remat
+policies, chunked loss and bfloat16 give the losses and gradients of the plain model."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import default
+from models import MODELS, resolve_for_platform
+from parallel import sharding
+from tests import test_sharding
+from training import config_check
+from training import state as state_lib
+from training import step as step_lib
+
+
+def _config(preset='tiny,llama', **model):
+  config = default.get_config(preset)
+  config.model.update(model)
+  return config
+
+
+def _split(config, platform='cpu'):
+  model_config = resolve_for_platform(config.model, platform)
+  model = MODELS[config.model.name](model_config, rngs=nnx.Rngs(params=0))
+  return nnx.split(model, nnx.Param)
+
+
+def _tokens(config, batch=8):
+  return jax.random.randint(jax.random.key(1), (batch, config.data.seq_len + 1), 0,
+                            config.model.vocab_size)
+
+
+def _loss_fn(graphdef, tokens, dropout_key=None):
+  return lambda params: step_lib.next_token_loss(nnx.merge(graphdef, params), tokens,
+                                                 dropout_key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_loss_and_grads(graphdef, params, tokens, dropout_key):
+  return jax.value_and_grad(_loss_fn(graphdef, tokens, dropout_key))(params)
+
+
+def _loss_and_grads(graphdef, params, tokens, dropout_key=None):
+  loss, grads = _jit_loss_and_grads(graphdef, params, tokens, dropout_key)
+  return loss, nnx.to_pure_dict(grads)
+
+
+@functools.cache
+def _reference(preset='tiny,llama', scan=False):
+  """(params, loss, grads) of the plain float32 model, shared by the tests that compare."""
+  graphdef, params = _split(_config(preset, scan_layers=scan))
+  return (params, *_loss_and_grads(graphdef, params, _tokens(_config(preset))))
+
+
+def _stacked(pure):
+  """Unscanned parameters (blocks 0..N-1) in the scanned layout (one leading layer axis)."""
+  pure = dict(pure)
+  blocks = pure['blocks']
+  pure['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in sorted(blocks)))
+  return pure
+
+
+def _with_values(params, pure):
+  params = jax.tree.map(lambda v: v, params)
+  nnx.replace_by_pure_dict(params, pure)
+  return params
+
+
+def _assert_close(actual, expected):
+  chex.assert_trees_all_close(actual, expected, rtol=2e-5, atol=2e-6)
+
+
+def test_scanned_blocks_are_stacked_with_a_layers_axis():
+  _, params = _split(_config(scan_layers=True))
+  kernel = params['blocks']['mlp']['up']['kernel']
+  assert kernel.shape == (2, 32, 96)  # [layers, embed, mlp]
+  assert kernel.get_metadata()['logical_axes'] == ('layers', 'embed', 'mlp')
+  assert params['blocks']['attn_norm']['scale'].get_metadata()['logical_axes'] == (
+      'layers', 'norm')
+
+
+def test_scanned_matches_unscanned_loss_and_grads_with_dropout():
+  """Layer i draws the same dropout mask scanned or not: each layer has its own."""
+  config = _config(dropout_rate=0.3)
+  graphdef, params = _split(config)
+  tokens, key = _tokens(config), jax.random.key(7)
+  loss, grads = _loss_and_grads(graphdef, params, tokens, key)
+  scanned_graphdef, scanned_params = _split(_config(scan_layers=True, dropout_rate=0.3))
+  scanned_params = _with_values(scanned_params, _stacked(nnx.to_pure_dict(params)))
+  scanned_loss, scanned_grads = _loss_and_grads(scanned_graphdef, scanned_params, tokens, key)
+  _assert_close(scanned_loss, loss)
+  _assert_close(scanned_grads, _stacked(grads))
+  assert abs(float(loss) - float(_reference()[1])) > 1e-3  # dropout really was on
+
+
+def test_scanned_matches_unscanned_without_dropout():
+  params, loss, grads = _reference()
+  scanned_graphdef, scanned_params = _split(_config(scan_layers=True))
+  scanned_params = _with_values(scanned_params, _stacked(nnx.to_pure_dict(params)))
+  scanned_loss, scanned_grads = _loss_and_grads(scanned_graphdef, scanned_params,
+                                                _tokens(_config()))
+  _assert_close(scanned_loss, loss)
+  _assert_close(scanned_grads, _stacked(grads))
+
+
+@pytest.mark.parametrize('remat, scan', [
+    ('full', True), ('dots', True), ('names', True), ('names', False)])
+def test_remat_policy_keeps_gradients_and_saves_less(remat, scan):
+  """Checked on the accelerator model (platform 'tpu', XLA attention, float32), whose matmuls
+  are plain dot_generals that the 'dots' policy can see."""
+  params, loss, grads = _reference(scan=scan)
+  tokens = _tokens(_config())
+  overrides = dict(scan_layers=scan, dtype='float32', attention='xla')
+  remat_graphdef, _ = _split(_config(remat=remat, **overrides), 'tpu')
+  remat_loss, remat_grads = _loss_and_grads(remat_graphdef, params, tokens)
+  _assert_close(remat_loss, loss)
+  _assert_close(remat_grads, grads)
+  saved = {policy: _residual_bytes(_split(_config(remat=policy, **overrides), 'tpu')[0], params,
+                                   tokens) for policy in ('none', 'full', remat)}
+  assert saved[remat] < saved['none']
+  if remat != 'full':  # keeps more than the blocks' inputs
+    assert saved[remat] > saved['full']
+
+
+def _residual_bytes(graphdef, params, tokens) -> int:
+  """Bytes the forward pass keeps for the backward pass (the vjp closure's arrays)."""
+  vjp_fn = jax.eval_shape(lambda p: jax.vjp(_loss_fn(graphdef, tokens), p)[1], params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn))
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'tiny,llama'], ids=['tied', 'untied'])
+def test_chunked_loss_matches_full_logits(preset):
+  params, loss, grads = _reference(preset)
+  tokens = _tokens(_config(preset))
+  chunked_graphdef, _ = _split(_config(preset, loss_chunk=8))
+  chunked_loss, chunked_grads = _loss_and_grads(chunked_graphdef, params, tokens)
+  _assert_close(chunked_loss, loss)
+  _assert_close(chunked_grads, grads)
+
+
+def test_chunked_loss_never_makes_the_full_logits():
+  tokens = _tokens(_config())
+  jaxprs = {chunk: str(jax.make_jaxpr(jax.grad(_loss_fn(graphdef, tokens)))(params))
+            for chunk in (0, 8) for graphdef, params in [_split(_config(loss_chunk=chunk))]}
+  full_BxLxV, chunk_BxCxV = 'f32[8,32,256]', 'f32[8,8,256]'
+  assert full_BxLxV in jaxprs[0]
+  assert full_BxLxV not in jaxprs[8] and chunk_BxCxV in jaxprs[8]
+
+
+def test_loss_chunk_must_divide_the_sequence():
+  config = _config(loss_chunk=12)
+  with pytest.raises(config_check.ConfigError, match=r'^model\.loss_chunk: 12 does not divide'):
+    config_check.check_model(config)
+
+
+def test_unknown_remat_name_is_a_config_error():
+  config = _config(remat='names', remat_names=('attention_out', 'mlp_outt'))
+  with pytest.raises(config_check.ConfigError, match=r'^model\.remat_names: unknown mlp_outt'):
+    config_check.check_model(config)
+
+
+@pytest.mark.parametrize('platform, dtype, kernel', [
+    ('cpu', 'float32', 'cpu'), ('gpu', 'bfloat16', 'cudnn'), ('tpu', 'bfloat16', 'splash')])
+def test_auto_resolves_per_platform(platform, dtype, kernel):
+  config = _config()
+  assert config.model.dtype == config.model.attention == 'auto'  # the defaults
+  resolved = resolve_for_platform(config.model, platform)
+  assert (resolved.dtype, resolved.attention, resolved.platform) == (dtype, kernel, platform)
+  assert resolved.param_dtype == 'float32' and config.model.dtype == 'auto'  # a copy
+  explicit = resolve_for_platform(_config(dtype='float32', attention='xla').model, platform)
+  assert (explicit.dtype, explicit.attention) == ('float32', 'xla')
+
+
+def test_cudnn_is_not_chosen_for_float32_on_gpu():
+  assert resolve_for_platform(_config(dtype='float32').model, 'gpu').attention == 'xla'
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'tiny,llama'], ids=['gpt2', 'llama'])
+def test_bfloat16_activations_run_on_cpu(preset):
+  params, reference_loss, _ = _reference(preset)
+  tokens = _tokens(_config(preset))
+  graphdef, _ = _split(_config(preset, dtype='bfloat16', loss_chunk=16))
+  model = nnx.merge(graphdef, params)
+  hidden = jax.eval_shape(lambda: model.hidden(tokens[:, :-1]))
+  assert hidden.dtype == jnp.bfloat16
+  assert jax.eval_shape(model.logits, hidden).dtype == jnp.float32  # logits stay float32
+  loss, grads = _loss_and_grads(graphdef, params, tokens)
+  assert loss.dtype == jnp.float32 and abs(float(loss) - float(reference_loss)) < 0.02
+  assert float(loss) != float(reference_loss)  # bfloat16 really was used
+  chex.assert_tree_all_finite(grads)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # param_dtype
+
+
+def test_scanned_sharded_step_matches_single_device_gradients():
+  """A scanned, rematerialised, chunked-loss train step over fsdp=4 x tensor=2."""
+  config = _config(scan_layers=True, remat='full', loss_chunk=16)
+  config.mesh.update(test_sharding.LAYOUTS['fsdp4_tensor2'])
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.make_setup(config, mesh)
+  with sharding.activate(mesh, config.mesh.rules):
+    state = state_lib.init_state(config, setup)
+    kernel = state['params']['blocks']['mlp']['up']['kernel']  # [layers, embed, mlp]
+    assert kernel.addressable_shards[0].data.shape == (2, 8, 48)  # embed/4, mlp/2
+    initial_params = jax.device_get(state['params'])
+    train_step, _ = step_lib.compile_steps(setup, config, mesh)
+    _, metrics = train_step(state, np.asarray(_tokens(config)))
+  params, loss, grads = _reference(scan=True)  # one device, no remat, full logits
+  _assert_close(initial_params, nnx.to_pure_dict(params))
+  _assert_close(metrics['train/loss'], loss)
+  _assert_close(metrics['train/grad_norm'], optax.tree.norm(grads))
