@@ -40,7 +40,8 @@ class Report:
   code_bytes: int | None = None
   compiled_flops: float = math.nan  # XLA's count for the per-device program
   model_flops: float = math.nan  # models/flops.py's analytic count, the global step / devices
-  compile_seconds: float = math.nan
+  trace_seconds: float = math.nan  # tracing and lowering to StableHLO
+  compile_seconds: float = math.nan  # the TPU compiler
   host_peak_rss_bytes: int = 0
   compiler_error: str = ''
   unsharded: tuple = ()  # parameters whose dimensions the mesh does not divide (kept whole)
@@ -90,17 +91,23 @@ def _abstract_batch(config, mesh):
   return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
 
 
-def _compile(config, mesh, setup, batch):
-  """The compiled train step, or the compiler's out-of-memory message."""
+def _compile(config, mesh, setup, batch, report):
+  """The compiled train step, or None with the compiler's out-of-memory message in `report`."""
+  start = time.perf_counter()
   with sharding.activate(mesh, config.mesh.rules):
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
     lowered = train_step.lower(setup.abstract_state, batch)
-    try:
-      return lowered.compile(), ''
-    except jax.errors.JaxRuntimeError as e:
-      if 'RESOURCE_EXHAUSTED' not in str(e):
-        raise
-      return None, str(e).strip().splitlines()[0]
+  report.trace_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    report.compiler_error = str(e).strip().splitlines()[0]
+    return None
+  finally:
+    report.compile_seconds = time.perf_counter() - start
 
 
 def _compiled_flops(compiled) -> float:
@@ -124,9 +131,7 @@ def compile_report(config, topology_name: str) -> Report:
       opt_state_bytes=_bytes_per_device(state['opt_state']),
       model_flops=flops.train_flops_per_step(config) / len(devices),
       unsharded=tuple(sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules)))
-  start = time.perf_counter()
-  compiled, report.compiler_error = _compile(config, mesh, setup, batch)
-  report.compile_seconds = time.perf_counter() - start
+  compiled = _compile(config, mesh, setup, batch, report)
   report.host_peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   if compiled is not None:
     memory = compiled.memory_analysis()
@@ -162,8 +167,8 @@ def format_report(r: Report, config) -> str:
       f'{r.topology}: {r.num_devices} x {r.device_kind} ({r.hbm_bytes / 2**30:.0f} GiB HBM each),'
       f' mesh {mesh}',
       f'model {_count(r.param_count)} parameters, batch {config.data.global_batch_size} x '
-      f'{config.data.seq_len} tokens, compiled in {r.compile_seconds:.1f} s, host peak RSS '
-      f'{r.host_peak_rss_bytes / 2**30:.2f} GiB',
+      f'{config.data.seq_len} tokens, traced in {r.trace_seconds:.1f} s, compiled in '
+      f'{r.compile_seconds:.1f} s, host peak RSS {r.host_peak_rss_bytes / 2**30:.2f} GiB',
       'per device                         of HBM',
       f'  parameters           {_size(r.params_bytes)}{share(r.params_bytes)}',
       f'  optimizer state      {_size(r.opt_state_bytes)}{share(r.opt_state_bytes)}',
@@ -188,11 +193,11 @@ def run(config, topology_name: str) -> int:
     return 0
   sys.stderr.write(f'error: the train step does not fit {topology_name} '
                    f'({report.hbm_bytes / 2**30:.0f} GiB HBM per {report.device_kind}): '
-                   f'{_shortfall(report)}\n')
+                   f'{shortfall(report)}\n')
   return 1
 
 
-def _shortfall(r: Report) -> str:
+def shortfall(r: Report) -> str:
   if r.total_bytes is not None:
     return f'it needs {r.total_bytes / 2**30:.2f} GiB per device'
   state = (r.params_bytes + r.opt_state_bytes) / 2**30
