@@ -35,11 +35,12 @@ def causal_attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
   raise ValueError(f'model.attention: unknown kernel {kind!r}')
 
 
-def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
+def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, interpret=False):
   """Causal splash attention over the active mesh; sequences it cannot tile take XLA's path.
 
   The kernel tiles the sequence in multiples of 128; shorter or ragged sequences (samples,
   smoke tests) are small enough that XLA's [L, L] scores fit, so they fall back to 'xla'.
+  `interpret` runs the kernel in Pallas' interpreter, which works on CPU (for tests).
   """
   _, length, num_heads, head_dim = q_BxLxHxK.shape
   if length % _LANES:
@@ -50,7 +51,7 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
   mesh = jax.sharding.get_abstract_mesh()
   spec = _spec(mesh, 'batch', 'heads', 'length', 'kv')
   head_shards = _ways(mesh, spec[1])
-  kernel = _kernel(length, num_heads, head_shards)
+  kernel = _kernel(length, num_heads, head_shards, interpret)
   per_example = lambda kernel, q, k, v: jax.vmap(kernel)(q, k, v)
   if head_shards * _ways(mesh, spec[0]) == 1:  # nothing split: no mesh, or all replicated
     return per_example(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
@@ -60,7 +61,7 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
   return sharded(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
 
 
-def _kernel(length: int, num_heads: int, head_shards: int):
+def _kernel(length: int, num_heads: int, head_shards: int, interpret: bool):
   """The causal kernel for one shape (the library caches the mask walk, ~0.5 s at 8192)."""
   block = math.gcd(length, SPLASH_BLOCK)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
@@ -68,7 +69,7 @@ def _kernel(length: int, num_heads: int, head_shards: int):
                             block_q_dq=block, block_kv_dq=block)
   mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=head_shards,
-                                q_seq_shards=1)
+                                q_seq_shards=1, interpret=interpret)
 
 
 def _spec(mesh, *names) -> PartitionSpec:
