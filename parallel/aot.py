@@ -159,6 +159,11 @@ def _count(n) -> str:
   return f'{n / 1e9:.2f} B' if n >= 1e9 else f'{n / 1e6:.2f} M'
 
 
+def _micro(config) -> str:
+  steps = config.train.grad_accum_steps
+  return f' in {steps} micro-batches' if steps > 1 else ''
+
+
 def format_report(r: Report, config) -> str:
   """The report as printed: one figure per line, per device."""
   mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
@@ -167,8 +172,9 @@ def format_report(r: Report, config) -> str:
       f'{r.topology}: {r.num_devices} x {r.device_kind} ({r.hbm_bytes / 2**30:.0f} GiB HBM each),'
       f' mesh {mesh}',
       f'model {_count(r.param_count)} parameters, batch {config.data.global_batch_size} x '
-      f'{config.data.seq_len} tokens, traced in {r.trace_seconds:.1f} s, compiled in '
-      f'{r.compile_seconds:.1f} s, host peak RSS {r.host_peak_rss_bytes / 2**30:.2f} GiB',
+      f'{config.data.seq_len} tokens{_micro(config)}',
+      f'traced in {r.trace_seconds:.1f} s, compiled in {r.compile_seconds:.1f} s, host peak RSS '
+      f'{r.host_peak_rss_bytes / 2**30:.2f} GiB',
       'per device                         of HBM',
       f'  parameters           {_size(r.params_bytes)}{share(r.params_bytes)}',
       f'  optimizer state      {_size(r.opt_state_bytes)}{share(r.opt_state_bytes)}',
@@ -179,7 +185,8 @@ def format_report(r: Report, config) -> str:
       + (f'  ({r.free_fraction:.1%} free)' if r.total_bytes is not None else ''),
       f'FLOPs per step per device: {r.model_flops:.4g} analytic (models/flops.py), '
       + ('compiled: none' if math.isnan(r.compiled_flops) else
-         f'{r.compiled_flops:.4g} compiled (XLA cost analysis, counts a scanned layer once)'),
+         f'{r.compiled_flops:.4g} compiled (XLA\'s cost analysis: a scanned body counts once, '
+         'Pallas kernels such as splash attention not at all)'),
   ]
   lines += [f'note: {line}' for line in r.unsharded]
   return '\n'.join(lines)
