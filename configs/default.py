@@ -3,7 +3,9 @@
 Usage: `python train.py --config=configs/default.py[:preset,preset...] --config.<key>=<value>`.
 Presets (comma-separated, applied left to right):
   gpt2 | llama          model style (gpt2 is the default)
-  dp | fsdp | fsdp_tp   parallelism over the mesh: data, fully sharded, fully sharded x tensor
+  dp | fsdp | fsdp_tp   parallelism within a slice: data, fully sharded, fully sharded x tensor
+  llama3_8b | llama_1b  Llama 3 shapes (sequence 8192, batch 256), scanned, remat, FSDP
+  multislice            data parallel across slices (DCN), FSDP within each slice (ICI)
   tiny                  a minimal model and short run, for tests and smoke checks
 Every key is declared here; the config is locked, so a misspelt override is an error.
 """
@@ -66,6 +68,10 @@ def data_config():
   d.seq_len = 128
   d.global_batch_size = 32
   d.shuffle_seed = 0
+  # Documents are dealt into this many streams, each owned by one process (0: one per process).
+  # Fix it (to a multiple of every process count you use) to keep the same batches when the
+  # number of hosts changes.
+  d.num_streams = 0
   d.max_bad_fraction = 0.01  # stop if more of the records read are unusable (checked after 100)
   d.worker_threads = 2  # threads that prefetch batches
   d.prefetch_batches = 4
@@ -117,9 +123,14 @@ def train_config():
 
 def mesh_config():
   mesh = ml_collections.ConfigDict()
-  mesh.data = -1  # -1: all devices not used by the other axes
+  # Sizes within a slice (ICI); -1 fills in the devices the other axes leave.
+  mesh.data = -1
   mesh.fsdp = 1
   mesh.tensor = 1
+  # Sizes across slices (DCN) of a multi-slice job; an axis's full size is ici * dcn.
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  mesh.dcn_tensor = 1
   mesh.rules = RULES
   return mesh
 
@@ -139,6 +150,11 @@ def apply_preset(config, preset):
     mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 1
   elif preset == 'fsdp_tp':
     mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 2
+  elif preset == 'multislice':  # data parallel across slices, FSDP within each
+    mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 1
+    mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor = -1, 1, 1
+  elif preset in ('llama3_8b', 'llama_1b'):
+    _llama_size(config, preset)
   elif preset == 'tiny':
     m.num_layers, m.num_heads, m.num_kv_heads, m.embed_dim, m.mlp_dim = 2, 4, 4, 32, 128
     m.max_len = config.data.seq_len = 32
@@ -147,7 +163,23 @@ def apply_preset(config, preset):
                         num_samples=1, sample_length=16)
     config.optim.warmup_steps = 2
   else:
-    raise ValueError(f'unknown preset {preset!r}; choose from gpt2, llama, dp, fsdp, fsdp_tp, tiny')
+    raise ValueError(f'unknown preset {preset!r}; choose from gpt2, llama, llama3_8b, llama_1b, '
+                     'dp, fsdp, fsdp_tp, multislice, tiny')
+
+
+def _llama_size(config, preset):
+  """Llama 3 shapes for pod runs and ahead-of-time compilation: scanned and rematerialised."""
+  apply_preset(config, 'llama')
+  m = config.model
+  if preset == 'llama3_8b':
+    m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim = 32, 4096, 32, 8, 14336
+  else:  # Llama 3.2 1B
+    m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim = 16, 2048, 32, 8, 8192
+  m.vocab_size, m.rope_theta = 128256, 500000.0
+  m.max_len = config.data.seq_len = 8192
+  config.data.global_batch_size = 256
+  m.scan_layers, m.remat, m.loss_chunk = True, 'full', 1024
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
 
 
 def get_config(presets: str = ''):
