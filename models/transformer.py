@@ -158,8 +158,9 @@ def _stacked_blocks(cfg, rngs) -> Block:
 def remat_policy(cfg):
   """What `jax.checkpoint` keeps of a block's activations (the rest is recomputed)."""
   if cfg.remat == 'dots':
-    # Projection outputs ([B, L, *], linear in L) but not the attention scores [B, H, L, L]
-    # (a batched matmul), which are quadratic in L and cheap to recompute.
+    # Projection outputs ([B, L, *], linear in L), not the attention scores [B, H, L, L] (a
+    # batched matmul): quadratic in L, they would outgrow the memory remat is meant to save.
+    # (On CPU the projections are custom-gradient matmuls the policy cannot see: as 'full'.)
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   if cfg.remat == 'names':
     return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
