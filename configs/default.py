@@ -140,7 +140,8 @@ def apply_preset(config, preset):
   if preset == 'gpt2':
     pass  # the defaults
   elif preset == 'llama':
-    m.position, m.norm, m.mlp, m.use_bias, m.tie_embeddings = 'rope', 'rmsnorm', 'swiglu', False, False
+    m.position, m.norm, m.mlp = 'rope', 'rmsnorm', 'swiglu'
+    m.use_bias, m.tie_embeddings = False, False
     m.num_kv_heads = max(1, m.num_heads // 2)
     # SwiGLU has three matrices: 8/3 of the width keeps a 4x GELU MLP's parameter count.
     m.mlp_dim = 32 * round(8 * m.embed_dim / 3 / 32)

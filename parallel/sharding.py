@@ -17,28 +17,28 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-def _resolve(sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]:
-  """Fills at most one `-1` so the sizes multiply to `total`."""
+def _resolve(sizes: dict[str, int], total: int, of_what: str) -> tuple[int, ...]:
+  """Fills at most one `-1` so the sizes multiply to `total` (`total` `of_what`)."""
   known = math.prod(s for s in sizes.values() if s != -1)
   if list(sizes.values()).count(-1) > 1:
-    raise ValueError(f'mesh: at most one {what} axis may be -1, got {sizes}')
+    raise ValueError(f'mesh: at most one of {sizes} may be -1')
   if any(s == 0 or s < -1 for s in sizes.values()):
     raise ValueError(f'mesh: sizes must be positive or -1, got {sizes}')
   if total % known:
-    raise ValueError(f'mesh: {what} sizes {sizes} do not divide the {total} {what} devices')
+    raise ValueError(f'mesh: axis sizes {sizes} do not divide the {total} {of_what}')
   resolved = tuple(total // known if s == -1 else s for s in sizes.values())
   if math.prod(resolved) != total:
-    raise ValueError(f'mesh: {what} sizes {sizes} use {math.prod(resolved)} of the {total} '
-                     f'{what} devices')
+    raise ValueError(f'mesh: axis sizes {sizes} use {math.prod(resolved)} of the {total} '
+                     f'{of_what}')
   return resolved
 
 
 def ici_dcn_shapes(mesh_config, num_devices: int, num_slices: int = 1):
   """Per-axis sizes within a slice (ICI) and across slices (DCN), with -1 filled in."""
   dcn = _resolve({f'dcn_{a}': mesh_config[f'dcn_{a}'] for a in MESH_AXES}, num_slices,
-                 'slice (dcn)')
+                 'slices')
   ici = _resolve({a: mesh_config[a] for a in MESH_AXES}, num_devices // num_slices,
-                 'per-slice')
+                 'devices' if num_slices == 1 else 'devices of each slice')
   return ici, dcn
 
 
@@ -124,7 +124,7 @@ def unsharded_params(abstract_params: nnx.State, mesh, rules) -> list[str]:
     for dim, (want, have) in enumerate(zip(wanted, got)):
       if want != have:
         ways = math.prod(mesh.shape[a] for a in _axis_tuple(want))
-        size = variable.value.size * variable.value.dtype.itemsize
+        size = variable.size * variable.dtype.itemsize
         lines.append(f'{".".join(map(str, path))} dimension {dim} ({variable.shape[dim]}) is '
                      f'not divisible by {"x".join(_axis_tuple(want))}={ways}: kept whole, '
                      f'{size / 2**20:.2f} MiB on each of those devices')
