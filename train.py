@@ -91,7 +91,7 @@ def main(argv):
   try:
     config_check.check_workdir(FLAGS.workdir)
     config_check.validate(config, jax.device_count(), jax.process_count(),
-                          sharding.num_slices(jax.devices()))
+                          sharding.num_slices(jax.devices()), jax.default_backend())
     loop.train(config, FLAGS.workdir)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')

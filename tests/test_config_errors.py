@@ -23,6 +23,7 @@ CASES = {
     'tensor axis does not divide heads': (['--config.mesh.tensor=8', '--config.mesh.data=1'],
                                           'model.num_heads'),
     'unknown flag': (['--bogus_flag=1'], 'bogus_flag'),
+    'TPU-only kernel on CPU': (['--config.model.attention=splash'], 'model.attention: splash'),
     'unknown tfds dataset': (['--config.data.source=tfds', '--config.data.tfds_name=no_such_set'],
                              'data.tfds_name'),
     'no files match': (['--config.data.source=files', '--config.data.files=/nonexistent/*.txt'],

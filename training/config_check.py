@@ -137,9 +137,23 @@ def check_workdir(workdir: str):
   _require(os.access(path, os.W_OK | os.X_OK), '--workdir', f'{path} is not writable')
 
 
-def validate(config, num_devices: int, num_processes: int, num_slices: int = 1):
-  """Raises ConfigError for the first problem found."""
+_KERNEL_PLATFORM = {'splash': 'tpu', 'cudnn': 'gpu'}
+
+
+def check_platform(config, platform: str):
+  """Attention kernels that exist on one platform only."""
+  needs = _KERNEL_PLATFORM.get(config.model.attention)
+  _require(needs in (None, platform), 'model.attention',
+           f'{config.model.attention} runs on {(needs or "").upper()} only, and this run is on '
+           f'{platform.upper()}; use auto')
+
+
+def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
+             platform: str = ''):
+  """Raises ConfigError for the first problem found; `platform` ('cpu'|'gpu'|'tpu') if known."""
   check_model(config)
+  if platform:
+    check_platform(config, platform)
   check_data(config)
   check_train(config)
   check_optim(config)
