@@ -67,8 +67,11 @@ def test_chip_table_by_device_kind():
   assert chips.hbm_bytes_per_device(jax.devices()[0]) is None  # CPU
 
 
-def test_cpu_matmul_rate_is_measured():
+def test_cpu_peak_is_the_measured_matmul_rate_shared_by_the_cpu_devices():
   assert chips.matmul_flops_per_second(n=128, repeats=2) > 1e6
+  per_device = chips.peak_flops_per_device(jax.devices()[0])
+  assert 1e6 < per_device < float('inf')
+  assert chips.peak_flops_per_device(jax.devices()[-1]) == per_device  # measured once
 
 
 def test_slice_names_map_to_physical_layouts():
