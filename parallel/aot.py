@@ -72,7 +72,7 @@ def _slice_devices(topology_name: str) -> list:
 
 def _mesh(config, devices):
   num_processes = len({d.process_index for d in devices})
-  config_check.validate(config, len(devices), num_processes, sharding.num_slices(devices))
+  config_check.validate(config, len(devices), num_processes, sharding.num_slices(devices), 'tpu')
   try:
     return sharding.make_mesh(config.mesh, devices)
   except ValueError as e:

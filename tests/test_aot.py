@@ -154,7 +154,7 @@ def test_config_problems_are_config_errors():
     aot.run(_tiny(), 'v5e-3')
   config = _tiny('tiny,llama')
   config.mesh.data = 3
-  with pytest.raises(ConfigError, match='do not divide the 8 per-slice devices'):
+  with pytest.raises(ConfigError, match='do not divide the 8 devices'):
     aot.run(config, 'v6e-8')
 
 
