@@ -67,10 +67,6 @@ def chip_for(device_kind: str) -> Chip | None:
   return next((chip for pattern, chip in _GPUS if pattern in device_kind), None)
 
 
-def known_device_kinds() -> list[str]:
-  return sorted(_TPUS) + [pattern for pattern, _ in _GPUS]
-
-
 def matmul_flops_per_second(n: int = 2048, repeats: int = 20) -> float:
   """This machine's float32 rate on a jitted n x n x n `jnp.dot` on the default device, the best
   of `repeats` (other load on a shared machine only ever slows it)."""
