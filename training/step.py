@@ -93,14 +93,19 @@ def train_step(state: TrainState, tokens_BxL1, *, setup: Setup, config):
   if config.train.debug_nan_at_step:  # fault injection, for testing the policies below
     poison = jnp.where(state['step'] + 1 == config.train.debug_nan_at_step, jnp.nan, 1.0)
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
-  updates, opt_state = setup.tx.update(grads, state['opt_state'], params)
   grad_norm = optax.tree.norm(grads)
   verdict = _guard(config.train, state['loss_stats'], loss, grad_norm)
-  updated = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
-             'loss_stats': _update_loss_stats(config.train, state['loss_stats'], loss)}
-  kept = {k: state[k] for k in updated}
-  # A rejected update leaves parameters, optimizer and loss statistics exactly as they were.
-  new_state = jax.tree.map(lambda new, old: jnp.where(verdict['accept'], new, old), updated, kept)
+
+  def update(kept):
+    updates, opt_state = setup.tx.update(grads, kept['opt_state'], kept['params'])
+    return {'params': optax.apply_updates(kept['params'], updates), 'opt_state': opt_state,
+            'loss_stats': _update_loss_stats(config.train, kept['loss_stats'], loss)}
+
+  # A rejected update leaves parameters, optimizer and loss statistics exactly as they were. A
+  # conditional runs only the taken branch; a select over the whole state made XLA copy every
+  # optimizer leaf first and held ~25 MiB more while compiling (same step time on CPU).
+  kept = {k: state[k] for k in ('params', 'opt_state', 'loss_stats')}
+  new_state = jax.lax.cond(verdict['accept'], update, lambda kept: kept, kept)
   new_state['step'] = state['step'] + 1
   new_state['skipped_steps'] = state['skipped_steps'] + 1 - verdict['accept'].astype(jnp.int32)
   schedule = optimizer.learning_rate_schedule(config.optim, config.train.steps)
