@@ -30,24 +30,17 @@ _TOLERANCE = flags.DEFINE_float('tolerance', 1e-5, 'Largest allowed difference, 
 
 
 def loss_and_grads(config, cpu_paths: bool):
-  """Loss and gradients on one fixed batch, tracing the model with the CPU paths on or off."""
-  on_cpu = cpu_backend.on_cpu
-  cpu_backend.on_cpu = (lambda: True) if cpu_paths else (lambda: False)
-  cpu_backend.dense_dot_general.cache_clear()
-  cpu_backend.attention_fn.cache_clear()
-  try:
-    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-    setup = state_lib.make_setup(config, mesh)
-    tokens = np.random.default_rng(0).integers(
-        0, config.model.vocab_size, (config.data.global_batch_size, config.data.seq_len + 1))
-    with sharding.activate(mesh, config.mesh.rules):
-      params = state_lib.init_state(config, setup)['params']
-      loss_fn = lambda p: step_lib.next_token_loss(setup.model(p), jnp.asarray(tokens))
-      return jax.jit(jax.value_and_grad(loss_fn))(params)
-  finally:
-    cpu_backend.on_cpu = on_cpu
-    cpu_backend.dense_dot_general.cache_clear()
-    cpu_backend.attention_fn.cache_clear()
+  """Loss and gradients on one fixed batch, in float32, with the model built for the CPU (its
+  workarounds) or as an accelerator runs it in float32 (plain dot_general, XLA attention)."""
+  config.model.dtype = 'float32'
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  setup = state_lib.make_setup(config, mesh, platform='cpu' if cpu_paths else 'gpu')
+  tokens = np.random.default_rng(0).integers(
+      0, config.model.vocab_size, (config.data.global_batch_size, config.data.seq_len + 1))
+  with sharding.activate(mesh, config.mesh.rules):
+    params = state_lib.init_state(config, setup)['params']
+    loss_fn = lambda p: step_lib.next_token_loss(setup.model(p), jnp.asarray(tokens))
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
 def main(argv):

@@ -26,7 +26,7 @@ _LANES = 128  # the kernel's tiles are multiples of the TPU's 128 vector lanes
 
 def causal_attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
   if kind == 'cpu':
-    return cpu_backend.attention_fn()(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+    return cpu_backend.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
   if kind in ('xla', 'cudnn'):
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
                                         implementation=kind)

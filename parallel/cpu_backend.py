@@ -1,5 +1,8 @@
 """XLA:CPU workarounds, kept in one place; TPU and GPU never take these paths.
 
+The model takes them when its config is resolved for the CPU (`models/platforms.py`): Dense
+layers then use `dot_general`, attention is `attention`, tied logits are `attend`.
+
 Call `configure()` first thing in a program, before JAX initialises its backend. Everything
 here is measured by `benchmarks/step_time.py` and checked to leave the model's math unchanged
 by `benchmarks/check_numerics.py`.
@@ -13,7 +16,7 @@ reductions.
 - `_dense` computes a weight gradient as one contraction over the flattened batch.
 - `project` runs projections that share an input (query/key/value, SwiGLU gate/up) as one
   matmul on the concatenated kernels; the parameters stay separate.
-- `_attention` computes `jax.nn.dot_product_attention` on [batch, kv head, query, head dim]
+- `attention` computes `jax.nn.dot_product_attention` on [batch, kv head, query, head dim]
   operands with a backward pass whose two products over the query axis take an explicit
   transposed copy (cheaper than a batched matmul reading a transposed operand).
 - `attend` (tied-embedding logits) uses `_dense` too.
@@ -48,10 +51,6 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-
-
-def on_cpu() -> bool:
-  return jax.default_backend() == 'cpu'
 
 
 def configure(low_memory: bool = False) -> bool:
@@ -156,19 +155,14 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   return _dense(lhs, rhs)
 
 
-@functools.cache
-def dense_dot_general():
-  """The dot_general dense layers should use on the current default backend."""
-  return dot_general if on_cpu() else lax.dot_general
-
-
 def project(x, layers):
   """`[layer(x) for layer in layers]` for `nnx.Linear` layers sharing the input `x`.
 
-  On CPU, one matmul against the concatenated kernels: the same products, a third of the calls.
+  With the CPU matmul, one matmul against the concatenated kernels: the same products, a third
+  of the calls.
   """
   first = layers[0]
-  fusable = on_cpu() and len(layers) > 1 and all(
+  fusable = len(layers) > 1 and all(
       layer.dot_general is dot_general and layer.precision is None
       and layer.preferred_element_type is None and layer.kernel.ndim == 2
       and (layer.bias is None) == (first.bias is None) for layer in layers)
@@ -184,9 +178,7 @@ def project(x, layers):
 
 
 def attend(embed, x):
-  """`embed.attend(x)` (tied-embedding logits); on CPU with `_dense`'s weight gradient."""
-  if not on_cpu():
-    return embed.attend(x)
+  """`embed.attend(x)` (tied-embedding logits), with `_dense`'s weight gradient."""
   x, table = embed.promote_dtype((x, embed.embedding[...]), dtype=embed.dtype)
   return _dense(x, table.T)
 
@@ -231,7 +223,7 @@ def _probs(logits, *, r, t, h, causal, dtype):
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
 
 
-def _attention(query, key, value, is_causal=False):
+def attention(query, key, value, is_causal=False):
   """`jax.nn.dot_product_attention(query, key, value, is_causal=...)` with its default scale.
 
   Query heads N = G * R share kv head g in groups of R; the R*T query rows of a kv head form one
@@ -245,9 +237,3 @@ def _attention(query, key, value, is_causal=False):
   probs_fn = functools.partial(_probs, r=r, t=t, h=h, causal=is_causal, dtype=key.dtype)
   out = _attention_core(q, k, v, probs_fn)
   return out.reshape(b, g, r, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-
-
-@functools.cache
-def attention_fn():
-  """Attention with `jax.nn.dot_product_attention`'s (query, key, value, is_causal) interface."""
-  return _attention if on_cpu() else jax.nn.dot_product_attention

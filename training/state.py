@@ -58,9 +58,10 @@ def _initial_state(config, tx) -> TrainState:
   }
 
 
-def make_setup(config, mesh) -> Setup:
-  """The model is built for the mesh's platform: an AOT mesh of TPU devices gets the TPU model."""
-  platform = platforms.mesh_platform(mesh)
+def make_setup(config, mesh, platform: str = '') -> Setup:
+  """The model is built for `platform`, by default the mesh's: an AOT mesh of TPU devices gets
+  the TPU model."""
+  platform = platform or platforms.mesh_platform(mesh)
   graphdef, param_template = nnx.split(nnx.eval_shape(lambda: _new_model(config, platform)),
                                        nnx.Param)
   tx = optimizer.make_optimizer(config.optim, config.train.steps)
