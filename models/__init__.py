@@ -1,6 +1,5 @@
 """Model registry: `config.model.name` -> class. A new architecture is one file plus one entry."""
 
-from models.platforms import resolve_for_platform
 from models.transformer import Transformer
 
 MODELS = {

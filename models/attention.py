@@ -12,7 +12,6 @@ each) and return [B, L, H, K], with `jax.nn.dot_product_attention`'s 1/sqrt(K) s
 import math
 
 import jax
-import numpy as np
 from flax import linen
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding, PartitionSpec
@@ -86,4 +85,4 @@ def _spec(mesh, *names) -> PartitionSpec:
 def _ways(mesh, axes) -> int:
   if mesh.empty or axes is None:
     return 1
-  return math.prod(mesh.shape[a] for a in np.atleast_1d(axes))
+  return sharding.shards(mesh.shape, axes)

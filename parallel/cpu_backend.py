@@ -230,7 +230,7 @@ def attention(query, key, value, is_causal=False):
   matrix, so every matmul is [B, G] batches of plain 2-D products.
   """
   b, t, n, h = query.shape
-  s, g = key.shape[1], key.shape[2]
+  g = key.shape[2]
   r = n // g
   q = query.reshape(b, t, g, r, h).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, h)
   k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, G, S, H]

@@ -88,14 +88,18 @@ def logical_sharding(mesh, rules, *names) -> NamedSharding:
 
 def _fitting_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
   """`spec` with the mesh axes dropped from any dimension they do not divide evenly."""
-  def fits(dim, axes):
-    return dim % math.prod(mesh.shape[a] for a in _axis_tuple(axes)) == 0
-  return PartitionSpec(*(axes if fits(dim, axes) else None
+  return PartitionSpec(*(axes if dim % shards(mesh.shape, axes) == 0 else None
                          for dim, axes in zip(shape, tuple(spec) + (None,) * len(shape))))
 
 
 def _axis_tuple(axes) -> tuple[str, ...]:
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def shards(mesh_sizes, axes) -> int:
+  """How many ways a dimension is split over `axes` (None, 'fsdp' or ('data', 'fsdp')) of a
+  mesh with these per-axis sizes (a Mesh's `.shape` or a dict)."""
+  return math.prod(mesh_sizes[a] for a in _axis_tuple(axes))
 
 
 def _rule_spec(variable, rules) -> PartitionSpec:
@@ -123,7 +127,7 @@ def unsharded_params(abstract_params: nnx.State, mesh, rules) -> list[str]:
     got = _fitting_spec(wanted, variable.shape, mesh)
     for dim, (want, have) in enumerate(zip(wanted, got)):
       if want != have:
-        ways = math.prod(mesh.shape[a] for a in _axis_tuple(want))
+        ways = shards(mesh.shape, want)
         size = variable.size * variable.dtype.itemsize
         lines.append(f'{".".join(map(str, path))} dimension {dim} ({variable.shape[dim]}) is '
                      f'not divisible by {"x".join(_axis_tuple(want))}={ways}: kept whole, '

@@ -14,7 +14,8 @@ from flax import nnx
 from configs import default
 from jax.sharding import NamedSharding
 
-from models import MODELS, attention, resolve_for_platform
+from models import MODELS, attention
+from models.platforms import resolve_for_platform
 from parallel import sharding, tpu_slices
 from tests import test_sharding
 from training import config_check

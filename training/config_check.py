@@ -1,10 +1,6 @@
 """Validates a config before anything compiles, with one-line errors that name the key."""
 
-import math
 import os
-
-import jax
-import numpy as np
 
 from models import MODELS, platforms, transformer
 from parallel import sharding
@@ -98,22 +94,19 @@ def check_train(config):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
 
 
-def _mesh_axes(rules, logical_name) -> tuple[str, ...]:
-  return tuple(np.atleast_1d(sharding.logical_spec(rules, logical_name)[0] or ()))
-
-
 def check_mesh(config, num_devices: int, num_processes: int, num_slices: int = 1):
   try:
     shape = sharding.mesh_shape(config.mesh, num_devices, num_slices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   sizes = dict(zip(sharding.MESH_AXES, shape))
-  shards = math.prod(sizes[a] for a in _mesh_axes(config.mesh.rules, 'batch'))
+  rules = config.mesh.rules
+  shards = sharding.shards(sizes, sharding.logical_spec(rules, 'batch')[0])
   per_update = shards * config.train.grad_accum_steps
   _require(config.data.global_batch_size % per_update == 0, 'data.global_batch_size',
            f'{config.data.global_batch_size} is not divisible by {shards} data shards x '
            f'{config.train.grad_accum_steps} micro-batches')
-  heads_ways = math.prod(sizes[a] for a in _mesh_axes(config.mesh.rules, 'heads'))
+  heads_ways = sharding.shards(sizes, sharding.logical_spec(rules, 'heads')[0])
   for key in ('num_heads', 'num_kv_heads'):
     _require(config.model[key] % heads_ways == 0, f'model.{key}',
              f'{config.model[key]} heads cannot be split {heads_ways} ways over the mesh')
