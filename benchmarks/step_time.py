@@ -14,6 +14,8 @@ Configs (benchmarks/bench_configs.py):
            batch 12, AdamW in float32, dropout 0 (tinyshakespeare characters when --data exists,
            else random tokens).
 The machine is shared: the share of CPU other processes used while timing is printed too.
+Its speed also drifts by a quarter between hours, so compare with a reference timed alongside:
+`benchmarks/torch_reference.py` times the small model in PyTorch (needs torch).
 """
 
 import os
