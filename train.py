@@ -33,6 +33,10 @@ def _define_flags():
                       'pod the hosts find each other).')
   flags.DEFINE_integer('num_processes', 0, 'Processes in the run, with --coordinator_address.')
   flags.DEFINE_integer('process_id', -1, 'This process, 0..num_processes-1.')
+  flags.DEFINE_string('compile_cache', '',
+                      "JAX's persistent compilation cache, so that a rerun (a resume after "
+                      'preemption) loads the compiled train step instead of compiling it again. '
+                      "Empty: WORKDIR/compile_cache; 'none': off.")
   flags.DEFINE_bool('compile_only', False,
                     'Compile the train step for --topology and report its memory; no training.')
   flags.DEFINE_string('topology', '', 'Cloud TPU topology for --compile_only, e.g. v5p-128, '
@@ -92,7 +96,8 @@ def main(argv):
     config_check.check_workdir(FLAGS.workdir)
     config_check.validate(config, jax.device_count(), jax.process_count(),
                           sharding.num_slices(jax.devices()), jax.default_backend())
-    loop.train(config, FLAGS.workdir)
+    compile_cache = FLAGS.compile_cache or os.path.join(FLAGS.workdir, 'compile_cache')
+    loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
   except checkpointing.IncompatibleCheckpointError as e:

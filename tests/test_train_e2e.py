@@ -15,10 +15,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=' + os.path.join(REPO, 'configs', 'default.py') + ':tiny']
 
 
-def run_train(workdir, *args):
+# Every compile goes into the workdir's compile cache, however fast this machine compiles, so
+# resumed runs here always run cached executables.
+CACHE_ALL = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+
+
+def run_train(workdir, *args, env=None):
   return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}',
                          *TINY, *args], capture_output=True, text=True, cwd=REPO, timeout=600,
-                        check=False)
+                        check=False, env={**CACHE_ALL, **(env or {})})
 
 
 def saved_state(workdir, step):
@@ -60,13 +65,15 @@ def test_run_writes_outputs(unbroken):
 
 
 def test_stopped_and_resumed_run_matches_unbroken_run_bit_for_bit(unbroken, tmp_path):
+  """The resumed run loads its train step from the compile cache: same results, bit for bit."""
   workdir, _ = unbroken
   first = run_train(tmp_path, '--config.train.stop_after=4')
   assert first.returncode == 0, first.stderr
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4']
-  second = run_train(tmp_path)
+  second = run_train(tmp_path, env={'JAX_LOG_COMPILES': '1'})  # logs cache hits by name
   assert second.returncode == 0, second.stderr
   assert 'Resumed from the checkpoint at step 4' in second.stdout
+  assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
   assert _losses(tmp_path) == _losses(workdir)
   resumed, reference = saved_state(tmp_path, 8), saved_state(workdir, 8)
   assert jax.tree.structure(resumed) == jax.tree.structure(reference)
@@ -80,3 +87,9 @@ def test_finished_run_reports_complete(unbroken):
   assert again.returncode == 0, again.stderr
   assert 'already complete' in again.stdout
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '8']
+
+
+def test_compile_cache_can_be_turned_off(tmp_path):
+  result = run_train(tmp_path, '--config.train.stop_after=1', '--compile_cache=none')
+  assert result.returncode == 0, result.stderr
+  assert not (tmp_path / 'compile_cache').exists()
