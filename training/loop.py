@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 import time
 
 import jax
@@ -296,3 +297,4 @@ def _report_cache_hit(event, duration_secs, **kwargs):
 def _announce(message: str):
   if jax.process_index() == 0:
     tqdm.tqdm.write(message)  # above a progress bar, if one is showing
+    sys.stdout.flush()  # a process killed next must still have said it
