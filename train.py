@@ -84,8 +84,9 @@ def main(argv):
     _compile_only(config)
   if not FLAGS.workdir:
     _usage_error('flag --workdir must have a value')
-  from parallel import cpu_backend, multihost, sharding  # pylint: disable=g-import-not-at-top
-  cpu_backend.configure()  # before JAX starts its backend; does nothing off CPU
+  from hardware import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from parallel import multihost, sharding  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
   from training import checkpointing, config_check, loop  # pylint: disable=g-import-not-at-top
   try:
@@ -110,7 +111,7 @@ def _compile_only(config):
   """Compiles the train step for a TPU topology from this host and exits with its verdict."""
   if not FLAGS.topology:
     _usage_error('--compile_only needs --topology, e.g. --topology=v5p-128')
-  from parallel import aot  # pylint: disable=g-import-not-at-top
+  from training import aot  # pylint: disable=g-import-not-at-top
   from training import config_check  # pylint: disable=g-import-not-at-top
   try:
     sys.exit(aot.run(config, FLAGS.topology))

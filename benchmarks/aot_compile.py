@@ -1,7 +1,7 @@
 """Ahead-of-time compile figures for TPU slices: `python benchmarks/aot_compile.py [--cases=...]`.
 
 Compiles the real train step on this host for Cloud TPU slices (needs libtpu:
-`pip install -e '.[tpu]'`) and prints, per case, parallel/aot.py's report: bytes per device by
+`pip install -e '.[tpu]'`) and prints, per case, training/aot.py's report: bytes per device by
 category against HBM, FLOPs per step (analytic and XLA's), compile time and peak host RSS.
 
 Cases (one fresh process each, so each peak RSS is its own):
@@ -63,7 +63,7 @@ CASES = {  # name -> (config factory, topology, minimum free share of HBM)
 
 
 def compile_case(name: str) -> int:
-  from parallel import aot  # pylint: disable=g-import-not-at-top; after JAX_PLATFORMS is set
+  from training import aot  # pylint: disable=g-import-not-at-top; after JAX_PLATFORMS is set
   make_config, topology, min_free = CASES[name]
   config = make_config()
   report = aot.compile_report(config, topology)

@@ -19,7 +19,8 @@ from absl import app, flags
 
 from configs import default
 from models import attention
-from parallel import sharding, tpu_slices
+from hardware import tpu_slices
+from parallel import sharding
 
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5e-4', 'Cloud TPU slice name.')
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
@@ -36,7 +37,7 @@ def _compile(kind, length, mesh, rules):
   kv = jax.ShapeDtypeStruct((batch, length, KV_HEADS, HEAD_DIM), jnp.bfloat16, sharding=spec)
 
   def forward_and_backward(q, k, v):
-    out, vjp_fn = jax.vjp(lambda *qkv: attention.causal_attention(kind, *qkv), q, k, v)
+    out, vjp_fn = jax.vjp(lambda *qkv: attention.attention(kind, *qkv), q, k, v)
     return vjp_fn(out)
 
   with sharding.activate(mesh, rules):

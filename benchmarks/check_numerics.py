@@ -1,4 +1,4 @@
-"""Checks that the CPU paths in `parallel/cpu_backend.py` leave the model's math unchanged.
+"""Checks that the CPU paths in `models/cpu_kernels.py` leave the model's math unchanged.
 
 `python benchmarks/check_numerics.py [--configs=small,default,llama]` computes the loss and
 gradients of one batch twice, with the CPU paths on and off (off is what TPU/GPU run: plain
@@ -11,9 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel import cpu_backend  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hardware import cpu_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-cpu_backend.configure()  # the XLA:CPU setup the benchmarks and training run with
+cpu_runtime.configure()  # the XLA:CPU setup the benchmarks and training run with
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp

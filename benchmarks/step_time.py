@@ -6,7 +6,7 @@ its own, and prints for each: median ms/step over --steps steps (each waited for
 peak RSS, minor page faults per step, the step's FLOPs (XLA's cost analysis and the analytic
 count of models/flops.py: 6 per matmul parameter and token plus causal attention), and the
 step's FLOP/s as a fraction of this machine's float32 matmul rate
-(`parallel.chips.matmul_flops_per_second`, in the parent process). Prints figures only.
+(`hardware.chips.matmul_flops_per_second`, in the parent process). Prints figures only.
 
 Configs (benchmarks/bench_configs.py):
   default  configs/default.py with no presets (random byte tokens).
@@ -34,7 +34,8 @@ from absl import app, flags
 
 from benchmarks.bench_configs import CONFIGS
 from models import flops
-from parallel import chips, cpu_backend, sharding
+from hardware import chips, cpu_runtime
+from parallel import sharding
 from training import state as state_lib, step as step_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['default', 'small'], 'Configs to time, one process each.')
@@ -43,7 +44,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed steps after compiling.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'Devices in the mesh (data parallel).')
 _DATA = flags.DEFINE_string('data', '/work/shared/data/tinyshakespeare.txt',
                             'Characters for the small config; random tokens if missing.')
-_LOW_MEMORY = flags.DEFINE_bool('low_memory', False, 'cpu_backend.configure(low_memory=True).')
+_LOW_MEMORY = flags.DEFINE_bool('low_memory', False, 'cpu_runtime.configure(low_memory=True).')
 _MATMUL_GFLOPS = flags.DEFINE_float('matmul_gflops', 0, 'The machine matmul rate (set by the '
                                     'parent process; 0 measures it here).')
 
@@ -130,8 +131,8 @@ def time_config(name, matmul_rate):
 
 def main(argv):
   del argv
-  # Before JAX initialises its backend: XLA:CPU flags, dispatch and malloc (see cpu_backend).
-  cpu_backend.configure(low_memory=_LOW_MEMORY.value)
+  # Before JAX initialises its backend: XLA:CPU flags, dispatch and malloc (see hardware/cpu_runtime.py).
+  cpu_runtime.configure(low_memory=_LOW_MEMORY.value)
   if not _MATMUL_GFLOPS.value:
     # Parent: the matmul rate here, each config in its own process (its own peak RSS).
     rate = chips.matmul_flops_per_second()

@@ -1,8 +1,8 @@
-"""Causal attention kernels behind one interface, picked by `model.attention`.
+"""Attention kernels behind one interface, picked by `model.attention`; causal or bidirectional.
 
 All take query [B, L, H, K] and key/value [B, L, G, K] (G kv heads shared by H/G query heads
 each) and return [B, L, H, K], with `jax.nn.dot_product_attention`'s 1/sqrt(K) scale.
-  cpu     XLA:CPU's tuned equivalent of `xla` (parallel/cpu_backend.py); the default on CPU.
+  cpu     XLA:CPU's tuned equivalent of `xla` (models/cpu_kernels.py); the default on CPU.
   xla     `jax.nn.dot_product_attention(implementation='xla')`: materialises [B, H, L, L].
   cudnn   cuDNN's fused kernel (GPU, 16-bit activations).
   splash  the Pallas TPU splash kernel: blockwise, never materialises [L, L]; runs per device
@@ -16,26 +16,26 @@ from flax import linen
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding, PartitionSpec
 
-from parallel import cpu_backend
+from models import cpu_kernels
 from parallel import sharding
 
 SPLASH_BLOCK = 512  # tile edge over queries and keys (shorter sequences use one tile)
 _LANES = 128  # the kernel's tiles are multiples of the TPU's 128 vector lanes
 
 
-def causal_attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
+def attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal: bool = True):
   if kind == 'cpu':
-    return cpu_backend.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+    return cpu_kernels.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal)
   if kind in ('xla', 'cudnn'):
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal,
                                         implementation=kind)
   if kind == 'splash':
-    return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+    return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal)
   raise ValueError(f'model.attention: unknown kernel {kind!r}')
 
 
-def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, interpret=False):
-  """Causal splash attention over the active mesh; sequences it cannot tile take XLA's path.
+def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, interpret=False):
+  """Splash attention over the active mesh; sequences it cannot tile take XLA's path.
 
   The kernel tiles the sequence in multiples of 128; shorter or ragged sequences (samples,
   smoke tests) are small enough that XLA's [L, L] scores fit, so they fall back to 'xla'.
@@ -43,14 +43,14 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, interpret=False):
   """
   _, length, num_heads, head_dim = q_BxLxHxK.shape
   if length % _LANES:
-    return causal_attention('xla', q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+    return attention('xla', q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal)
   # The kernel takes [heads, length, head dim] per example and does not scale the scores.
   q_BxHxLxK = (q_BxLxHxK * (1 / math.sqrt(head_dim))).astype(q_BxLxHxK.dtype).swapaxes(1, 2)
   k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.swapaxes(1, 2), v_BxLxGxK.swapaxes(1, 2)
   mesh = jax.sharding.get_abstract_mesh()
   spec = _spec(mesh, 'batch', 'heads', 'length', 'kv')
   head_shards = _ways(mesh, spec[1])
-  kernel = _kernel(length, num_heads, head_shards, interpret)
+  kernel = _kernel(length, num_heads, head_shards, causal, interpret)
   per_example = lambda kernel, q, k, v: jax.vmap(kernel)(q, k, v)
   if head_shards * _ways(mesh, spec[0]) == 1:  # nothing split: no mesh, or all replicated
     return per_example(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
@@ -60,13 +60,14 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, interpret=False):
   return sharded(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
 
 
-def _kernel(length: int, num_heads: int, head_shards: int, interpret: bool):
-  """The causal kernel for one shape (the library caches the mask walk, ~0.5 s at 8192)."""
+def _kernel(length: int, num_heads: int, head_shards: int, causal: bool, interpret: bool):
+  """The kernel for one shape (the library caches the mask walk, ~0.5 s at 8192)."""
   block = math.gcd(length, SPLASH_BLOCK)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
-  mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
+  head_mask = (splash.CausalMask if causal else splash.FullMask)((length, length))
+  mask = splash.MultiHeadMask([head_mask] * num_heads)
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=head_shards,
                                 q_seq_shards=1, interpret=interpret)
 

@@ -7,7 +7,7 @@ topology runs on a CPU host, and must build the model as the TPU will run it.
 import ml_collections
 
 PLATFORMS = ('cpu', 'gpu', 'tpu')
-# Attention kernels: 'cpu' is XLA:CPU's tuned equivalent of 'xla' (parallel/cpu_backend.py).
+# Attention kernels: 'cpu' is XLA:CPU's tuned equivalent of 'xla' (models/cpu_kernels.py).
 ATTENTION = ('cpu', 'xla', 'cudnn', 'splash')
 
 

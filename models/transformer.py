@@ -19,152 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
-from models import attention
+from models import layers
 from models.platforms import resolve_for_platform
-from parallel import cpu_backend
 from parallel.sharding import constrain
 
-# Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
-REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj',  # [B, L, H|G, K], after rotary
-               'attention_context',  # the kernel's output [B, L, H, K]: keeps attention unredone
-               'attention_out', 'mlp_hidden', 'mlp_out')  # [B, L, D], [B, L, F], [B, L, D]
-REMAT = ('none', 'full', 'dots', 'names')
-# Stacked (scanned) blocks: each parameter's leading axis is the layer, logical name 'layers'.
-_LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
-
-
-def _axes(*names):
-  return {'logical_axes': names}
-
-
-class Dense(nnx.Linear):
-  """`nnx.Linear` with logical axes on its parameters and the backend's best matmul."""
-
-  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init_scale=1.0,
-               preferred_element_type=None):
-    # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
-    dot_general = cpu_backend.dot_general if cfg.platform == 'cpu' else lax.dot_general
-    super().__init__(
-        d_in, d_out, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(0.02 * init_scale), dot_general=dot_general,
-        preferred_element_type=preferred_element_type,
-        kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
-
-
-def _norm(cfg, rngs):
-  if cfg.norm == 'layernorm':
-    return nnx.LayerNorm(cfg.embed_dim, epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, scale_metadata=_axes('norm'),
-                         bias_metadata=_axes('norm'), rngs=rngs)
-  return nnx.RMSNorm(cfg.embed_dim, epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     scale_metadata=_axes('norm'), rngs=rngs)
-
-
-def rotary(x_BxLxNxK, theta):
-  """Rotary position embedding over the last axis (halves rotated, as in GPT-NeoX/Llama)."""
-  length, head_dim = x_BxLxNxK.shape[1], x_BxLxNxK.shape[-1]
-  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angle_LxK2 = jnp.arange(length, dtype=jnp.float32)[:, None] * freq[None, :]
-  sin, cos = jnp.sin(angle_LxK2)[:, None, :], jnp.cos(angle_LxK2)[:, None, :]
-  x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_BxLxNxK.dtype)
-
-
-class Attention(nnx.Module):
-  """Causal self-attention with grouped-query heads (num_kv_heads == num_heads is plain MHA)."""
-
-  def __init__(self, cfg, *, rngs):
-    self.cfg = cfg
-    d, k = cfg.embed_dim, cfg.embed_dim // cfg.num_heads
-    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs)
-    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
-    self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
-    self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
-                     init_scale=(2 * cfg.num_layers) ** -0.5)
-
-  def __call__(self, x_BxLxD):
-    cfg = self.cfg
-    b, l, _ = x_BxLxD.shape
-    k = cfg.embed_dim // cfg.num_heads
-    q_BxLxHK, k_BxLxGK, v_BxLxGK = cpu_backend.project(x_BxLxD, (self.query, self.key, self.value))
-    q_BxLxHxK = q_BxLxHK.reshape(b, l, cfg.num_heads, k)
-    k_BxLxGxK = k_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
-    v_BxLxGxK = v_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
-    if cfg.position == 'rope':
-      q_BxLxHxK, k_BxLxGxK = rotary(q_BxLxHxK, cfg.rope_theta), rotary(k_BxLxGxK, cfg.rope_theta)
-    q_BxLxHxK = constrain(checkpoint_name(q_BxLxHxK, 'query_proj'), 'batch', 'length', 'heads',
-                          'kv')
-    k_BxLxGxK = checkpoint_name(k_BxLxGxK, 'key_proj')
-    v_BxLxGxK = checkpoint_name(v_BxLxGxK, 'value_proj')
-    out_BxLxHxK = attention.causal_attention(cfg.attention, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
-    out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attention_context')
-    out_BxLxD = self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
-    return checkpoint_name(out_BxLxD, 'attention_out')
-
-
-class Mlp(nnx.Module):
-  """GELU MLP (GPT-2) or SwiGLU (Llama)."""
-
-  def __init__(self, cfg, *, rngs):
-    self.gated = cfg.mlp == 'swiglu'
-    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
-    if self.gated:
-      self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
-    self.down = Dense(cfg.mlp_dim, cfg.embed_dim, 'mlp', 'embed', cfg, rngs=rngs,
-                      init_scale=(2 * cfg.num_layers) ** -0.5)
-
-  def __call__(self, x_BxLxD):
-    if self.gated:
-      gate_BxLxF, up_BxLxF = cpu_backend.project(x_BxLxD, (self.gate, self.up))
-      h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
-    else:
-      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
-    h_BxLxF = checkpoint_name(constrain(h_BxLxF, 'batch', 'length', 'mlp'), 'mlp_hidden')
-    return checkpoint_name(self.down(h_BxLxF), 'mlp_out')
-
-
-class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-  def __init__(self, cfg, *, rngs):
-    self.attn_norm, self.attention = _norm(cfg, rngs), Attention(cfg, rngs=rngs)
-    self.mlp_norm, self.mlp = _norm(cfg, rngs), Mlp(cfg, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate)
-
-  def __call__(self, x_BxLxD, dropout_key=None):
-    """`dropout_key`: this layer's dropout key; without it dropout is off."""
-    keys = [None, None] if dropout_key is None else jax.random.split(dropout_key)
-    drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
-    x_BxLxD = x_BxLxD + drop(self.attention(self.attn_norm(x_BxLxD)), keys[0])
-    x_BxLxD = x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)), keys[1])
-    return constrain(x_BxLxD, 'batch', 'length', 'embed')
-
-
-def _stacked_blocks(cfg, rngs) -> Block:
-  """`num_layers` blocks as one Block whose parameters have a leading 'layers' axis."""
-
-  @nnx.split_rngs(splits=cfg.num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
-  def make(rngs):
-    return Block(cfg, rngs=rngs)
-
-  return make(rngs)
-
-
-def remat_policy(cfg):
-  """What `jax.checkpoint` keeps of a block's activations (the rest is recomputed)."""
-  if cfg.remat == 'dots':
-    # Projection outputs ([B, L, *], linear in L), not the attention scores [B, H, L, L] (a
-    # batched matmul): quadratic in L, they would outgrow the memory remat is meant to save.
-    # (On CPU the projections are custom-gradient matmuls the policy cannot see: as 'full'.)
-    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  if cfg.remat == 'names':
-    return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
-  return None  # full: only the block's input
+REMAT_NAMES, REMAT = layers.REMAT_NAMES, layers.REMAT
 
 
 class Transformer(nnx.Module):
@@ -179,21 +39,16 @@ class Transformer(nnx.Module):
       cfg = resolve_for_platform(cfg, jax.default_backend())
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
     self.cfg = cfg
-    embed_init = nnx.initializers.normal(0.02)
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, embedding_init=embed_init,
-                           embedding_metadata=_axes('vocab', 'embed'), rngs=rngs)
+    self.embed = layers.Embed(cfg, rngs=rngs)
     if cfg.position == 'learned':
-      self.positions = nnx.Param(embed_init(rngs.params(), (cfg.max_len, cfg.embed_dim),
-                                            cfg.param_dtype), **_axes('length', 'embed'))
-    if cfg.scan_layers:
-      self.blocks = _stacked_blocks(cfg, rngs)
-    else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = _norm(cfg, rngs)
+      init = nnx.initializers.normal(0.02)
+      self.positions = nnx.Param(init(rngs.params(), (cfg.max_len, cfg.embed_dim),
+                                      cfg.param_dtype), logical_axes=('length', 'embed'))
+    self.blocks = layers.Blocks(cfg, rngs=rngs, causal=True)
+    self.final_norm = layers.norm(cfg, rngs)
     if not cfg.tie_embeddings:  # 16-bit activations: accumulated and returned in float32
       wide = None if cfg.dtype == 'float32' else jnp.float32
-      self.unembed = Dense(cfg.embed_dim, cfg.vocab_size, 'embed', 'vocab', cfg, rngs=rngs,
+      self.unembed = layers.Dense(cfg.embed_dim, cfg.vocab_size, 'embed', 'vocab', cfg, rngs=rngs,
                            preferred_element_type=wide)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
@@ -208,32 +63,12 @@ class Transformer(nnx.Module):
       x_BxLxD = x_BxLxD + self.positions[: tokens_BxL.shape[1]].astype(x_BxLxD.dtype)
     x_BxLxD = self.dropout(x_BxLxD, deterministic=rngs is None, rngs=rngs)
     x_BxLxD = constrain(x_BxLxD, 'batch', 'length', 'embed')
-    keys_N = None if rngs is None else jax.random.split(rngs.dropout(), self.cfg.num_layers)
-    return self.final_norm(self._apply_blocks(x_BxLxD, keys_N))
+    return self.final_norm(self.blocks(x_BxLxD, None if rngs is None else rngs.dropout()))
 
   def logits(self, x_BxLxD):
     """Hidden states [B, L, D] (any L) -> logits [B, L, V], accumulated in float32."""
     if not self.cfg.tie_embeddings:
       logits_BxLxV = self.unembed(x_BxLxD)
-    elif self.cfg.platform == 'cpu' and x_BxLxD.dtype == jnp.float32:
-      logits_BxLxV = cpu_backend.attend(self.embed, x_BxLxD)  # its CPU weight gradient
     else:
-      table_VxD = self.embed.embedding[...].astype(x_BxLxD.dtype)
-      logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, table_VxD,
-                                preferred_element_type=jnp.float32)
+      logits_BxLxV = self.embed.attend(x_BxLxD)
     return constrain(logits_BxLxV.astype(jnp.float32), 'batch', 'length', 'vocab')
-
-  def _apply_blocks(self, x_BxLxD, keys_N):
-    """The blocks in order, each rematerialised as `remat` says, scanned if stacked."""
-    cfg = self.cfg
-    apply = lambda block, x, key: block(x, key)
-    if cfg.remat != 'none':
-      # Under scan there is no common subexpression to protect: XLA cannot hoist across steps.
-      apply = nnx.remat(apply, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
-                      transform_metadata=_LAYERS)
-      return scan(self.blocks, x_BxLxD, keys_N)
-    for i, block in enumerate(self.blocks):
-      x_BxLxD = apply(block, x_BxLxD, None if keys_N is None else keys_N[i])
-    return x_BxLxD

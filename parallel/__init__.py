@@ -1,1 +1,1 @@
-"""Device meshes, logical-axis sharding rules and backend-specific workarounds."""
+"""Device meshes, logical-axis sharding rules and multi-host start-up."""

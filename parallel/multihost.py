@@ -5,9 +5,9 @@ else the coordinator's address, the process count and this process's id come fro
 processes then exchange collectives over gloo (TCP).
 """
 
-import glob
-
 import jax
+
+from hardware import cpu_runtime
 
 
 def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1):
@@ -20,10 +20,6 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif num_processes > 1:
     raise ValueError('--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0')
-  elif tpu_chips_present():
+  elif cpu_runtime.tpu_chips_present():
     jax.distributed.initialize()
 
-
-def tpu_chips_present() -> bool:
-  """A TPU VM: its chips appear as /dev/accel* (v2-v4, v6e) or under /dev/vfio (v5e, v5p)."""
-  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))

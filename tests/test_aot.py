@@ -16,7 +16,8 @@ from flax import nnx
 
 from configs import default
 from models import MODELS, flops
-from parallel import aot, chips, tpu_slices
+from hardware import chips, tpu_slices
+from training import aot
 from tests.conftest import REPO
 from training.config_check import ConfigError
 

@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding
 
 from models import MODELS, attention
 from models.platforms import resolve_for_platform
-from parallel import sharding, tpu_slices
+from hardware import tpu_slices
+from parallel import sharding
 from tests import test_sharding
 from training import config_check
 from training import state as state_lib
@@ -69,8 +70,9 @@ def _reference(preset='tiny,llama', scan=False):
 def _stacked(pure):
   """Unscanned parameters (blocks 0..N-1) in the scanned layout (one leading layer axis)."""
   pure = dict(pure)
-  blocks = pure['blocks']
-  pure['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in sorted(blocks)))
+  blocks = pure['blocks']['layers']
+  pure['blocks'] = {'layers': jax.tree.map(lambda *xs: jnp.stack(xs),
+                                           *(blocks[i] for i in sorted(blocks)))}
   return pure
 
 
@@ -86,10 +88,10 @@ def _assert_close(actual, expected):
 
 def test_scanned_blocks_are_stacked_with_a_layers_axis():
   _, params = _split(_config(scan_layers=True), abstract=True)
-  kernel = params['blocks']['mlp']['up']['kernel']
+  kernel = params['blocks']['layers']['mlp']['up']['kernel']
   assert kernel.shape == (2, 32, 96)  # [layers, embed, mlp]
   assert kernel.get_metadata()['logical_axes'] == ('layers', 'embed', 'mlp')
-  assert params['blocks']['attn_norm']['scale'].get_metadata()['logical_axes'] == (
+  assert params['blocks']['layers']['attn_norm']['scale'].get_metadata()['logical_axes'] == (
       'layers', 'norm')
 
 
@@ -209,7 +211,7 @@ def test_scanned_sharded_step_matches_single_device_gradients():
   setup = state_lib.make_setup(config, mesh)
   with sharding.activate(mesh, config.mesh.rules):
     state = state_lib.init_state(config, setup)
-    kernel = state['params']['blocks']['mlp']['up']['kernel']  # [layers, embed, mlp]
+    kernel = state['params']['blocks']['layers']['mlp']['up']['kernel']  # [layers, embed, mlp]
     assert kernel.addressable_shards[0].data.shape == (2, 8, 48)  # embed/4, mlp/2
     initial_params = jax.device_get(state['params'])
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
@@ -230,7 +232,7 @@ def test_splash_attention_matches_xla_attention_under_the_mesh():
   q_BxLxHxK = jax.random.normal(keys[0], (4, 128, 4, 32))
   k_BxLxGxK, v_BxLxGxK = (jax.random.normal(key, (4, 128, 2, 32)) for key in keys[1:])
   splash = lambda *qkv: attention.splash_attention(*qkv, interpret=True)
-  xla = lambda *qkv: attention.causal_attention('xla', *qkv)
+  xla = lambda *qkv: attention.attention('xla', *qkv)
   results = []
   with sharding.activate(mesh, config.mesh.rules):
     for fn in (splash, xla):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import default
 from models import MODELS
-from parallel import cpu_backend
+from models import cpu_kernels
 from training import step as step_lib
 
 
@@ -41,10 +41,10 @@ def test_styles_have_their_parameters(tiny_config):
   llama = nnx.to_pure_dict(nnx.state(_model(default.get_config('tiny,llama')), nnx.Param))
   assert 'positions' in gpt2 and 'unembed' not in gpt2
   assert 'positions' not in llama and 'unembed' in llama
-  assert 'bias' in gpt2['blocks'][0]['mlp']['up'] and 'bias' not in llama['blocks'][0]['mlp']['up']
-  assert 'gate' in llama['blocks'][0]['mlp']
-  kv = llama['blocks'][0]['attention']['key']['kernel'].shape[1]
-  q = llama['blocks'][0]['attention']['query']['kernel'].shape[1]
+  assert 'bias' in gpt2['blocks']['layers'][0]['mlp']['up'] and 'bias' not in llama['blocks']['layers'][0]['mlp']['up']
+  assert 'gate' in llama['blocks']['layers'][0]['mlp']
+  kv = llama['blocks']['layers'][0]['attention']['key']['kernel'].shape[1]
+  q = llama['blocks']['layers'][0]['attention']['query']['kernel'].shape[1]
   assert kv * 2 == q  # grouped-query attention: half as many kv heads
 
 
@@ -61,7 +61,7 @@ def test_cpu_dense_matches_plain_dot_general():
   w = jax.random.normal(jax.random.key(1), (8, 6))
   dims = (((2,), (0,)), ((), ()))
   plain = lambda x, w: jnp.sum(jnp.sin(jax.lax.dot_general(x, w, dims)))
-  fast = lambda x, w: jnp.sum(jnp.sin(cpu_backend.dot_general(x, w, dims)))
+  fast = lambda x, w: jnp.sum(jnp.sin(cpu_kernels.dot_general(x, w, dims)))
   np.testing.assert_allclose(fast(x, w), plain(x, w), rtol=1e-6)
   for g_fast, g_plain in zip(jax.grad(fast, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
     np.testing.assert_allclose(g_fast, g_plain, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import default
-from parallel import sharding, tpu_slices
+from hardware import tpu_slices
+from parallel import sharding
 from training import state as state_lib
 from training import step as step_lib
 

@@ -10,7 +10,8 @@ import tqdm
 
 from data import pipeline, sources
 from models import flops
-from parallel import chips, sharding
+from hardware import chips
+from parallel import sharding
 from training import checkpointing, config_check, metrics, preemption, sampling
 from training import step as step_lib
 from training import watchdog

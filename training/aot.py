@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from models import flops
-from parallel import chips, sharding, tpu_slices
+from hardware import chips, tpu_slices
+from parallel import sharding
 from training import config_check
 from training import state as state_lib
 from training import step as step_lib

@@ -1,0 +1,212 @@
+"""Layers shared by the Transformer models (decoder, encoder, ViT), in Flax NNX.
+
+Each layer takes the platform's fastest path itself: on CPU (`cfg.platform == 'cpu'`) matmuls,
+shared-input projections, attention and tied logits go through `models/cpu_kernels.py`, so a
+model file never names a platform. Parameters carry logical axis names in their
+`logical_axes` metadata and activations are constrained by logical names; `parallel/sharding.py`
+maps both to the mesh.
+
+Tensor names carry their shapes: B batch, L length, D embed, H heads, G kv heads, K head dim,
+F mlp, V vocab.
+
+Memory levers (config keys): `scan_layers` stacks the blocks (leading logical axis 'layers')
+and runs them as one scanned body, so compile time does not grow with depth; `remat` recomputes
+each block's activations in the backward pass, all of them or all but those a policy keeps.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from models import attention
+from models import cpu_kernels
+from parallel.sharding import constrain
+
+# Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
+REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj',  # [B, L, H|G, K], after rotary
+               'attention_context',  # the kernel's output [B, L, H, K]: keeps attention unredone
+               'attention_out', 'mlp_hidden', 'mlp_out')  # [B, L, D], [B, L, F], [B, L, D]
+REMAT = ('none', 'full', 'dots', 'names')
+# Stacked (scanned) blocks: each parameter's leading axis is the layer, logical name 'layers'.
+_LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
+
+
+def _axes(*names):
+  return {'logical_axes': names}
+
+
+class Dense(nnx.Linear):
+  """`nnx.Linear` with logical axes on its parameters and the backend's best matmul."""
+
+  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init_scale=1.0,
+               preferred_element_type=None):
+    # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
+    dot_general = cpu_kernels.dot_general if cfg.platform == 'cpu' else lax.dot_general
+    super().__init__(
+        d_in, d_out, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nnx.initializers.normal(0.02 * init_scale), dot_general=dot_general,
+        preferred_element_type=preferred_element_type,
+        kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
+
+
+def norm(cfg, rngs):
+  if cfg.norm == 'layernorm':
+    return nnx.LayerNorm(cfg.embed_dim, epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, scale_metadata=_axes('norm'),
+                         bias_metadata=_axes('norm'), rngs=rngs)
+  return nnx.RMSNorm(cfg.embed_dim, epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     scale_metadata=_axes('norm'), rngs=rngs)
+
+
+def rotary(x_BxLxNxK, theta):
+  """Rotary position embedding over the last axis (halves rotated, as in GPT-NeoX/Llama)."""
+  length, head_dim = x_BxLxNxK.shape[1], x_BxLxNxK.shape[-1]
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angle_LxK2 = jnp.arange(length, dtype=jnp.float32)[:, None] * freq[None, :]
+  sin, cos = jnp.sin(angle_LxK2)[:, None, :], jnp.cos(angle_LxK2)[:, None, :]
+  x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxNxK.dtype)
+
+
+class Attention(nnx.Module):
+  """Self-attention with grouped-query heads (num_kv_heads == num_heads is plain MHA), causal
+  for a decoder, bidirectional for an encoder."""
+
+  def __init__(self, cfg, *, rngs, causal=True):
+    self.cfg, self.causal = cfg, causal
+    d, k = cfg.embed_dim, cfg.embed_dim // cfg.num_heads
+    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs)
+    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
+    self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
+    self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
+                     init_scale=(2 * cfg.num_layers) ** -0.5)
+
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    b, l, _ = x_BxLxD.shape
+    k = cfg.embed_dim // cfg.num_heads
+    q_BxLxHK, k_BxLxGK, v_BxLxGK = cpu_kernels.project(x_BxLxD, (self.query, self.key, self.value))
+    q_BxLxHxK = q_BxLxHK.reshape(b, l, cfg.num_heads, k)
+    k_BxLxGxK = k_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
+    v_BxLxGxK = v_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
+    if cfg.position == 'rope':
+      q_BxLxHxK, k_BxLxGxK = rotary(q_BxLxHxK, cfg.rope_theta), rotary(k_BxLxGxK, cfg.rope_theta)
+    q_BxLxHxK = constrain(checkpoint_name(q_BxLxHxK, 'query_proj'), 'batch', 'length', 'heads',
+                          'kv')
+    k_BxLxGxK = checkpoint_name(k_BxLxGxK, 'key_proj')
+    v_BxLxGxK = checkpoint_name(v_BxLxGxK, 'value_proj')
+    out_BxLxHxK = attention.attention(cfg.attention, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
+                                      causal=self.causal)
+    out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attention_context')
+    out_BxLxD = self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
+    return checkpoint_name(out_BxLxD, 'attention_out')
+
+
+class Mlp(nnx.Module):
+  """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+
+  def __init__(self, cfg, *, rngs):
+    self.gated = cfg.mlp == 'swiglu'
+    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
+    if self.gated:
+      self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
+    self.down = Dense(cfg.mlp_dim, cfg.embed_dim, 'mlp', 'embed', cfg, rngs=rngs,
+                      init_scale=(2 * cfg.num_layers) ** -0.5)
+
+  def __call__(self, x_BxLxD):
+    if self.gated:
+      gate_BxLxF, up_BxLxF = cpu_kernels.project(x_BxLxD, (self.gate, self.up))
+      h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+    else:
+      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
+    h_BxLxF = checkpoint_name(constrain(h_BxLxF, 'batch', 'length', 'mlp'), 'mlp_hidden')
+    return checkpoint_name(self.down(h_BxLxF), 'mlp_out')
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg, *, rngs, causal=True):
+    self.attn_norm, self.attention = norm(cfg, rngs), Attention(cfg, rngs=rngs, causal=causal)
+    self.mlp_norm, self.mlp = norm(cfg, rngs), Mlp(cfg, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x_BxLxD, dropout_key=None):
+    """`dropout_key`: this layer's dropout key; without it dropout is off."""
+    keys = [None, None] if dropout_key is None else jax.random.split(dropout_key)
+    drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
+    x_BxLxD = x_BxLxD + drop(self.attention(self.attn_norm(x_BxLxD)), keys[0])
+    x_BxLxD = x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)), keys[1])
+    return constrain(x_BxLxD, 'batch', 'length', 'embed')
+
+
+class Embed(nnx.Embed):
+  """`nnx.Embed` with logical axes; `attend` (tied logits) takes the platform's best matmul."""
+
+  def __init__(self, cfg, *, rngs):
+    super().__init__(cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, embedding_init=nnx.initializers.normal(0.02),
+                     embedding_metadata=_axes('vocab', 'embed'), rngs=rngs)
+    self.platform = cfg.platform
+
+  def attend(self, x_BxLxD):
+    """Hidden states [B, L, D] -> logits [B, L, V] against the embedding table, in float32."""
+    if self.platform == 'cpu' and x_BxLxD.dtype == jnp.float32:
+      return cpu_kernels.attend(self, x_BxLxD)  # its CPU weight gradient
+    table_VxD = self.embedding[...].astype(x_BxLxD.dtype)
+    return jnp.einsum('bld,vd->blv', x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+
+
+def _stacked_blocks(cfg, rngs, causal) -> Block:
+  """`num_layers` blocks as one Block whose parameters have a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
+  def make(rngs):
+    return Block(cfg, rngs=rngs, causal=causal)
+
+  return make(rngs)
+
+
+def remat_policy(cfg):
+  """What `jax.checkpoint` keeps of a block's activations (the rest is recomputed)."""
+  if cfg.remat == 'dots':
+    # Projection outputs ([B, L, *], linear in L), not the attention scores [B, H, L, L] (a
+    # batched matmul): quadratic in L, they would outgrow the memory remat is meant to save.
+    # (On CPU the projections are custom-gradient matmuls the policy cannot see: as 'full'.)
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if cfg.remat == 'names':
+    return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
+  return None  # full: only the block's input
+
+
+class Blocks(nnx.Module):
+  """`cfg.num_layers` residual blocks applied in order: a list, or one stacked block scanned
+  (`cfg.scan_layers`), each rematerialised as `cfg.remat` says."""
+
+  def __init__(self, cfg, *, rngs, causal=True):
+    self.cfg = cfg
+    if cfg.scan_layers:
+      self.layers = _stacked_blocks(cfg, rngs, causal)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs=rngs, causal=causal)
+                              for _ in range(cfg.num_layers)])
+
+  def __call__(self, x_BxLxD, dropout_key=None):
+    """`dropout_key`: the blocks' dropout key; without it dropout is off."""
+    cfg = self.cfg
+    keys_N = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+    apply = lambda block, x, key: block(x, key)
+    if cfg.remat != 'none':
+      # Under scan there is no common subexpression to protect: XLA cannot hoist across steps.
+      apply = nnx.remat(apply, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+                      transform_metadata=_LAYERS)
+      return scan(self.layers, x_BxLxD, keys_N)
+    for i, block in enumerate(self.layers):
+      x_BxLxD = apply(block, x_BxLxD, None if keys_N is None else keys_N[i])
+    return x_BxLxD
