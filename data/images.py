@@ -1,0 +1,271 @@
+"""Image-classification sources: TFDS, IDX files (the MNIST family) and folders of images.
+
+Each is a random-access source of {'inputs': uint8 [H, W, C], 'label': int} with `num_classes`,
+`class_names`, `kind` ('image') and `record_name(index)`; `data/classification.py` does the rest.
+"""
+
+import gzip
+import os
+import struct
+import zlib
+
+import grain
+import numpy as np
+
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+                         'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
+def resize(image: np.ndarray, size) -> np.ndarray:
+  """uint8 [H, W, C] -> uint8 [size[0], size[1], C] (bilinear); unchanged if already that size."""
+  if not size or image.shape[:2] == tuple(size):
+    return image
+  from PIL import Image  # pylint: disable=g-import-not-at-top; only image sources need it
+  squeezed = image[..., 0] if image.shape[-1] == 1 else image  # PIL wants [H, W] for grey
+  resized = np.asarray(Image.fromarray(squeezed).resize(
+      (size[1], size[0]), Image.Resampling.BILINEAR))
+  return resized.reshape(*size, image.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+  """An IDX file of unsigned bytes with `ndim` dimensions (gzipped if it ends in .gz)."""
+  try:
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    raise ValueError(f'{path}: cannot read it ({type(e).__name__}: {e})') from None
+  header = 4 + 4 * ndim
+  expected_magic = bytes([0, 0, 0x08, ndim])  # 0x08: unsigned bytes
+  if data[:4] != expected_magic:
+    raise ValueError(f'{path}: not an IDX file of {ndim}-d unsigned bytes (magic '
+                     f'{data[:4].hex()}, expected {expected_magic.hex()})')
+  shape = struct.unpack(f'>{ndim}I', data[4:header]) if len(data) >= header else ()
+  if len(data) != header + int(np.prod(shape)) or not shape:
+    raise ValueError(f'{path}: {len(data)} bytes, but its header says shape {shape} '
+                     f'({header + int(np.prod(shape))} bytes); the file is truncated or corrupt')
+  return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def find_idx(directory: str, prefix: str, what: str, ndim: int) -> str:
+  """The path of e.g. `train-images-idx3-ubyte`, plain or .gz, with '-' or '.' before 'idx'."""
+  for sep in ('-', '.'):
+    for ext in ('', '.gz'):
+      path = os.path.join(directory, f'{prefix}-{what}{sep}idx{ndim}-ubyte{ext}')
+      if os.path.exists(path):
+        return path
+  raise ValueError(f'data.path: no {prefix}-{what}-idx{ndim}-ubyte[.gz] in {directory}')
+
+
+class IdxSource(grain.sources.RandomAccessDataSource):
+  """Images and labels of one IDX pair, held in memory (60k MNIST images are 47 MB)."""
+
+  kind = 'image'
+
+  def __init__(self, images_path: str, labels_path: str, class_names=()):
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+      raise ValueError(f'{labels_path}: {len(labels)} labels for {len(images)} images in '
+                       f'{images_path}')
+    self.class_names = list(class_names) or [str(i) for i in range(10)]
+    self.num_classes = len(self.class_names)
+    if len(labels) and labels.max() >= self.num_classes:
+      raise ValueError(f'{labels_path}: label {labels.max()} with only {self.num_classes} '
+                       'classes; set data.class_names')
+    self._images, self._labels, self._path = images[..., None], labels, images_path
+
+  def __len__(self):
+    return len(self._labels)
+
+  def __getitem__(self, index):
+    return {'inputs': self._images[index], 'label': int(self._labels[index])}
+
+  def record_name(self, index) -> str:
+    return f'{self._path} image {index}'
+
+  def __repr__(self):
+    return f'IdxSource({self._path}, {len(self)} images)'
+
+
+def idx_source(directory: str, split: str, class_names=()) -> IdxSource:
+  """The MNIST-family files of `split` in `directory`; 'test' reads the `t10k-` files."""
+  prefix = 't10k' if split == 'test' else split
+  return IdxSource(find_idx(directory, prefix, 'images', 3),
+                   find_idx(directory, prefix, 'labels', 1), class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+
+class TfdsImageSource(grain.sources.RandomAccessDataSource):
+  """Features 'image' and 'label' of a prepared TFDS dataset (ArrayRecord; no TensorFlow)."""
+
+  kind = 'image'
+
+  def __init__(self, name: str, split: str, data_dir: str = '', image_size=()):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top; slow to import
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f'data.name: {e.args[0].splitlines()[0]}') from None
+    except Exception as e:  # pylint: disable=broad-except; TFDS's own messages mislead here
+      raise _not_prepared(tfds.builder(name, data_dir=data_dir or None), split, e) from None
+    label = self._source.dataset_info.features['label']
+    self.class_names, self.num_classes = list(label.names), label.num_classes
+    shape = self._source.dataset_info.features['image'].shape
+    if None in shape[:2] and not image_size:
+      raise ValueError(f'data.image_size: {name} images vary in size; set data.image_size=(H, W)')
+    self._image_size = tuple(image_size)
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    record = self._source[index]
+    return {'inputs': resize(record['image'], self._image_size), 'label': int(record['label'])}
+
+  def record_name(self, index) -> str:
+    return f'{self._source} record {index}'
+
+  def __repr__(self):
+    return f'TfdsImageSource({self._source})'
+
+
+def _not_prepared(builder, split, error) -> ValueError:
+  root = builder._data_dir_root  # pylint: disable=protected-access; where TFDS looked
+  name = builder.name
+  if builder.is_prepared():  # e.g. an unknown split, or TFRecord files (no random access)
+    hint = (f'; rebuild it with `tfds build {name} --file_format=array_record`'
+            if isinstance(error, NotImplementedError) else '')
+    return ValueError(f'data: TFDS {name} in {root}, split {split!r}: '
+                      f'{str(error).splitlines()[0]}{hint}')
+  return ValueError(
+      f'data.name: TFDS dataset {name} is not prepared in {root} (data.tfds_data_dir); run '
+      f'`tfds build {name} --file_format=array_record --data_dir=DIR` on a machine with '
+      'internet and copy DIR here, or point data.tfds_data_dir at a prepared copy')
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders of images
+
+class FolderSource(grain.sources.RandomAccessDataSource):
+  """Image files with their labels, decoded by PIL when read.
+
+  Every image comes out with one shape: `image_size` if given (resized), else the first
+  readable image's; an image that cannot be decoded or has another shape raises when read, and
+  the pipeline counts it as a bad record (checking every file at startup would mean decoding a
+  whole ImageNet before the first step).
+  """
+
+  kind = 'image'
+
+  def __init__(self, files, labels, class_names, image_size=(), channels: int = 3):
+    if channels not in (1, 3):
+      raise ValueError(f'data.image_channels: {channels}; must be 1 (grey) or 3 (RGB)')
+    self._files, self._labels = list(files), list(labels)
+    self.class_names, self.num_classes = list(class_names), len(class_names)
+    self._mode, self._size = 'L' if channels == 1 else 'RGB', tuple(image_size)
+    self._shape = self._first_shape()
+
+  def _decode(self, index) -> np.ndarray:
+    from PIL import Image  # pylint: disable=g-import-not-at-top; only this source needs it
+    with Image.open(self._files[index]) as image:
+      array = np.asarray(image.convert(self._mode))
+    return resize(array.reshape(*array.shape[:2], -1), self._size)
+
+  def _first_shape(self):
+    for index in range(len(self._files)):
+      try:
+        return self._decode(index).shape
+      except Exception:  # pylint: disable=broad-except; the pipeline will count it
+        continue
+    raise ValueError(f'data.path: none of the {len(self._files)} images can be decoded')
+
+  def __len__(self):
+    return len(self._files)
+
+  def __getitem__(self, index):
+    image = self._decode(index)
+    if image.shape != self._shape:
+      raise ValueError(f'shape {image.shape}, expected {self._shape} (set data.image_size '
+                       'to resize)')
+    return {'inputs': image, 'label': self._labels[index]}
+
+  def record_name(self, index) -> str:
+    return self._files[index]
+
+  def __repr__(self):
+    return f'FolderSource({len(self)} images, {self.num_classes} classes)'
+
+
+def _images_by_class(root: str, class_names) -> tuple[list[str], list[int]]:
+  files, labels = [], []
+  for label, name in enumerate(class_names):
+    directory = os.path.join(root, name)
+    if not os.path.isdir(directory):  # a class with no examples in this split
+      continue
+    found = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
+    files += [os.path.join(directory, f) for f in found]
+    labels += [label] * len(found)
+  return files, labels
+
+
+def _subfolders(root: str) -> list[str]:
+  return sorted(f for f in os.listdir(root)
+                if not f.startswith('.') and os.path.isdir(os.path.join(root, f)))
+
+
+def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
+                  eval_percent: int, image_size=(), channels: int = 3) -> FolderSource:
+  """`root/<train_split>/<class>/*` and `root/<eval_split>/<class>/*` if both exist, else
+  `root/<class>/*` split by a hash of `<class>/<file>` (`eval_percent` of them for eval).
+
+  Classes are the training folder's subfolders, sorted by name.
+  """
+  if not os.path.isdir(root):
+    raise ValueError(f'data.path: {root!r} is not a folder')
+  split_folders = all(os.path.isdir(os.path.join(root, s)) for s in (train_split, eval_split))
+  class_root = os.path.join(root, train_split) if split_folders else root
+  class_names = _subfolders(class_root)
+  if not class_names:
+    raise ValueError(f'data.path: no class subfolders in {class_root}')
+  if split_folders:
+    split_root = os.path.join(root, train_split if split == 'train' else eval_split)
+    unknown = sorted(set(_subfolders(split_root)) - set(class_names))
+    if unknown:
+      raise ValueError(f'data.path: {split_root} has classes {unknown} that '
+                       f'{class_root} lacks')
+    files, labels = _images_by_class(split_root, class_names)
+  else:
+    files, labels = _images_by_class(root, class_names)
+    keep = [_is_eval(os.path.relpath(f, root), eval_percent) == (split == 'eval') for f in files]
+    files = [f for f, k in zip(files, keep) if k]
+    labels = [l for l, k in zip(labels, keep) if k]
+  if not files:
+    raise ValueError(f'data.path: no {split} images ({"/".join(IMAGE_EXTENSIONS)}) under {root}')
+  return FolderSource(files, labels, class_names, image_size, channels)
+
+
+def _is_eval(relative_path: str, eval_percent: int) -> bool:
+  return zlib.crc32(relative_path.replace(os.sep, '/').encode()) % 100 < eval_percent
+
+
+# ---------------------------------------------------------------------------------------------
+
+def make_image_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
+  """The images of `split` ('train' or 'eval') for `data_cfg.source` in tfds | idx | folder."""
+  d = data_cfg
+  name = d.train_split if split == 'train' else d.eval_split
+  if d.source == 'tfds':
+    return TfdsImageSource(d.name, name, d.tfds_data_dir, d.image_size)
+  if d.source == 'idx':
+    return idx_source(d.path, name, d.class_names)
+  if d.source == 'folder':
+    return folder_source(d.path, split, train_split=d.train_split, eval_split=d.eval_split,
+                         eval_percent=d.eval_percent, image_size=d.image_size,
+                         channels=d.image_channels)
+  raise ValueError(f'data.source: {d.source!r} is not an image source (tfds | idx | folder)')
