@@ -1,0 +1,501 @@
+"""Text for the encoder: labelled text sources, [CLS]-first rows, masked-language-model batches.
+
+Token ids, byte level, as in models/encoder.py: 0..255 are bytes with PAD_ID = 0 (byte 0 never
+occurs in text); CLS_ID = 256 opens every row, MASK_ID = 257 hides a byte, SEP_ID = 258 joins
+text pairs; VOCAB_SIZE = 264 rounds that up to a multiple of 8.
+
+`make_text_source(data_cfg, split)` gives a grain RandomAccessDataSource of
+{'inputs': bytes, 'label': int} with `num_classes`, `class_names`, `kind = 'text'` and
+`record_name(index)`, for data_cfg.source:
+  tfds             name (imdb_reviews, glue/sst2, or any with a Text and a ClassLabel feature),
+                   tfds_data_dir, train_split / eval_split (split names; '' = the dataset's usual
+                   ones), text_key ('' or 'text' = the dataset's text feature), label_key.
+  csv, jsonl       path, text_key, label_key. A folder: train files `{train_split}*.csv`
+                   (.jsonl) in it, eval files `{eval_split}*`. A file or glob: its records split
+                   by a hash of their text, eval_percent of them for eval.
+  stdlib_packages  seq_len, eval_percent (below).
+Labels are ints (class names '0'..max) or strings (class names sorted); eval files may only use
+the train files' classes. A CSV/JSONL record with bad JSON, no text or no label is dropped as the
+file is loaded and counted in `source.stats` (a data.pipeline.RecordStats): the file is read
+whole anyway, to split it and learn its classes, and dropping then gives an exact len(), so an
+eval pass counts every example once and no batch has holes.
+
+stdlib_packages, a download-free task: which of STDLIB_PACKAGES a snippet of its source comes
+from. Snippets are non-overlapping runs of seq_len - 1 bytes (a full row after CLS) from each
+package's .py files, test folders left out. A file's first snippet starts between seq_len - 1
+and 2 * (seq_len - 1) bytes in, at an offset fixed by a hash of its path, so the licence and
+docstring heading a file (which often name the package) are never shown. Eval holds whole
+files, chosen per package by a hash of their paths relative to the stdlib root (see
+`stdlib_eval_files`): no file is in both splits, every class is in both, and the split is the
+same on any machine with the same Python. Snippets (train / eval), CPython 3.11.7, seq_len 512,
+eval_percent 10:
+  asyncio 805/89  concurrent 111/17  email 614/68  http 353/52  importlib 337/38
+  logging 276/70  multiprocessing 434/54  unittest 413/49  urllib 282/23  xml 490/63
+  (4115/523). Unbalanced: the largest class is 20% of train; report balanced accuracy too.
+Learnable but not easy: one in ten snippets names its package; naive Bayes on byte pairs gets
+63% of eval right.
+
+`mlm_batches` and `mlm_eval_batches` turn any document source (data.sources.make_source) into
+BERT-style masked-LM batches; see there.
+"""
+
+import csv
+import glob
+import json
+import os
+import re
+import sysconfig
+import zlib
+
+import grain
+import numpy as np
+from absl import logging
+
+from data import pipeline
+
+PAD_ID, CLS_ID, MASK_ID, SEP_ID = 0, 256, 257, 258
+VOCAB_SIZE = 264
+
+STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
+                   'multiprocessing', 'unittest', 'urllib', 'xml')
+_TEST_FOLDERS = {'test', 'tests', 'idle_test'}  # unittest's tests moved out in 3.12: skip them all
+# Known text datasets: (text feature, the split that evaluates).
+TFDS_TEXT = {'imdb_reviews': ('text', 'test'), 'glue/sst2': ('sentence', 'validation')}
+_INT = re.compile(r'-?\d+')
+
+
+def encode_for_classification(text: bytes, seq_len: int) -> np.ndarray:
+  """int32[seq_len]: CLS, the first seq_len - 1 bytes of `text`, then PAD."""
+  return _row(np.frombuffer(text[:seq_len - 1], np.uint8), seq_len)
+
+
+def _row(body: np.ndarray, seq_len: int) -> np.ndarray:
+  row = np.full(seq_len, PAD_ID, np.int32)
+  row[0] = CLS_ID
+  row[1:1 + len(body)] = body
+  return row
+
+
+class TextClassificationSource(grain.sources.RandomAccessDataSource):
+  """Labelled texts held in memory, each {'inputs': bytes, 'label': int}."""
+
+  kind = 'text'
+
+  def __init__(self, texts, labels, names, class_names, stats=None):
+    self._texts, self._names = texts, names
+    self._labels = np.asarray(labels, np.int32)
+    self.class_names = tuple(class_names)
+    self.num_classes = len(self.class_names)
+    self.stats = stats or pipeline.RecordStats()  # records dropped when the files were read
+
+  def __len__(self):
+    return len(self._texts)
+
+  def __getitem__(self, index):
+    return {'inputs': self._texts[index], 'label': int(self._labels[index])}
+
+  def record_name(self, index) -> str:
+    return self._names[index]
+
+  def class_counts(self) -> dict[str, int]:
+    counts = np.bincount(self._labels, minlength=self.num_classes)
+    return dict(zip(self.class_names, counts.tolist()))
+
+  def __repr__(self):
+    return f'TextClassificationSource({len(self)} texts, {self.num_classes} classes)'
+
+
+class TfdsTextClassificationSource(grain.sources.RandomAccessDataSource):
+  """A TFDS text dataset through `tfds.data_source` (ArrayRecord, no TensorFlow)."""
+
+  kind = 'text'
+
+  def __init__(self, name: str, split: str, *, data_dir='', text_key='', label_key=''):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top; slow to import
+    self._name, self._split = name, split
+    self._source = _tfds_data_source(tfds, name, split, data_dir)
+    features = self._source.dataset_info.features
+    self._text_key = _text_key(tfds, name, features, text_key)
+    self._label_key = label_key or 'label'
+    for key, which in ((self._text_key, 'text_key'), (self._label_key, 'label_key')):
+      if key not in features:
+        raise ValueError(f'data.{which}: {name} has no feature {key!r}; it has {sorted(features)}')
+    label = features[self._label_key]
+    if not isinstance(label, tfds.features.ClassLabel):
+      raise ValueError(f'data.label_key: {name} feature {self._label_key!r} is not a ClassLabel')
+    self.class_names, self.num_classes = tuple(label.names), label.num_classes
+    if len(self) and self[0]['label'] < 0:  # TFDS marks unlabelled splits with -1
+      raise ValueError(f'data: split {split!r} of {name} is unlabelled (label -1); choose '
+                       f'another (its splits: {sorted(self._source.dataset_info.splits)})')
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    record = self._source[index]
+    text = record[self._text_key]
+    return {'inputs': text.encode() if isinstance(text, str) else bytes(text),
+            'label': int(record[self._label_key])}
+
+  def record_name(self, index) -> str:
+    return f'{self._name}[{self._split}] record {index}'
+
+
+def _known_tfds(name: str):
+  base = name.split(':')[0]
+  return next((v for k, v in TFDS_TEXT.items() if base == k or base.startswith(k + '/')), None)
+
+
+def _tfds_data_source(tfds, name, split, data_dir):
+  where = data_dir or tfds.core.constants.DATA_DIR
+  try:  # download=False: a missing dataset is an error here, never a download mid-run
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except (tfds.core.registered.DatasetNotFoundError, NotImplementedError, FileNotFoundError,
+          AssertionError):
+    raise ValueError(
+        f'data.name: TFDS {name!r} is not prepared as array_record in {where}; prepare it once '
+        f'with `tfds build {name} --data_dir={where} --file_format=array_record` (needs the '
+        'network and TensorFlow), or point data.tfds_data_dir at a copy') from None
+  except ValueError as e:  # e.g. an unknown split
+    raise ValueError(f'data: TFDS {name!r} split {split!r}: {str(e).splitlines()[0]}') from None
+
+
+def _text_key(tfds, name, features, text_key) -> str:
+  """text_key, or the dataset's text feature for '' and for 'text' (the CSV default) if absent."""
+  if text_key in features or text_key not in ('', 'text'):
+    return text_key
+  if _known_tfds(name):
+    return _known_tfds(name)[0]
+  texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+  if len(texts) != 1:
+    raise ValueError(f'data.text_key: set it to one of the text features of {name}: {texts}')
+  return texts[0]
+
+
+def is_text_tfds(name: str, data_dir: str = '') -> bool:
+  """Whether TFDS dataset `name` holds text: a known one, or one with a Text feature."""
+  if _known_tfds(name):
+    return True
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    features = tfds.builder(name, data_dir=data_dir or None).info.features
+  except tfds.core.registered.DatasetNotFoundError:
+    return False
+  return any(isinstance(f, tfds.features.Text) for f in features.values())
+
+
+def _record(text, label, name, stats):
+  """(text, label) of one record, or None (counted) when it has no text or no label."""
+  if isinstance(label, bool) or not isinstance(label, (int, str, type(None))):
+    raise ValueError(f'data.label_key: label {label!r} at {name} is not an int or a class name')
+  label = str(label).strip() if label is not None else ''
+  problem = ('no text' if not isinstance(text, str) or not text.strip() else
+             'no label' if not label else None)
+  stats.count(problem and f'{name}: {problem}')
+  if problem:
+    return None
+  return text.encode(), str(int(label)) if _INT.fullmatch(label) else label, name
+
+
+def _check_keys(path, keys, text_key, label_key, what):
+  for key, which in ((text_key, 'text_key'), (label_key, 'label_key')):
+    if key not in keys:
+      raise ValueError(f'data.{which}: no {what} {key!r} in {path}; found {sorted(keys)}')
+
+
+def _read_csv(path, text_key, label_key, stats):
+  reader = None
+  try:
+    with open(path, newline='', encoding='utf-8-sig') as f:
+      reader = csv.DictReader(f)
+      _check_keys(path, reader.fieldnames or [], text_key, label_key, 'column')
+      return [r for row in reader if (r := _record(
+          row[text_key], row[label_key], f'{path}:{reader.line_num}', stats))]
+  except OSError as e:
+    raise ValueError(f'data.path: cannot read {path}: {e.strerror or e}') from None
+  except UnicodeDecodeError:
+    raise ValueError(f'data.path: {path} is not UTF-8 text') from None
+  except csv.Error as e:
+    line = reader.line_num if reader else 0
+    raise ValueError(f'data.path: {path} line {line} is not CSV: {e}') from None
+
+
+def _read_jsonl(path, text_key, label_key, stats):
+  records, keys = [], set()
+  try:
+    with open(path, 'rb') as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          item = json.loads(line)
+        except ValueError as e:  # bad JSON or bad UTF-8: skip this line, keep the file
+          stats.count(f'{path}:{number}: not JSON ({e})')
+          continue
+        if not isinstance(item, dict):
+          stats.count(f'{path}:{number}: not a JSON object')
+          continue
+        keys.update(item)
+        records.append(_record(item.get(text_key), item.get(label_key), f'{path}:{number}',
+                               stats))
+  except OSError as e:
+    raise ValueError(f'data.path: cannot read {path}: {e.strerror or e}') from None
+  if keys:  # a key that no record has is a misnamed column, not a bad record
+    _check_keys(path, keys, text_key, label_key, 'record with key')
+  return [r for r in records if r]
+
+
+def _read_files(cfg, pattern, which, stats):
+  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise ValueError(f'data.{which}: no file matches {pattern!r}')
+  read = {'csv': _read_csv, 'jsonl': _read_jsonl}[cfg.source]
+  records = [r for p in paths for r in read(p, cfg.text_key or 'text', cfg.label_key or 'label',
+                                            stats)]
+  if stats.bad:
+    logging.warning('%s: dropped %d of %d records, e.g. %s', pattern, stats.bad, stats.seen,
+                    stats.examples)
+  return records
+
+
+def _classes(labels) -> tuple[str, ...]:
+  """'0'..'max' when every label is an int, else the distinct labels sorted."""
+  if labels and all(_INT.fullmatch(label) for label in labels):
+    return tuple(str(i) for i in range(max(map(int, labels)) + 1))
+  return tuple(sorted(set(labels)))
+
+
+def _file_source(cfg, split) -> TextClassificationSource:
+  stats = pipeline.RecordStats()
+  if os.path.isdir(cfg.path):
+    if not (cfg.train_split and cfg.eval_split):
+      raise ValueError(f'data.train_split, data.eval_split: name the files in {cfg.path}')
+    files = lambda name: os.path.join(cfg.path, f'{name}*.{cfg.source}')
+    train = _read_files(cfg, files(cfg.train_split), 'train_split',
+                        stats if split == 'train' else pipeline.RecordStats())
+    class_names = _classes([label for _, label, _ in train])
+    records = (train if split == 'train' else
+               _read_files(cfg, files(cfg.eval_split), 'eval_split', stats))
+  else:  # by text, so duplicate texts never straddle the splits
+    records = _read_files(cfg, cfg.path, 'path', stats)
+    class_names = _classes([label for _, label, _ in records])
+    records = [r for r in records
+               if (zlib.crc32(r[0]) % 100 < cfg.eval_percent) == (split == 'eval')]
+  if not records:
+    raise ValueError(f'data: no usable {split} records in {cfg.path} ({stats.bad} dropped, '
+                     f'eval_percent={cfg.eval_percent})')
+  ids = {name: i for i, name in enumerate(class_names)}
+  for _, label, name in records:
+    if label not in ids:
+      raise ValueError(f'data.label_key: label {label!r} at {name} is not a class of the train '
+                       f'files: {list(class_names)[:10]}')
+  texts, labels, names = zip(*records)
+  return TextClassificationSource(list(texts), [ids[label] for label in labels], list(names),
+                                  class_names, stats)
+
+
+def stdlib_package_files() -> tuple[str, dict[str, list[str]]]:
+  """The stdlib root and, per package, its non-test .py files ('/'-separated, sorted)."""
+  root = sysconfig.get_paths()['stdlib']
+  files = {}
+  for package in STDLIB_PACKAGES:
+    found = glob.glob(os.path.join(root, package, '**', '*.py'), recursive=True)
+    relative = ('/'.join(os.path.relpath(p, root).split(os.sep)) for p in found)
+    files[package] = sorted(r for r in relative if not _TEST_FOLDERS & set(r.split('/')[:-1]))
+  return root, files
+
+
+def _snippet_starts(data: bytes, relative: str, size: int) -> range:
+  return range(size + zlib.crc32(relative.encode()) % size, len(data) - size + 1, size)
+
+
+def stdlib_eval_files(snippets: dict[str, int], eval_percent: int) -> set[str]:
+  """A package's eval files, from {file: its snippet count}: in the order of a hash of their
+  paths, each that brings the eval count nearer to eval_percent of the package's snippets (or
+  the smallest useful file, when none does). eval_percent < 50, so train keeps some."""
+  target = sum(snippets.values()) * eval_percent / 100
+  held_out, total = set(), 0
+  for f in sorted(snippets, key=lambda f: (zlib.crc32(f.encode()), f)):
+    if abs(total + snippets[f] - target) < abs(total - target):
+      held_out.add(f)
+      total += snippets[f]
+  return held_out or {min((n, f) for f, n in snippets.items() if n)[1]}
+
+
+def stdlib_packages_source(seq_len: int, split: str, eval_percent: int):
+  """Snippets of STDLIB_PACKAGES' source, labelled by package (see the module docstring)."""
+  size = seq_len - 1
+  if not 0 <= eval_percent < 50:
+    raise ValueError(f'data.eval_percent: {eval_percent} is not in [0, 50) for stdlib_packages')
+  root, files = stdlib_package_files()
+  texts, labels, names = [], [], []
+  for label, package in enumerate(STDLIB_PACKAGES):
+    contents = {}
+    for relative in files[package]:
+      with open(os.path.join(root, *relative.split('/')), 'rb') as f:
+        contents[relative] = f.read().replace(b'\r\n', b'\n')  # the same bytes from Windows
+    snippets = {f: len(_snippet_starts(data, f, size)) for f, data in contents.items()}
+    if sum(map(bool, snippets.values())) < 2:
+      raise ValueError(f'data.source=stdlib_packages: {root}/{package} has under two files long '
+                       'enough to give snippets; both splits need one')
+    held_out = stdlib_eval_files(snippets, eval_percent)
+    for relative, data in contents.items():
+      if (relative in held_out) == (split == 'eval'):
+        for start in _snippet_starts(data, relative, size):
+          texts.append(data[start:start + size])
+          labels.append(label)
+          names.append(f'{relative}@{start}')
+  return TextClassificationSource(texts, labels, names, STDLIB_PACKAGES)
+
+
+def make_text_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
+  """The labelled texts of `split` ('train' or 'eval') for data_cfg.source."""
+  if split not in ('train', 'eval'):
+    raise ValueError(f'split {split!r} is neither train nor eval')
+  if data_cfg.source == 'tfds':
+    usual_eval = (_known_tfds(data_cfg.name) or ('', 'test'))[1]
+    tfds_split = ((data_cfg.train_split or 'train') if split == 'train' else
+                  (data_cfg.eval_split or usual_eval))
+    return TfdsTextClassificationSource(
+        data_cfg.name, tfds_split, data_dir=data_cfg.tfds_data_dir, text_key=data_cfg.text_key,
+        label_key=data_cfg.label_key)
+  if data_cfg.source in ('csv', 'jsonl'):
+    return _file_source(data_cfg, split)
+  if data_cfg.source == 'stdlib_packages':
+    return stdlib_packages_source(data_cfg.seq_len, split, data_cfg.eval_percent)
+  raise ValueError(f'data.source: {data_cfg.source!r} is not a text classification source '
+                   '(csv, jsonl, stdlib_packages, tfds)')
+
+
+# Masked-language-model data.
+
+
+def mask_tokens(ids: np.ndarray, rng: np.random.Generator, mask_rate: float = 0.15):
+  """BERT's masking of one row: (inputs, targets, weights).
+
+  round(mask_rate * n) of the row's n bytes (at least one; never CLS or PAD) are chosen; of
+  those 80% become MASK, 10% a random byte, 10% stay. Targets hold the chosen bytes, else PAD.
+  """
+  candidates = np.flatnonzero((ids != PAD_ID) & (ids != CLS_ID))
+  count = min(len(candidates), max(1, round(len(candidates) * mask_rate)))
+  chosen = rng.choice(candidates, count, replace=False)
+  action = rng.random(count)
+  inputs = ids.copy()
+  inputs[chosen[action < 0.8]] = MASK_ID
+  replaced = chosen[(action >= 0.8) & (action < 0.9)]
+  inputs[replaced] = rng.integers(1, 256, len(replaced))
+  targets = np.zeros_like(ids)
+  targets[chosen] = ids[chosen]
+  weights = np.zeros(ids.shape, np.float32)
+  weights[chosen] = 1
+  return inputs, targets, weights
+
+
+def _mask_rows(ids, first_example, seed, mask_rate):
+  """Masks each row from its own generator, seeded by (seed, example index): the same masks
+  whichever process masks it, and again after a restore."""
+  rows = [mask_tokens(row, np.random.default_rng([seed, first_example + i]), mask_rate)
+          for i, row in enumerate(ids)]
+  inputs, targets, weights = (np.stack(x) for x in zip(*rows))
+  return {'inputs': inputs, 'targets': targets, 'weights': weights}
+
+
+class _Chunks(grain.experimental.FlatMapTransform):
+  """A document (pipeline tokens) -> all its pieces of at most `size` bytes."""
+
+  max_fan_out = 1 << 30  # read only by MapDataset flat maps; documents may be any length
+
+  def __init__(self, size):
+    self._size = size
+
+  def flat_map(self, element):
+    tokens = element['tokens'][:-1]  # drop the separator the LM pipeline appends
+    return [tokens[i:i + self._size] for i in range(0, len(tokens), self._size)]
+
+
+def _process_rows(global_batch_size, process_index, process_count) -> slice:
+  if global_batch_size % process_count:
+    raise ValueError(f'data.global_batch_size: {global_batch_size} does not split evenly over '
+                     f'{process_count} processes')
+  rows = global_batch_size // process_count
+  return slice(process_index * rows, (process_index + 1) * rows)
+
+
+def mlm_batches(documents, *, seq_len: int, global_batch_size: int, seed: int,
+                mask_rate: float = 0.15, process_index: int = 0, process_count: int = 1,
+                shuffle: bool = True, stats: pipeline.RecordStats | None = None,
+                shuffle_window: int = 4096, worker_threads: int = 2,
+                prefetch_batches: int = 4) -> grain.IterDataset:
+  """Endless masked-LM batches: this process's rows of each global batch.
+
+  Each row is CLS and one piece (up to seq_len - 1 bytes) of a document, PAD-padded; every
+  piece of every document is used. {'inputs', 'targets': int32[b, seq_len], 'weights':
+  float32[b, seq_len]} with b = global_batch_size / process_count; process p gets rows
+  p*b..(p+1)*b-1. Every process reads the whole global stream (text is a few hundred KiB per
+  step) and masks only its rows, so global batches never depend on the process count.
+  Documents are reshuffled each epoch, pieces within `shuffle_window`-piece windows; masks
+  differ each epoch. Unusable documents are skipped and counted in `stats`.
+  """
+  rows = _process_rows(global_batch_size, process_index, process_count)
+  docs = grain.MapDataset.range(len(documents))
+  if shuffle:
+    docs = docs.shuffle(seed=seed)
+  # The LM pipeline's reader: the same checks, counted the same way.
+  stats = stats or pipeline.RecordStats()
+  load = pipeline._load(documents, stats)  # pylint: disable=protected-access
+  docs = docs.repeat().map(load)
+  read_options = grain.ReadOptions(num_threads=worker_threads,
+                                   prefetch_buffer_size=4 * worker_threads)
+  pieces = grain.experimental.FlatMapIterDataset(
+      docs.filter(lambda d: d is not None).to_iter_dataset(read_options), _Chunks(seq_len - 1))
+  if shuffle:
+    pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=shuffle_window,
+                                                          seed=seed)
+  ds = pieces.map(lambda piece: _row(piece, seq_len)).batch(global_batch_size)
+  ds = ds.map_with_index(lambda step, ids: _mask_rows(
+      ids[rows], step * global_batch_size + rows.start, seed, mask_rate))
+  if prefetch_batches:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
+  return ds
+
+
+def _eval_pieces(documents, size, wanted, seed, stats):
+  """`wanted` pieces (fewer if the documents run out) spread over as many documents as possible:
+  documents in a seeded order, one random piece of each, then a second of each, and so on."""
+  load = pipeline._load(documents, stats)  # pylint: disable=protected-access
+  rng = np.random.default_rng(seed)
+  per_document = []
+  for index in rng.permutation(len(documents)):
+    if len(per_document) == wanted:
+      break
+    document = load(int(index))
+    if document is not None:
+      pieces = _Chunks(size).flat_map(document)
+      per_document.append([pieces[i] for i in rng.permutation(len(pieces))])
+  rounds = max(map(len, per_document), default=0)
+  spread = [p[r] for r in range(rounds) for p in per_document if r < len(p)]
+  return spread[:wanted]
+
+
+def mlm_eval_batches(documents, *, seq_len: int, global_batch_size: int, num_batches: int,
+                     seed: int, mask_rate: float = 0.15, process_index: int = 0,
+                     process_count: int = 1, stats: pipeline.RecordStats | None = None
+                     ) -> list[dict]:
+  """A fixed masked-LM eval set: this process's rows of `num_batches` global batches.
+
+  The pieces and their masks depend only on the documents and `seed`. Batches are as in
+  `mlm_batches` plus 'mask': float32[b], 0 for padding rows when the documents run out.
+  """
+  rows = _process_rows(global_batch_size, process_index, process_count)
+  pieces = _eval_pieces(documents, seq_len - 1, num_batches * global_batch_size, seed,
+                        stats or pipeline.RecordStats())
+  batches = []
+  for first in range(0, num_batches * global_batch_size, global_batch_size):
+    mine = pieces[first + rows.start:first + rows.stop]
+    ids = np.zeros((rows.stop - rows.start, seq_len), np.int32)  # padding rows: no bytes to mask
+    for i, piece in enumerate(mine):
+      ids[i] = _row(piece, seq_len)
+    batch = _mask_rows(ids, first + rows.start, seed, mask_rate)
+    batch['mask'] = (np.arange(len(ids)) < len(mine)).astype(np.float32)
+    batches.append(batch)
+  return batches
