@@ -7,11 +7,20 @@ each) and return [B, L, H, K], with `jax.nn.dot_product_attention`'s 1/sqrt(K) s
   cudnn   cuDNN's fused kernel (GPU, 16-bit activations).
   splash  the Pallas TPU splash kernel: blockwise, never materialises [L, L]; runs per device
           under `jax.shard_map`, batch and heads split as the logical rules split them.
+
+`kv_mask_BxL` (bool, True = attend; None = every key) hides the keys of padding tokens in
+self-attention: the query at an unmasked position attends to the unmasked keys only, alike on
+every kernel. The output at a masked (padding) position is finite but kernel-dependent, and
+nothing else depends on it: cpu and xla attend it to the unmasked keys (to all keys, uniformly,
+in an example that is all padding), splash to the padding keys. cuDNN takes padding only as
+per-example key counts, so there the unmasked keys must be a prefix of each sequence (padding
+at the end).
 """
 
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import linen
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding, PartitionSpec
@@ -23,18 +32,32 @@ SPLASH_BLOCK = 512  # tile edge over queries and keys (shorter sequences use one
 _LANES = 128  # the kernel's tiles are multiples of the TPU's 128 vector lanes
 
 
-def attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal: bool = True):
+def attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal: bool = True,
+              kv_mask_BxL=None):
   if kind == 'cpu':
-    return cpu_kernels.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal)
+    return cpu_kernels.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal,
+                                 kv_mask=kv_mask_BxL)
   if kind in ('xla', 'cudnn'):
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal,
-                                        implementation=kind)
+                                        implementation=kind, **_padding(kind, kv_mask_BxL))
   if kind == 'splash':
-    return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal)
+    return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal,
+                            kv_mask_BxL=kv_mask_BxL)
   raise ValueError(f'model.attention: unknown kernel {kind!r}')
 
 
-def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, interpret=False):
+def _padding(kind: str, kv_mask_BxL) -> dict:
+  """`jax.nn.dot_product_attention`'s arguments for a key mask. cuDNN rejects a boolean mask
+  that does not span [L, L]; its padding mode takes key counts (padding at the end)."""
+  if kv_mask_BxL is None:
+    return {}
+  if kind == 'cudnn':
+    return {'key_value_seq_lengths': kv_mask_BxL.sum(axis=1, dtype=jnp.int32)}
+  return {'mask': kv_mask_BxL[:, None, None, :]}  # [B, heads, queries, keys], broadcast
+
+
+def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, kv_mask_BxL=None,
+                     interpret=False):
   """Splash attention over the active mesh; sequences it cannot tile take XLA's path.
 
   The kernel tiles the sequence in multiples of 128; shorter or ragged sequences (samples,
@@ -43,7 +66,8 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, interpret=
   """
   _, length, num_heads, head_dim = q_BxLxHxK.shape
   if length % _LANES:
-    return attention('xla', q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal)
+    return attention('xla', q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal,
+                     kv_mask_BxL=kv_mask_BxL)
   # The kernel takes [heads, length, head dim] per example and does not scale the scores.
   q_BxHxLxK = (q_BxLxHxK * (1 / math.sqrt(head_dim))).astype(q_BxLxHxK.dtype).swapaxes(1, 2)
   k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.swapaxes(1, 2), v_BxLxGxK.swapaxes(1, 2)
@@ -51,13 +75,23 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, interpret=
   spec = _spec(mesh, 'batch', 'heads', 'length', 'kv')
   head_shards = _ways(mesh, spec[1])
   kernel = _kernel(length, num_heads, head_shards, causal, interpret)
-  per_example = lambda kernel, q, k, v: jax.vmap(kernel)(q, k, v)
+  operands, specs = (q_BxHxLxK, k_BxGxLxK, v_BxGxLxK), (spec, spec, spec)
+  if kv_mask_BxL is not None:
+    # Padding is its own segment (0), apart from the tokens (1): a query sees the keys of its
+    # own segment, so no query has every key masked, which the kernel requires (its backward
+    # pass would be wrong for such a row). Segments skip no work: masked tiles are computed.
+    ids_BxL = kv_mask_BxL.astype(jnp.int32)
+    ids = splash.SegmentIds(q=ids_BxL, kv=ids_BxL)
+    operands += (ids,)
+    by_example = PartitionSpec(spec[0], None)
+    specs += (splash.SegmentIds(q=by_example, kv=by_example),)
+  per_example = lambda kernel, *operands: jax.vmap(kernel)(*operands)  # q, k, v[, ids]
   if head_shards * _ways(mesh, spec[0]) == 1:  # nothing split: no mesh, or all replicated
-    return per_example(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
+    return per_example(kernel, *operands).swapaxes(1, 2)
   kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(spec[1], None)))
-  sharded = jax.shard_map(per_example, mesh=mesh, in_specs=(kernel_spec, spec, spec, spec),
+  sharded = jax.shard_map(per_example, mesh=mesh, in_specs=(kernel_spec, *specs),
                           out_specs=spec, check_vma=False)
-  return sharded(kernel, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK).swapaxes(1, 2)
+  return sharded(kernel, *operands).swapaxes(1, 2)
 
 
 def _kernel(length: int, num_heads: int, head_shards: int, causal: bool, interpret: bool):

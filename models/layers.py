@@ -20,8 +20,7 @@ from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import attention
-from models import cpu_kernels
+from models import attention, cpu_kernels, platforms
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -31,6 +30,36 @@ REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj',  # [B, L, H|G, K], after 
 REMAT = ('none', 'full', 'dots', 'names')
 # Stacked (scanned) blocks: each parameter's leading axis is the layer, logical name 'layers'.
 _LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
+
+
+def validate(m):
+  """Checks the keys the shared layers read; raises ValueError('model.<key>: ...')."""
+  def require(ok, key, message):
+    if not ok:
+      raise ValueError(f'model.{key}: {message}')
+
+  def one_of(key, choices):
+    require(m[key] in choices, key, f'{m[key]!r} is not one of {", ".join(map(str, choices))}')
+
+  one_of('position', ('learned', 'rope'))
+  one_of('norm', ('layernorm', 'rmsnorm'))
+  one_of('mlp', ('gelu', 'swiglu'))
+  one_of('dtype', ('auto', 'float32', 'bfloat16', 'float16'))
+  one_of('param_dtype', ('float32', 'bfloat16', 'float16'))
+  for key in ('num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len'):
+    require(m[key] > 0, key, f'must be positive, got {m[key]}')
+  require(m.embed_dim % m.num_heads == 0, 'embed_dim',
+          f'{m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
+  require(m.num_heads % m.num_kv_heads == 0, 'num_kv_heads',
+          f'{m.num_kv_heads} does not divide model.num_heads={m.num_heads}')
+  require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'num_heads',
+          'rope needs an even head dimension (embed_dim / num_heads)')
+  require(0 <= m.dropout_rate < 1, 'dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
+  one_of('remat', REMAT)
+  unknown = sorted(set(m.remat_names) - set(REMAT_NAMES))
+  require(not unknown, 'remat_names',
+          f'unknown {", ".join(unknown)}; tagged are {", ".join(REMAT_NAMES)}')
+  one_of('attention', ('auto', *platforms.ATTENTION))
 
 
 def _axes(*names):
@@ -84,7 +113,8 @@ class Attention(nnx.Module):
     self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
                      init_scale=(2 * cfg.num_layers) ** -0.5)
 
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, kv_mask_BxL=None):
+    """`kv_mask_BxL`: keys to attend to (bool, e.g. not padding); None: all of them."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     k = cfg.embed_dim // cfg.num_heads
@@ -99,7 +129,7 @@ class Attention(nnx.Module):
     k_BxLxGxK = checkpoint_name(k_BxLxGxK, 'key_proj')
     v_BxLxGxK = checkpoint_name(v_BxLxGxK, 'value_proj')
     out_BxLxHxK = attention.attention(cfg.attention, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
-                                      causal=self.causal)
+                                      causal=self.causal, kv_mask_BxL=kv_mask_BxL)
     out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attention_context')
     out_BxLxD = self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
     return checkpoint_name(out_BxLxD, 'attention_out')
@@ -134,11 +164,12 @@ class Block(nnx.Module):
     self.mlp_norm, self.mlp = norm(cfg, rngs), Mlp(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x_BxLxD, dropout_key=None):
-    """`dropout_key`: this layer's dropout key; without it dropout is off."""
+  def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None):
+    """`dropout_key`: this layer's dropout key; without it dropout is off. `kv_mask_BxL`: the
+    keys attention may see (Attention)."""
     keys = [None, None] if dropout_key is None else jax.random.split(dropout_key)
     drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
-    x_BxLxD = x_BxLxD + drop(self.attention(self.attn_norm(x_BxLxD)), keys[0])
+    x_BxLxD = x_BxLxD + drop(self.attention(self.attn_norm(x_BxLxD), kv_mask_BxL), keys[0])
     x_BxLxD = x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)), keys[1])
     return constrain(x_BxLxD, 'batch', 'length', 'embed')
 
@@ -195,11 +226,13 @@ class Blocks(nnx.Module):
       self.layers = nnx.List([Block(cfg, rngs=rngs, causal=causal)
                               for _ in range(cfg.num_layers)])
 
-  def __call__(self, x_BxLxD, dropout_key=None):
-    """`dropout_key`: the blocks' dropout key; without it dropout is off."""
+  def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None):
+    """`dropout_key`: the blocks' dropout key; without it dropout is off. `kv_mask_BxL`: the
+    keys attention may see (bool, e.g. not padding), the same in every layer; None: all."""
     cfg = self.cfg
     keys_N = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-    apply = lambda block, x, key: block(x, key)
+    # The mask is closed over, not scanned: every layer reads the same one.
+    apply = lambda block, x, key: block(x, key, kv_mask_BxL)
     if cfg.remat != 'none':
       # Under scan there is no common subexpression to protect: XLA cannot hoist across steps.
       apply = nnx.remat(apply, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
