@@ -1,0 +1,101 @@
+"""What pretraining buys: the encoder fine-tuned from a masked-LM run against the same encoder
+trained from scratch, on the same classification task and steps.
+
+`python benchmarks/finetune_vs_scratch.py [--workdir_root=/tmp/podium_finetune]
+[--pretrain_steps=2000] [--finetune_steps=1000] [--presets=tiny] [--extra='--config.K=V ...']`
+
+Three train.py runs, one after the other, each in its own process and fresh workdir (an earlier
+run there is deleted first; output in WORKDIR/train.log):
+  (a) mlm        configs/encoder_mlm.py for --pretrain_steps steps, in WORKDIR_ROOT/mlm;
+  (b) finetuned  configs/encoder_classify.py for --finetune_steps steps with
+                 `--config.init_from=WORKDIR_ROOT/mlm` (its backbone; the classifier is new),
+                 in WORKDIR_ROOT/finetuned;
+  (c) scratch    the same config and steps without init_from, in WORKDIR_ROOT/scratch.
+--presets go to both configs (`tiny` for a smoke check), --extra (repeatable, split like a shell
+line, last so it wins) to all three runs: it must keep the encoder's shape the same in both
+configs, or (b) refuses the checkpoint. A step count below a config's warmup shrinks the warmup
+to a tenth of the steps.
+
+Prints figures only: for (a) the final eval MLM loss and accuracy; for (b) and (c) the final
+and best (with its step) eval accuracy, loss and macro-F1, the wall time of the whole process,
+the median training throughput; then (b) minus (c). Runs with benchmarks/classifier_accuracy.py's
+`run_train` and `summary`.
+"""
+
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from benchmarks import classifier_accuracy as bench  # pylint: disable=wrong-import-position
+
+_WORKDIR_ROOT = flags.DEFINE_string('workdir_root', '/tmp/podium_finetune',
+                                    'Runs go to WORKDIR_ROOT/{mlm,finetuned,scratch}, deleted '
+                                    'first.')
+_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 2000, 'Masked-LM steps (0: the '
+                                       "config's).")
+_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 1000, 'Classification steps, for both '
+                                       "the fine-tuned and the scratch run (0: the config's).")
+_PRESETS = flags.DEFINE_string('presets', '', 'Presets for both configs, e.g. tiny.')
+_EXTRA = flags.DEFINE_multi_string('extra', [], 'More train.py flags for all three runs.')
+_POLL = flags.DEFINE_float('poll', 0.5, 'Seconds between looks at metrics.jsonl.')
+
+_CLASSIFY_KEYS = {'eval/accuracy': 'max', 'eval/loss': 'min', 'eval/macro_f1': 'max'}
+
+
+def _run(label, name, steps, more_flags=()):
+  """Trains configs/<name>.py (with --presets) in WORKDIR_ROOT/<label>; prints what it ran."""
+  name = f'{name}:{_PRESETS.value}' if _PRESETS.value else name
+  train_flags = [*bench.steps_flags(name, steps), *more_flags, *bench.extra_flags(_EXTRA.value)]
+  print(f'({label}) {name}: train.py {shlex.join(train_flags)}', flush=True)
+  workdir = os.path.join(_WORKDIR_ROOT.value, label)
+  return bench.run_train(bench.config_arg(name), workdir, train_flags, _POLL.value)
+
+
+def _report(label, run, keys, unit):
+  if run.returncode:
+    print(f'({label}) {bench.failure(run)} ({run.workdir}/train.log)', flush=True)
+    return
+  rate, _, n = bench.train_rates(run.records, unit)
+  print(f'({label}) {bench.summary(run, keys)}; wall {run.wall_s / 60:.2f} min; '
+        f'{rate:,.0f} {unit}/s (median of {n} logged steps); '
+        f'others used {run.others_cpus:.2f} CPUs', flush=True)
+
+
+def _loaded(run) -> str:
+  """train.py's 'Starting from ...: N of M parameter arrays loaded' line, shortened."""
+  for line in run.log.splitlines():
+    if line.startswith('Starting from') and 'loaded' in line:
+      return line.split(': ', 1)[1]
+  return 'no warm start announced'
+
+
+def main(argv):
+  del argv
+  print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}', flush=True)
+  mlm = _run('mlm', 'encoder_mlm', _PRETRAIN_STEPS.value)
+  _report('mlm', mlm, {'eval/loss': 'min', 'eval/accuracy': 'max'}, 'tokens')
+  runs = {}
+  if not mlm.returncode:
+    runs['finetuned'] = _run('finetuned', 'encoder_classify', _FINETUNE_STEPS.value,
+                             [f'--config.init_from={mlm.workdir}'])
+    _report('finetuned', runs['finetuned'], _CLASSIFY_KEYS, 'examples')
+    if not runs['finetuned'].returncode:
+      print(f'(finetuned) {_loaded(runs["finetuned"])}', flush=True)
+  runs['scratch'] = _run('scratch', 'encoder_classify', _FINETUNE_STEPS.value)
+  _report('scratch', runs['scratch'], _CLASSIFY_KEYS, 'examples')
+  if len(runs) == 2 and not any(r.returncode for r in runs.values()):
+    deltas = []
+    for key, mode in _CLASSIFY_KEYS.items():
+      tuned, scratch = (bench.final_and_best(r.records, key, mode) for r in runs.values())
+      if tuned and scratch:
+        deltas.append(f'{key.removeprefix("eval/")} {tuned[0] - scratch[0]:+.4f} final, '
+                      f'{tuned[1] - scratch[1]:+.4f} best')
+    print(f'finetuned - scratch: {"; ".join(deltas)}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
