@@ -1,0 +1,173 @@
+"""A ResNet for small images (He et al. 2016, section 4.2, the CIFAR-10 networks).
+
+A 3x3 stem, then stages of basic blocks (two 3x3 convs, BatchNorm after each, an identity
+shortcut, or a strided 1x1 conv + BatchNorm where the shape changes), global average pooling
+and a linear head. Stage i has `width * 2**i` channels and, after the first, halves the
+resolution; stage_sizes=(3, 3, 3), width=16 is ResNet-20.
+
+BatchNorm normalises by the batch's statistics and updates its running averages when called
+with `train=True`, and uses the running averages otherwise. The averages are `nnx.BatchStat`
+variables, kept next to the parameters (not trained). Under a mesh the statistics are those of
+the whole global batch, not of each device's shard: one device or many give the same model.
+
+Tensor names carry their shapes: B batch, H height, W width, C channels, N classes. Parameters
+carry logical axis names in their `logical_axes` metadata: conv kernels are ('conv_height',
+'conv_width', 'embed', 'mlp'), BatchNorm scales, biases and statistics ('norm',), the head
+('embed', 'classes').
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from models import cnn, platforms
+from parallel.sharding import constrain
+
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
+_NORM = {'logical_axes': ('norm',)}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key this model reads (`config.model`): ResNet-20 for 32x32 colour images."""
+  m = ml_collections.ConfigDict()
+  m.name = 'resnet'
+  m.image_shape = (32, 32, 3)  # height, width, channels
+  m.num_classes = 10
+  m.stage_sizes = (3, 3, 3)  # basic blocks per stage
+  m.width = 16  # channels of the stem and the first stage; doubled by each later stage
+  m.bn_momentum = 0.9  # running average = momentum * running + (1 - momentum) * batch
+  m.bn_epsilon = 1e-5
+  m.dropout_rate = 0.0  # on the pooled features, before the head
+  m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
+  m.param_dtype = 'float32'  # parameters and optimizer state
+  return m
+
+
+def _require(ok: bool, key: str, message: str):
+  if not ok:
+    raise ValueError(f'model.{key}: {message}')
+
+
+def validate(m, config):
+  """Raises ValueError('model.<key>: ...') for the first bad value."""
+  del config  # nothing to check against the data's keys yet
+  _require(len(m.image_shape) == 3 and all(d > 0 for d in m.image_shape), 'image_shape',
+           f'must be three positive sizes (height, width, channels), got {m.image_shape}')
+  _require(m.num_classes > 0, 'num_classes', f'must be positive, got {m.num_classes}')
+  _require(len(m.stage_sizes) > 0 and all(s > 0 for s in m.stage_sizes), 'stage_sizes',
+           f'must be one or more positive block counts, got {m.stage_sizes}')
+  _require(m.width > 0, 'width', f'must be positive, got {m.width}')
+  _require(0 <= m.bn_momentum < 1, 'bn_momentum', f'must be in [0, 1), got {m.bn_momentum}')
+  _require(m.bn_epsilon > 0, 'bn_epsilon', f'must be positive, got {m.bn_epsilon}')
+  _require(0 <= m.dropout_rate < 1, 'dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
+  for key, choices in (('dtype', DTYPES), ('param_dtype', PARAM_DTYPES)):
+    _require(m[key] in choices, key, f'{m[key]!r} is not one of {", ".join(choices)}')
+
+
+def _stages(m):
+  """(blocks, channels, stride of the first block) of each stage."""
+  return [(size, m.width * 2**i, 1 if i == 0 else 2) for i, size in enumerate(m.stage_sizes)]
+
+
+def train_flops_per_example(m, config) -> float:
+  """FLOPs to train on one image: 3x the forward pass's conv and matmul FLOPs (the backward
+  pass computes the input's and the weight's gradient, each as costly as the forward), at 2
+  FLOPs per multiply-add. BatchNorm, activations, pooling and the optimizer are left out."""
+  del config
+  height, width, channels = m.image_shape
+  macs = height * width * 9 * channels * m.width  # the stem
+  channels = m.width
+  for blocks, features, stride in _stages(m):
+    for block in range(blocks):
+      if block == 0:
+        height, width = -(-height // stride), -(-width // stride)  # 'SAME': ceil
+        if stride != 1 or channels != features:
+          macs += height * width * channels * features  # 1x1 projection
+      macs += height * width * 9 * (channels + features) * features  # two 3x3 convs
+      channels = features
+  macs += channels * m.num_classes
+  return 3 * 2 * macs
+
+
+def _conv(c_in, c_out, kernel, stride, cfg, rngs):
+  # No bias: the BatchNorm after each conv has one. He et al.'s variance for ReLU nets.
+  return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding='SAME', use_bias=False,
+                  kernel_init=cnn.drawn_as_matrix(nnx.initializers.he_uniform()),
+                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                  kernel_metadata={'logical_axes': ('conv_height', 'conv_width', 'embed', 'mlp')})
+
+
+def _batch_norm(features, cfg, rngs):
+  norm = nnx.BatchNorm(features, momentum=cfg.bn_momentum, epsilon=cfg.bn_epsilon,
+                       dtype=cfg.dtype, param_dtype=cfg.param_dtype, scale_metadata=_NORM,
+                       bias_metadata=_NORM, rngs=rngs)
+  # The constructor takes metadata for scale and bias only: the statistics get theirs here.
+  norm.mean.set_metadata(**_NORM)
+  norm.var.set_metadata(**_NORM)
+  return norm
+
+
+class Block(nnx.Module):
+  """relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), the shortcut projected by a strided 1x1
+  conv + BatchNorm where the resolution or the channels change."""
+
+  def __init__(self, c_in, c_out, stride, cfg, *, rngs):
+    self.conv1 = _conv(c_in, c_out, 3, stride, cfg, rngs)
+    self.norm1 = _batch_norm(c_out, cfg, rngs)
+    self.conv2 = _conv(c_out, c_out, 3, 1, cfg, rngs)
+    self.norm2 = _batch_norm(c_out, cfg, rngs)
+    self.projects = stride != 1 or c_in != c_out
+    if self.projects:
+      self.proj = _conv(c_in, c_out, 1, stride, cfg, rngs)
+      self.proj_norm = _batch_norm(c_out, cfg, rngs)
+
+  def __call__(self, x_BxHxWxC, train: bool):
+    frozen = not train
+    y_BxHxWxC = jax.nn.relu(self.norm1(self.conv1(x_BxHxWxC), use_running_average=frozen))
+    y_BxHxWxC = self.norm2(self.conv2(y_BxHxWxC), use_running_average=frozen)
+    if self.projects:
+      x_BxHxWxC = self.proj_norm(self.proj(x_BxHxWxC), use_running_average=frozen)
+    return constrain(jax.nn.relu(y_BxHxWxC + x_BxHxWxC), 'batch', 'height', 'width', 'channels')
+
+
+class Model(nnx.Module):
+  """Images [B, H, W, C] (normalised float32) -> logits [B, N] (float32).
+
+  `cfg` should come from `resolve_for_platform`; an unresolved one is resolved for JAX's
+  default backend.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if 'platform' not in cfg:
+      cfg = platforms.resolve_for_platform(cfg, jax.default_backend())
+    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
+    self.cfg = cfg
+    self.stem = _conv(cfg.image_shape[-1], cfg.width, 3, 1, cfg, rngs)
+    self.stem_norm = _batch_norm(cfg.width, cfg, rngs)
+    blocks, channels = [], cfg.width
+    for size, features, stride in _stages(cfg):
+      for i in range(size):
+        blocks.append(Block(channels, features, stride if i == 0 else 1, cfg, rngs=rngs))
+        channels = features
+    self.blocks = nnx.List(blocks)
+    self.dropout = nnx.Dropout(cfg.dropout_rate)
+    # 16-bit activations: the logits are accumulated in float32.
+    self.head = nnx.Linear(
+        channels, cfg.num_classes, kernel_init=nnx.initializers.lecun_uniform(),
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        preferred_element_type=None if cfg.dtype == 'float32' else jnp.float32,
+        kernel_metadata={'logical_axes': ('embed', 'classes')},
+        bias_metadata={'logical_axes': ('classes',)}, rngs=rngs)
+
+  def __call__(self, images_BxHxWxC, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    """`train`: normalise by batch statistics and update the running averages. `rngs` carries
+    the dropout stream; without it dropout is off."""
+    x_BxHxWxC = constrain(images_BxHxWxC, 'batch', 'height', 'width', 'channels')
+    x_BxHxWxC = jax.nn.relu(self.stem_norm(self.stem(x_BxHxWxC), use_running_average=not train))
+    for block in self.blocks:
+      x_BxHxWxC = block(x_BxHxWxC, train)
+    x_BxC = jnp.mean(x_BxHxWxC, axis=(1, 2))
+    x_BxC = self.dropout(x_BxC, deterministic=rngs is None, rngs=rngs)
+    return constrain(self.head(x_BxC).astype(jnp.float32), 'batch', 'classes')
