@@ -22,7 +22,8 @@ from absl import app, flags
 
 from benchmarks.bench_configs import CONFIGS
 from parallel import sharding
-from training import state as state_lib, step as step_lib
+from tasks import language_model
+from training import state as state_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['small', 'default', 'llama'], 'Configs to check.')
 _TOLERANCE = flags.DEFINE_float('tolerance', 1e-5, 'Largest allowed difference, relative to '
@@ -39,7 +40,7 @@ def loss_and_grads(config, cpu_paths: bool):
       0, config.model.vocab_size, (config.data.global_batch_size, config.data.seq_len + 1))
   with sharding.activate(mesh, config.mesh.rules):
     params = state_lib.init_state(config, setup)['params']
-    loss_fn = lambda p: step_lib.next_token_loss(setup.model(p), jnp.asarray(tokens))
+    loss_fn = lambda p: language_model.next_token_loss(setup.model(p), jnp.asarray(tokens))
     return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 

@@ -4,8 +4,8 @@ Goes through the project's own code path (config -> mesh -> make_setup/init_stat
 compile_steps under `sharding.activate`), one fresh process per config so that each peak RSS is
 its own, and prints for each: median ms/step over --steps steps (each waited for), tokens/s,
 peak RSS, minor page faults per step, the step's FLOPs (XLA's cost analysis and the analytic
-count of models/flops.py: 6 per matmul parameter and token plus causal attention), and the
-step's FLOP/s as a fraction of this machine's float32 matmul rate
+count, 6 per matmul parameter and token plus causal attention, models/flops.py) and the step's
+FLOP/s as a fraction of this machine's float32 matmul rate
 (`hardware.chips.matmul_flops_per_second`, in the parent process). Prints figures only.
 
 Configs (benchmarks/bench_configs.py):
@@ -33,10 +33,10 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.bench_configs import CONFIGS
-from models import flops
+
 from hardware import chips, cpu_runtime
 from parallel import sharding
-from training import state as state_lib, step as step_lib
+from training import aot, state as state_lib, step as step_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['default', 'small'], 'Configs to time, one process each.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed steps per config.')
@@ -91,7 +91,7 @@ def time_config(name, matmul_rate):
   setup = state_lib.make_setup(config, mesh)
   batch_sharding = sharding.logical_sharding(mesh, config.mesh.rules, 'batch', 'length')
   batches = _batches(config, np.random.default_rng(0))
-  put = lambda: jax.device_put(next(batches), batch_sharding)
+  put = lambda: {'tokens': jax.device_put(next(batches), batch_sharding)}
   with sharding.activate(mesh, config.mesh.rules):
     state = state_lib.init_state(config, setup)
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
@@ -113,7 +113,7 @@ def time_config(name, matmul_rate):
     others = max(0.0, (_busy_seconds_of_others() - others0) / sum(times))
   step_s = statistics.median(times)
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
-  flops_xla, flops_model = xla_flops(compiled), flops.train_flops_per_step(config)
+  flops_xla, flops_model = xla_flops(compiled), aot.train_flops_per_step(config)
   rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
   print(f'[{name}] {state_lib.count_params(state["params"]) / 1e6:.2f}M params, batch '
         f'{config.data.global_batch_size} x {config.data.seq_len}, compiled in {compile_s:.1f} s, '

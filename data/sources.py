@@ -14,11 +14,14 @@ SPLITS = ('train', 'eval')
 
 
 def stdlib_files() -> list[str]:
-  """The Python standard library's own non-empty `.py` files: a corpus every Python carries."""
+  """The Python standard library's own non-empty `.py` files: a corpus every Python carries.
+
+  Left out: installed packages, and `_sysconfigdata_*.py`, a dump of this machine's build flags
+  (not Python anyone wrote, and different on every machine)."""
   root = sysconfig.get_paths()['stdlib']
   files = glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
   return sorted(f for f in files if 'site-packages' not in os.path.relpath(f, root).split(os.sep)
-                and os.path.getsize(f))
+                and not os.path.basename(f).startswith('_sysconfigdata') and os.path.getsize(f))
 
 
 def split_files(files: list[str], split: str, eval_percent: int) -> list[str]:

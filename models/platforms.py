@@ -23,9 +23,9 @@ def resolve_for_platform(model_config, platform: str) -> ml_collections.ConfigDi
   if platform not in PLATFORMS:
     raise ValueError(f'platform {platform!r} is not one of {", ".join(PLATFORMS)}')
   resolved = ml_collections.ConfigDict(model_config.to_dict())
-  if resolved.dtype == 'auto':
+  if resolved.get('dtype') == 'auto':
     resolved.dtype = 'float32' if platform == 'cpu' else 'bfloat16'
-  if resolved.attention == 'auto':
+  if resolved.get('attention') == 'auto':
     resolved.attention = {'cpu': 'cpu', 'tpu': 'splash'}.get(platform) or (
         'cudnn' if resolved.dtype in ('bfloat16', 'float16') else 'xla')
   resolved.platform = platform

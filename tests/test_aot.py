@@ -44,7 +44,7 @@ def test_train_flops_per_token_matches_a_hand_count():
 
 def test_grouped_query_swiglu_count_matches_the_models_kernels():
   config = default.get_config('tiny,llama')  # 2 kv heads, SwiGLU, untied unembedding
-  model = MODELS['transformer'](config.model, rngs=nnx.Rngs(params=0))
+  model = MODELS['transformer'].Model(config.model, rngs=nnx.Rngs(params=0))
   kernels = sum(x.size for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
                 if path[-1] == 'kernel')
   assert config.model.num_kv_heads < config.model.num_heads and not config.model.tie_embeddings
@@ -122,7 +122,7 @@ def test_small_model_compiles_for_a_tpu_slice(topology):
   assert 0 <= report.opt_state_bytes - 2 * report.params_bytes < 64
   assert 0 < report.temp_bytes < report.total_bytes < report.hbm_bytes
   assert report.fits and report.free_fraction > 0.99
-  assert report.model_flops == flops.train_flops_per_step(config) / devices
+  assert report.model_flops == aot.train_flops_per_step(config) / devices
   assert report.compiled_flops > 0
   printed = aot.format_report(report, config)
   assert f'{topology}: {devices} x TPU v' in printed and 'free)' in printed

@@ -17,7 +17,7 @@ from training import metrics
 
 # Dropout on, so its random stream must resume exactly too.
 LONG = ['--config.train.steps=40', '--config.train.checkpoint_every=1000',
-        '--config.train.eval_every=0', '--config.train.num_samples=0',
+        '--config.train.eval_every=0', '--config.task.num_samples=0',
         '--config.model.dropout_rate=0.1']
 
 
@@ -173,7 +173,7 @@ def small_checkpoint_disk(tmp_path):
 @pytest.mark.parametrize('policy', ['warn', 'stop'])
 def test_disk_full_during_save_keeps_earlier_checkpoints(small_checkpoint_disk, policy):
   workdir = small_checkpoint_disk
-  result = run_train(workdir, '--config.train.checkpoint_every=2', '--config.train.num_samples=0',
+  result = run_train(workdir, '--config.train.checkpoint_every=2', '--config.task.num_samples=0',
                      f'--config.train.on_save_error={policy}')
   assert 'checkpoint write failed' in result.stdout + result.stderr
   if policy == 'warn':
@@ -187,7 +187,7 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(small_checkpoint_disk, 
   assert complete[0] == 2
   for step in complete:  # every checkpoint still listed is whole and readable
     _state(workdir, step)
-  resumed = run_train(workdir, '--config.train.num_samples=0')  # partial writes are ignored
+  resumed = run_train(workdir, '--config.task.num_samples=0')  # partial writes are ignored
   assert f'Resumed from the checkpoint at step {complete[-1]}' in resumed.stdout
 
 

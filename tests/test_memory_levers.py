@@ -21,6 +21,7 @@ from parallel import sharding
 from tests import test_sharding
 from training import config_check
 from training import state as state_lib
+from tasks import base, language_model
 from training import step as step_lib
 
 
@@ -32,7 +33,7 @@ def _config(preset='tiny,llama', **model):
 
 def _split(config, platform='cpu', abstract=False):
   model_config = resolve_for_platform(config.model, platform)
-  build = lambda: MODELS[config.model.name](model_config, rngs=nnx.Rngs(params=0))
+  build = lambda: MODELS[config.model.name].Model(model_config, rngs=nnx.Rngs(params=0))
   return nnx.split(nnx.eval_shape(build) if abstract else build(), nnx.Param)
 
 
@@ -46,8 +47,9 @@ def _tokens(config, batch=8):
 
 
 def _loss_fn(graphdef, tokens, dropout_key=None):
-  return lambda params: step_lib.next_token_loss(nnx.merge(graphdef, params), tokens,
-                                                 dropout_key)
+  rngs = lambda: None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+  return lambda params: language_model.next_token_loss(nnx.merge(graphdef, params), tokens,
+                                                       rngs())
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -215,7 +217,7 @@ def test_scanned_sharded_step_matches_single_device_gradients():
     assert kernel.addressable_shards[0].data.shape == (2, 8, 48)  # embed/4, mlp/2
     initial_params = jax.device_get(state['params'])
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
-    _, metrics = train_step(state, np.asarray(_tokens(config)))
+    _, metrics = train_step(state, {'tokens': np.asarray(_tokens(config))})
   params, loss, grads = _reference(scan=True)  # one device, no remat, full logits
   _assert_close(initial_params, nnx.to_pure_dict(params))
   _assert_close(metrics['train/loss'], loss)
@@ -276,9 +278,7 @@ def test_scanned_remat_chunked_model_compiles_for_tpu():
   config.mesh.update(data=1, fsdp=2, tensor=2)
   mesh = _tpu_mesh(config)
   setup = state_lib.make_setup(config, mesh)
-  batch = jax.ShapeDtypeStruct(
-      (config.data.global_batch_size, config.data.seq_len + 1), jnp.int32,
-      sharding=sharding.logical_sharding(mesh, config.mesh.rules, 'batch', 'length'))
+  batch = base.abstract_batch(setup.task.batch_spec('train'), mesh, config.mesh.rules)
   with sharding.activate(mesh, config.mesh.rules):
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
     lowered = train_step.lower(setup.abstract_state, batch)

@@ -11,11 +11,11 @@ from flax import nnx
 from configs import default
 from models import MODELS
 from models import cpu_kernels
-from training import step as step_lib
+from tasks import language_model
 
 
 def _model(config):
-  return MODELS[config.model.name](config.model, rngs=nnx.Rngs(params=0))
+  return MODELS[config.model.name].Model(config.model, rngs=nnx.Rngs(params=0))
 
 
 def _tokens(config, batch=4, seed=0):
@@ -31,7 +31,7 @@ def test_forward_shapes_and_initial_loss(preset):
   logits = model(tokens[:, :-1])
   chex.assert_shape(logits, (4, config.data.seq_len, config.model.vocab_size))
   chex.assert_tree_all_finite(logits)
-  loss = step_lib.next_token_loss(model, tokens)
+  loss = language_model.next_token_loss(model, tokens)
   # A freshly initialised model predicts nearly uniformly over the vocabulary.
   assert abs(float(loss) - np.log(config.model.vocab_size)) < 0.1
 
@@ -79,7 +79,7 @@ def test_tiny_model_overfits_one_batch(preset):
   @jax.jit
   def update(params, opt_state):
     loss, grads = jax.value_and_grad(
-        lambda p: step_lib.next_token_loss(nnx.merge(graphdef, p), tokens))(params)
+        lambda p: language_model.next_token_loss(nnx.merge(graphdef, p), tokens))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 

@@ -17,7 +17,7 @@ from tests.test_train_e2e import REPO, TINY, run_train
 # FSDP x tensor over both processes, so parameters and checkpoints are split between them.
 # Two data streams: one per process here, both in the one-process run.
 SHARED = ['--config.data.num_streams=2', '--config.mesh.data=1', '--config.mesh.fsdp=4',
-          '--config.mesh.tensor=2', '--config.train.num_samples=0', '--config.train.steps=12',
+          '--config.mesh.tensor=2', '--config.task.num_samples=0', '--config.train.steps=12',
           '--config.model.dropout_rate=0.1']
 
 

@@ -9,7 +9,7 @@ from tests.test_train_e2e import run_train
 from training import metrics
 from training import step as step_lib
 
-NAN_AT_5 = ['--config.train.debug_nan_at_step=5', '--config.train.num_samples=0']
+NAN_AT_5 = ['--config.train.debug_nan_at_step=5', '--config.task.num_samples=0']
 
 
 def _records(workdir):
@@ -42,7 +42,7 @@ def test_stop_names_the_step_and_saves(tmp_path):
 
 def test_rollback_restores_the_last_checkpoint_and_skips_the_bad_batches(tmp_path):
   unbroken = tmp_path / 'unbroken'
-  assert run_train(unbroken, '--config.train.num_samples=0').returncode == 0
+  assert run_train(unbroken, '--config.task.num_samples=0').returncode == 0
   workdir = tmp_path / 'rollback'
   result = run_train(workdir, *NAN_AT_5, '--config.train.nonfinite_policy=rollback',
                      '--config.train.checkpoint_every=2')
@@ -77,7 +77,7 @@ def _corpus(directory, good, bad):
   for i in range(bad):
     (directory / f'bad{i:03d}.txt').write_bytes(b'\xff\xfe broken ' + bytes([i % 250]))
   return ['--config.data.source=files', f'--config.data.files={directory}/*.txt',
-          '--config.data.eval_percent=5', '--config.train.num_samples=0']
+          '--config.data.eval_percent=5', '--config.task.num_samples=0']
 
 
 def test_a_few_bad_records_are_skipped_and_reported(tmp_path):

@@ -38,14 +38,14 @@ def test_decay_after_warmup(kind, at_60, at_110):
 def test_weight_decay_only_touches_kernels():
   for preset in ('tiny,gpt2', 'tiny,llama'):
     config = default.get_config(preset)
-    model = MODELS['transformer'](config.model, rngs=nnx.Rngs(0))
+    model = MODELS['transformer'].Model(config.model, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     mask = optimizer.decay_mask(params)
-    assert mask['blocks'][0]['mlp']['up']['kernel'] is True
+    assert mask['blocks']['layers'][0]['mlp']['up']['kernel'] is True
     assert mask['embed']['embedding'] is False
     assert mask['final_norm']['scale'] is False
     if preset.endswith('gpt2'):
-      assert mask['positions'] is False and mask['blocks'][0]['mlp']['up']['bias'] is False
+      assert mask['positions'] is False and mask['blocks']['layers'][0]['mlp']['up']['bias'] is False
 
 
 def test_clipping_and_decay_act_in_the_update():

@@ -31,7 +31,7 @@ def _run(config, mesh_sizes, devices, batches):
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
     losses = []
     for tokens in batches:
-      state, metrics = train_step(state, tokens)
+      state, metrics = train_step(state, {'tokens': tokens})
       losses.append(float(metrics['train/loss']))
   return losses, jax.device_get(state)
 
@@ -75,8 +75,8 @@ def test_presets_shard_parameters(preset):
   mesh = sharding.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
   state = state_lib.init_state(config, setup)
-  kernel = state['params']['blocks'][0]['mlp']['up']['kernel']
-  mu = state['opt_state'][1][0].mu['blocks'][0]['mlp']['up']['kernel']
+  kernel = state['params']['blocks']['layers'][0]['mlp']['up']['kernel']
+  mu = state['opt_state'][1].inner_state[0].mu['blocks']['layers'][0]['mlp']['up']['kernel']
   # embed (32) over fsdp, mlp (128) over tensor: each device holds only its shard.
   expected = (8, 64) if preset == 'fsdp_tp' else (4, 128)
   assert kernel.addressable_shards[0].data.shape == expected

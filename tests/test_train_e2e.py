@@ -21,9 +21,11 @@ CACHE_ALL = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
 
 
 def run_train(workdir, *args, env=None):
+  """train.py on the tiny default config, unless `args` name another --config."""
+  config = [] if any(a.startswith('--config=') for a in args) else TINY
   return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}',
-                         *TINY, *args], capture_output=True, text=True, cwd=REPO, timeout=600,
-                        check=False, env={**CACHE_ALL, **(env or {})})
+                         *config, *args], capture_output=True, text=True, cwd=REPO,
+                        timeout=600, check=False, env={**CACHE_ALL, **(env or {})})
 
 
 def saved_state(workdir, step):

@@ -14,11 +14,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
-from models import flops
 from hardware import chips, tpu_slices
+from models import MODELS
 from parallel import sharding
+from tasks import base
 from training import config_check
 from training import state as state_lib
 from training import step as step_lib
@@ -40,12 +40,13 @@ class Report:
   temp_bytes: int | None = None  # activations kept for the backward pass, gradients, scratch
   code_bytes: int | None = None
   compiled_flops: float = math.nan  # XLA's count for the per-device program
-  model_flops: float = math.nan  # models/flops.py's analytic count, the global step / devices
+  model_flops: float = math.nan  # the model module's analytic count, global step / devices
   trace_seconds: float = math.nan  # tracing and lowering to StableHLO
   compile_seconds: float = math.nan  # the TPU compiler
   host_peak_rss_bytes: int = 0
   compiler_error: str = ''
   unsharded: tuple = ()  # parameters whose dimensions the mesh does not divide (kept whole)
+  batch_shapes: str = ''  # the global batch, e.g. 'tokens 256x8193'
 
   @property
   def total_bytes(self) -> int | None:
@@ -86,12 +87,6 @@ def _bytes_per_device(abstract_tree) -> int:
              for x in jax.tree.leaves(abstract_tree))
 
 
-def _abstract_batch(config, mesh):
-  batch_sharding = sharding.logical_sharding(mesh, config.mesh.rules, 'batch', 'length')
-  shape = (config.data.global_batch_size, config.data.seq_len + 1)
-  return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-
-
 def _compile(config, mesh, setup, batch, report):
   """The compiled train step, or None with the compiler's out-of-memory message in `report`."""
   start = time.perf_counter()
@@ -123,15 +118,17 @@ def compile_report(config, topology_name: str) -> Report:
   mesh = _mesh(config, devices)
   setup = state_lib.make_setup(config, mesh)
   state = setup.abstract_state
-  batch = _abstract_batch(config, mesh)
+  batch = base.abstract_batch(setup.task.batch_spec('train'), mesh, config.mesh.rules)
   report = Report(
       topology=topology_name, device_kind=devices[0].device_kind, num_devices=len(devices),
       mesh=dict(mesh.shape), hbm_bytes=chips.hbm_bytes_per_device(devices[0]),
       param_count=state_lib.count_params(state['params']),
       params_bytes=_bytes_per_device(state['params']),
       opt_state_bytes=_bytes_per_device(state['opt_state']),
-      model_flops=flops.train_flops_per_step(config) / len(devices),
-      unsharded=tuple(sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules)))
+      model_flops=train_flops_per_step(config) / len(devices),
+      unsharded=tuple(sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules)),
+      batch_shapes=', '.join(f'{k} {"x".join(map(str, f.shape))}'
+                             for k, f in setup.task.batch_spec('train').items()))
   compiled = _compile(config, mesh, setup, batch, report)
   report.host_peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   if compiled is not None:
@@ -144,6 +141,12 @@ def compile_report(config, topology_name: str) -> Report:
     report.code_bytes = memory.generated_code_size_in_bytes
     report.compiled_flops = _compiled_flops(compiled)
   return report
+
+
+def train_flops_per_step(config) -> float:
+  """Analytic FLOPs of one optimiser update on the global batch (all devices together)."""
+  model = MODELS[config.model.name]
+  return config.data.global_batch_size * model.train_flops_per_example(config.model, config)
 
 
 def _size(n) -> str:
@@ -172,8 +175,7 @@ def format_report(r: Report, config) -> str:
   lines = [
       f'{r.topology}: {r.num_devices} x {r.device_kind} ({r.hbm_bytes / 2**30:.0f} GiB HBM each),'
       f' mesh {mesh}',
-      f'model {_count(r.param_count)} parameters, batch {config.data.global_batch_size} x '
-      f'{config.data.seq_len} tokens{_micro(config)}',
+      f'model {_count(r.param_count)} parameters, batch {r.batch_shapes}{_micro(config)}',
       f'traced in {r.trace_seconds:.1f} s, compiled in {r.compile_seconds:.1f} s, host peak RSS '
       f'{r.host_peak_rss_bytes / 2**30:.2f} GiB',
       'per device                         of HBM',
@@ -184,7 +186,7 @@ def format_report(r: Report, config) -> str:
       f'  program              {_size(r.code_bytes)}{share(r.code_bytes)}',
       f'  total                {_size(r.total_bytes)}{share(r.total_bytes)}'
       + (f'  ({r.free_fraction:.1%} free)' if r.total_bytes is not None else ''),
-      f'FLOPs per step per device: {r.model_flops:.4g} analytic (models/flops.py), '
+      f'FLOPs per step per device: {r.model_flops:.4g} analytic (the model module\'s count), '
       + ('compiled: none' if math.isnan(r.compiled_flops) else
          f'{r.compiled_flops:.4g} compiled (XLA\'s cost analysis: a scanned body counts once, '
          'Pallas kernels such as splash attention not at all)'),

@@ -1,4 +1,5 @@
-"""Orbax checkpoints holding the train state and the data iterator's position, saved together.
+"""Orbax checkpoints holding the train state, the data iterator's position and the loop parts'
+state (e.g. early stopping's patience), saved together.
 
 Saves are asynchronous: `save` copies arrays off the devices and returns while a background
 thread writes them, so the next steps (which donate the state's buffers) can start at once.
@@ -21,13 +22,14 @@ def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointMana
       cleanup_tmp_directories=True,  # a write that died (crash, disk full) frees its space
       create=True)
   handlers = {'state': ocp.StandardCheckpointHandler(),
-              'data': grain.checkpoint.CheckpointHandler()}
+              'data': grain.checkpoint.CheckpointHandler(),
+              'loop': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
                                item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every: int,
-         final: bool) -> bool:
+         final: bool, loop_state: dict | None = None) -> bool:
   """Saves on every `every`-th step and the final one; returns whether a save started.
 
   Raises what went wrong in an earlier background write, if anything did.
@@ -35,8 +37,11 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every:
   manager.check_for_errors()
   if step % every and not final:
     return False
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=grain.checkpoint.CheckpointSave(data_iterator))
+  items = {'state': ocp.args.StandardSave(state),
+           'data': grain.checkpoint.CheckpointSave(data_iterator)}
+  if loop_state:
+    items['loop'] = ocp.args.JsonSave(loop_state)
+  args = ocp.args.Composite(**items)
   return manager.save(step, args=args, force=True)
 
 
@@ -45,7 +50,8 @@ class NoUsableCheckpointError(RuntimeError):
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator):
-  """(step, state) from the newest readable checkpoint, moving `data_iterator` to match.
+  """(step, state, loop state or None) from the newest readable checkpoint, moving
+  `data_iterator` to match.
 
   Returns None when there are no checkpoints. An unreadable checkpoint is moved aside into
   `checkpoints_unreadable/` (never deleted) and the next older one is tried.
@@ -54,10 +60,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
   for step in steps:
     _check_shapes(manager, step, abstract_state)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
-      return step, restored['state']
+      items = {'state': ocp.args.StandardRestore(abstract_state),
+               'data': grain.checkpoint.CheckpointRestore(data_iterator)}
+      if (manager.directory / str(step) / 'loop').exists():
+        items['loop'] = ocp.args.JsonRestore()
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+      return step, restored['state'], restored['loop'] if 'loop' in items else None
     except Exception as e:  # pylint: disable=broad-except; any failure to read means unusable
       aside = _set_aside(manager, step, 'checkpoints_unreadable')
       logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '

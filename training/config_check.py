@@ -2,8 +2,9 @@
 
 import os
 
-from models import MODELS, platforms, transformer
+from models import MODELS
 from parallel import sharding
+from tasks import TASKS
 from training import optimizer
 
 
@@ -24,48 +25,25 @@ def _one_of(config, key: str, choices):
 
 
 def check_model(config):
-  m = config.model
   _one_of(config, 'model.name', sorted(MODELS))
-  _one_of(config, 'model.position', ('learned', 'rope'))
-  _one_of(config, 'model.norm', ('layernorm', 'rmsnorm'))
-  _one_of(config, 'model.mlp', ('gelu', 'swiglu'))
-  _one_of(config, 'model.dtype', ('auto', 'float32', 'bfloat16', 'float16'))
-  _one_of(config, 'model.param_dtype', ('float32', 'bfloat16', 'float16'))
-  for key in ('vocab_size', 'num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim',
-              'max_len'):
-    _require(m[key] > 0, f'model.{key}', f'must be positive, got {m[key]}')
-  _require(m.embed_dim % m.num_heads == 0, 'model.embed_dim',
-           f'{m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
-  _require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads',
-           f'{m.num_kv_heads} does not divide model.num_heads={m.num_heads}')
-  _require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'model.num_heads',
-           'rope needs an even head dimension (embed_dim / num_heads)')
-  _require(0 <= m.dropout_rate < 1, 'model.dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
-  # Memory levers.
-  _one_of(config, 'model.remat', transformer.REMAT)
-  unknown = sorted(set(m.remat_names) - set(transformer.REMAT_NAMES))
-  _require(not unknown, 'model.remat_names',
-           f'unknown {", ".join(unknown)}; tagged are {", ".join(transformer.REMAT_NAMES)}')
-  _one_of(config, 'model.attention', ('auto', *platforms.ATTENTION))
-  _require(m.loss_chunk >= 0, 'model.loss_chunk', f'must be >= 0, got {m.loss_chunk}')
-  _require(not m.loss_chunk or config.data.seq_len % m.loss_chunk == 0, 'model.loss_chunk',
-           f'{m.loss_chunk} does not divide data.seq_len={config.data.seq_len}')
+  _from_value_error(lambda: MODELS[config.model.name].validate(config.model, config))
 
 
-def check_data(config):
+def check_task(config):
+  _one_of(config, 'task.name', sorted(TASKS))
   d = config.data
-  _one_of(config, 'data.source', ('stdlib', 'files', 'tfds'))
-  _require(d.source != 'files' or bool(d.files), 'data.files', "is empty but data.source='files'")
-  _require(d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name',
-           "is empty but data.source='tfds'")
-  _require(config.model.vocab_size >= 256, 'model.vocab_size',
-           f'{config.model.vocab_size} is too small for byte tokens (needs 256)')
-  _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}')
-  _require(d.seq_len <= config.model.max_len, 'data.seq_len',
-           f'{d.seq_len} is longer than model.max_len={config.model.max_len}')
-  _require(0 <= d.eval_percent < 100, 'data.eval_percent', f'must be in [0, 100), got {d.eval_percent}')
   _require(d.global_batch_size > 0, 'data.global_batch_size', 'must be positive')
   _require(0 <= d.max_bad_fraction <= 1, 'data.max_bad_fraction', 'must be in [0, 1]')
+  task = TASKS[config.task.name].Task(config, MODELS[config.model.name])
+  _from_value_error(task.validate)
+
+
+def _from_value_error(check):
+  """Runs a model's or task's own check, whose ValueError names the key."""
+  try:
+    check()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_optim(config):
@@ -89,9 +67,19 @@ def check_train(config):
   _require(t.spike_window > 1, 'train.spike_window', f'must be > 1, got {t.spike_window}')
   _require(t.hang_factor == 0 or t.hang_factor > 1, 'train.hang_factor', 'must be 0 (off) or > 1')
   _require(t.hang_min_seconds > 0, 'train.hang_min_seconds', 'must be positive')
-  for key in ('eval_every', 'eval_batches', 'stop_after', 'num_samples', 'debug_nan_at_step',
-              'debug_hang_at_step'):
+  for key in ('eval_every', 'stop_after', 'debug_nan_at_step', 'debug_hang_at_step'):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
+  e = config.early_stop
+  _one_of(config, 'early_stop.mode', ('min', 'max'))
+  _require(e.patience > 0, 'early_stop.patience', f'must be positive, got {e.patience}')
+  _require(e.min_delta >= 0, 'early_stop.min_delta', f'must be >= 0, got {e.min_delta}')
+  _require(not e.metric or t.eval_every > 0, 'early_stop.metric',
+           f'{e.metric!r} needs evaluations, but train.eval_every=0')
+  f = config.finetune
+  _require(f.backbone_lr_scale >= 0, 'finetune.backbone_lr_scale', 'must be >= 0')
+  _require(config.init_from or not (f.freeze_backbone or f.backbone_lr_scale != 1),
+           'finetune', 'freezing or scaling the backbone needs init_from (the backbone is what '
+           'it loads)')
 
 
 def check_mesh(config, num_devices: int, num_processes: int, num_slices: int = 1):
@@ -106,17 +94,18 @@ def check_mesh(config, num_devices: int, num_processes: int, num_slices: int = 1
   _require(config.data.global_batch_size % per_update == 0, 'data.global_batch_size',
            f'{config.data.global_batch_size} is not divisible by {shards} data shards x '
            f'{config.train.grad_accum_steps} micro-batches')
-  heads_ways = sharding.shards(sizes, sharding.logical_spec(rules, 'heads')[0])
-  for key in ('num_heads', 'num_kv_heads'):
-    _require(config.model[key] % heads_ways == 0, f'model.{key}',
-             f'{config.model[key]} heads cannot be split {heads_ways} ways over the mesh')
+  validate_sharding = getattr(MODELS[config.model.name], 'validate_sharding', None)
+  if validate_sharding:  # e.g. attention heads that the tensor axis must divide
+    ways = lambda name: sharding.shards(sizes, sharding.logical_spec(rules, name)[0])
+    _from_value_error(lambda: validate_sharding(config.model, ways))
   _require(config.data.global_batch_size % num_processes == 0, 'data.global_batch_size',
            f'is not divisible by the {num_processes} processes')
-  streams = config.data.num_streams or num_processes
-  _require(streams >= 0 and streams % num_processes == 0, 'data.num_streams',
-           f'{config.data.num_streams} streams cannot be shared by {num_processes} processes')
-  _require(config.data.global_batch_size % streams == 0, 'data.global_batch_size',
-           f'{config.data.global_batch_size} is not divisible by {streams} data streams')
+  if 'num_streams' in config.data:  # data read in streams, each owned by one process
+    streams = config.data.num_streams or num_processes
+    _require(streams >= 0 and streams % num_processes == 0, 'data.num_streams',
+             f'{config.data.num_streams} streams cannot be shared by {num_processes} processes')
+    _require(config.data.global_batch_size % streams == 0, 'data.global_batch_size',
+             f'{config.data.global_batch_size} is not divisible by {streams} data streams')
 
 
 def check_workdir(workdir: str):
@@ -135,7 +124,9 @@ _KERNEL_PLATFORM = {'splash': 'tpu', 'cudnn': 'gpu'}
 
 def check_platform(config, platform: str):
   """Attention kernels that exist on one platform only."""
-  needs = _KERNEL_PLATFORM.get(config.model.attention)
+  needs = _KERNEL_PLATFORM.get(config.model.get('attention'))
+  if needs is None:
+    return
   _require(needs in (None, platform), 'model.attention',
            f'{config.model.attention} runs on {(needs or "").upper()} only, and this run is on '
            f'{platform.upper()}; use auto')
@@ -147,7 +138,7 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
   check_model(config)
   if platform:
     check_platform(config, platform)
-  check_data(config)
+  check_task(config)
   check_train(config)
   check_optim(config)
   check_mesh(config, num_devices, num_processes, num_slices)

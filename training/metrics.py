@@ -66,16 +66,17 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-  """A progress bar with step, loss, tokens/s and ETA, on process 0."""
+  """A progress bar with step, loss, throughput (tokens/s, images/s, ...) and ETA, on process 0."""
 
-  def __init__(self, start_step: int, total_steps: int):
+  def __init__(self, start_step: int, total_steps: int, unit: str = 'tokens'):
+    self._unit = unit
     self._bar = tqdm.tqdm(initial=start_step, total=total_steps, unit='step', dynamic_ncols=True,
                           disable=jax.process_index() != 0, mininterval=1.0)
 
   def update(self, step: int, metrics: dict):
     self._bar.update(step - self._bar.n)
     self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
-                          tok_s=f"{metrics['tokens_per_second']:,.0f}",
+                          **{f'{self._unit}_s': f"{metrics[f'{self._unit}_per_second']:,.0f}"},
                           mfu=f"{metrics['perf/mfu']:.1%}", refresh=False)
 
   def write(self, line: str):

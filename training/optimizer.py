@@ -36,10 +36,16 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make_optimizer(o, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(o, total_steps: int, backbone=None,
+                   backbone_lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """The optimizer state records the learning rate of each update (`inject_hyperparams`), so
+  what is logged is what was used. `backbone` (a tree of bools over the parameters) marks
+  those whose updates are scaled by `backbone_lr_scale` (0 freezes them)."""
   schedule = learning_rate_schedule(o, total_steps)
-  return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                  mask=decay_mask),
-  )
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask',))
+  parts = [optax.clip_by_global_norm(o.grad_clip_norm),
+           adamw(learning_rate=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                 weight_decay=o.weight_decay, mask=decay_mask)]
+  if backbone is not None and backbone_lr_scale != 1.0:
+    parts.append(optax.masked(optax.scale(backbone_lr_scale), backbone))
+  return optax.chain(*parts)

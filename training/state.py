@@ -1,6 +1,7 @@
 """Train state: built already sharded over the mesh, never whole on one device.
 
-The state is a plain pytree `{'step', 'params', 'opt_state'}` of arrays; the model's graph
+The state is a plain pytree of arrays: `step`, `params`, `opt_state`, the guard's counters and,
+for models that have any, `model_state` (e.g. BatchNorm's running statistics). The model's graph
 definition is split off once, so the compiled step only ever sees arrays.
 """
 
@@ -14,9 +15,11 @@ from flax import nnx
 from models import MODELS
 from models import platforms
 from parallel import sharding
-from training import optimizer
+from tasks import TASKS, base
+from training import optimizer, warm_start
 
-TrainState = dict  # {'step', 'params', 'opt_state', 'skipped_steps', 'loss_stats'}
+TrainState = dict  # {'step', 'params', ['model_state',] 'opt_state', 'skipped_steps', 'loss_stats'}
+MODEL_STATE = nnx.BatchStat  # model variables that are not trained by the optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,21 +27,32 @@ class Setup:
   """Everything static about a run's state: how to rebuild the model and where arrays live."""
   graphdef: nnx.GraphDef
   param_template: nnx.State  # abstract params with their Variable types and logical axes
+  model_state_template: nnx.State  # abstract non-trained variables (may be empty)
+  task: base.Task
   tx: optax.GradientTransformation
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   shardings: TrainState
 
-  def model(self, params) -> nnx.Module:
-    """The model holding `params` (a pure dict); used while tracing, so cheap enough."""
-    template = jax.tree.map(lambda v: v, self.param_template)
-    nnx.replace_by_pure_dict(template, params)
-    return nnx.merge(self.graphdef, template)
+  def model(self, params, model_state=None) -> nnx.Module:
+    """The model holding `params` (and `model_state`), pure dicts; used while tracing."""
+    templates = [jax.tree.map(lambda v: v, t)
+                 for t in (self.param_template, self.model_state_template)]
+    nnx.replace_by_pure_dict(templates[0], params)
+    if model_state is not None:
+      nnx.replace_by_pure_dict(templates[1], model_state)
+    return nnx.merge(self.graphdef, *templates)
+
+  @staticmethod
+  def model_state(model) -> dict | None:
+    """The model's non-trained variables as a pure dict, or None if it has none."""
+    state = nnx.to_pure_dict(nnx.state(model, MODEL_STATE))
+    return state or None
 
 
 def _new_model(config, platform=None):
   """The model for `platform` (default: JAX's backend); initial parameters never depend on it."""
   model_config = platforms.resolve_for_platform(config.model, platform or jax.default_backend())
-  return MODELS[config.model.name](model_config, rngs=nnx.Rngs(params=config.seed))
+  return MODELS[config.model.name].Model(model_config, rngs=nnx.Rngs(params=config.seed))
 
 
 def _to_dict(state):
@@ -47,10 +61,13 @@ def _to_dict(state):
 
 
 def _initial_state(config, tx) -> TrainState:
-  params = nnx.to_pure_dict(nnx.state(_new_model(config), nnx.Param))
+  model = _new_model(config)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  model_state = Setup.model_state(model)
   return {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
+      **({'model_state': model_state} if model_state else {}),
       'opt_state': tx.init(params),
       'skipped_steps': jnp.zeros((), jnp.int32),  # updates rejected by the step's guard
       'loss_stats': {'mean': jnp.zeros(()), 'var': jnp.zeros(()),  # for spike detection
@@ -58,25 +75,35 @@ def _initial_state(config, tx) -> TrainState:
   }
 
 
+def _optimizer(config, param_template):
+  backbone, f = None, config.finetune
+  if config.init_from and (f.freeze_backbone or f.backbone_lr_scale != 1.0):
+    backbone = warm_start.backbone(config.init_from, nnx.to_pure_dict(param_template))
+  scale = 0.0 if f.freeze_backbone else f.backbone_lr_scale
+  return optimizer.make_optimizer(config.optim, config.train.steps, backbone, scale)
+
+
 def make_setup(config, mesh, platform: str = '') -> Setup:
   """The model is built for `platform`, by default the mesh's: an AOT mesh of TPU devices gets
   the TPU model."""
   platform = platform or platforms.mesh_platform(mesh)
-  graphdef, param_template = nnx.split(nnx.eval_shape(lambda: _new_model(config, platform)),
-                                       nnx.Param)
-  tx = optimizer.make_optimizer(config.optim, config.train.steps)
+  graphdef, param_template, model_state_template = nnx.split(
+      nnx.eval_shape(lambda: _new_model(config, platform)), nnx.Param, MODEL_STATE)
+  task = TASKS[config.task.name].Task(config, MODELS[config.model.name])
+  tx = _optimizer(config, param_template)
   abstract = jax.eval_shape(lambda: _initial_state(config, tx))
   replicated = sharding.replicated(mesh)
   shardings = jax.tree.map(lambda _: replicated, abstract)
-  shardings['params'] = _to_dict(sharding.param_shardings(param_template, mesh,
-                                                          config.mesh.rules))
+  for key, template in (('params', param_template), ('model_state', model_state_template)):
+    if key in abstract:
+      shardings[key] = _to_dict(sharding.param_shardings(template, mesh, config.mesh.rules))
   shardings['opt_state'] = optax.tree_map_params(
       tx, lambda _, s: s, abstract['opt_state'], shardings['params'],
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return Setup(graphdef, param_template, tx, abstract, shardings)
+  return Setup(graphdef, param_template, model_state_template, task, tx, abstract, shardings)
 
 
 def init_state(config, setup: Setup) -> TrainState:

@@ -5,10 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.pipeline import DOCUMENT_SEPARATOR
-from training.state import Setup
+from tasks import base
 
 
-def generate(setup: Setup, params, prompts: list[str], *, max_len: int, new_tokens: int,
+class Samples(base.Part):
+  """At the end of training, prints `task.num_samples` continuations of the prompts."""
+
+  def __init__(self, config):
+    self.config = config
+
+  def at_end(self, run, state):
+    t = self.config.task
+    prompts = [t.sample_prompts[i % len(t.sample_prompts)] for i in range(t.num_samples)]
+    make_model = lambda params: run.setup.model(params, state.get('model_state'))
+    texts = generate(make_model, state['params'], prompts, max_len=self.config.model.max_len,
+                     new_tokens=t.sample_length, temperature=t.sample_temperature,
+                     seed=self.config.seed)
+    for text in texts:
+      run.announce(f'--- sample ---\n{text}')
+
+
+def generate(make_model, params, prompts: list[str], *, max_len: int, new_tokens: int,
              temperature: float, seed: int) -> list[str]:
   """Continues each prompt by `new_tokens` sampled bytes (fewer if `max_len` is reached)."""
   encoded = [p.encode('utf-8') for p in prompts]
@@ -24,7 +41,7 @@ def generate(setup: Setup, params, prompts: list[str], *, max_len: int, new_toke
 
     def sample_one(i, carry):
       tokens_NxL, positions_N = carry
-      logits_NxV = setup.model(params)(tokens_NxL)[rows, positions_N - 1]
+      logits_NxV = make_model(params)(tokens_NxL)[rows, positions_N - 1]
       next_N = jax.random.categorical(jax.random.fold_in(key, i), logits_NxV / temperature)
       return tokens_NxL.at[rows, positions_N].set(next_N), positions_N + 1
 

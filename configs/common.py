@@ -1,0 +1,146 @@
+"""Sections every experiment shares, and presets that combine in any order.
+
+An experiment config (`configs/<name>.py`) is `build(task, model)` plus its own values: the
+`task`, `model` and `data` sections come from the chosen task and model modules (so only their
+keys exist, and an override of a key that does not apply is an error), the rest from here.
+"""
+
+import ml_collections
+
+from models import MODELS
+from tasks import TASKS
+
+# Logical axis -> mesh axes. Each mesh axis is used at most once per array: a later rule for an
+# axis already taken leaves that dimension unsharded, which is how activations (batch over
+# data+fsdp) and parameters (embed over fsdp) share one table. Names not listed stay unsharded.
+RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('layers', None),  # the stacked axis of scanned blocks: each device holds every layer
+)
+
+
+def optim_config():
+  o = ml_collections.ConfigDict()
+  o.learning_rate = 3e-3
+  o.warmup_steps = 50
+  o.schedule = 'cosine'  # cosine | linear | constant | exponential | inverse_time
+  o.final_lr_fraction = 0.1  # cosine and linear decay end at learning_rate * this
+  o.decay_rate = 0.5  # exponential: lr halves every `decay_steps`
+  o.decay_steps = 1000
+  o.inverse_time_b = 0.01  # inverse_time: lr0 / (1 + b*t)^g, t counted after warmup
+  o.inverse_time_power = 0.5
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1  # masked off norms, biases and embeddings
+  o.grad_clip_norm = 1.0
+  return o
+
+
+def train_config():
+  t = ml_collections.ConfigDict()
+  t.steps = 600
+  t.grad_accum_steps = 1
+  t.log_every = 10
+  t.eval_every = 100
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+  t.on_save_error = 'warn'  # warn | stop, when a checkpoint cannot be written (e.g. disk full)
+  t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
+  t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
+  t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
+  t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
+  t.hang_factor = 10.0  # a step this many times the median step time is a hang (0: no watchdog)
+  t.hang_min_seconds = 300.0  # ... but never less than this
+  t.debug_nan_at_step = 0  # fault injection: make this step's loss and gradients NaN
+  t.debug_hang_at_step = 0  # fault injection: hang the host loop at this step
+  return t
+
+
+def early_stop_config():
+  e = ml_collections.ConfigDict()
+  e.metric = ''  # an eval metric of the task, e.g. 'loss' or 'accuracy'; '' turns it off
+  e.mode = 'min'  # min | max: whether smaller or larger is better
+  e.patience = 3  # evaluations without improvement before stopping
+  e.min_delta = 0.0  # an improvement must exceed this
+  return e
+
+
+def finetune_config():
+  f = ml_collections.ConfigDict()
+  f.freeze_backbone = False  # backbone: the parameters `init_from` loaded
+  f.backbone_lr_scale = 1.0  # their learning rate, relative to optim.learning_rate
+  return f
+
+
+def mesh_config():
+  mesh = ml_collections.ConfigDict()
+  # Sizes within a slice (ICI); -1 fills in the devices the other axes leave.
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  # Sizes across slices (DCN) of a multi-slice job; an axis's full size is ici * dcn.
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  mesh.dcn_tensor = 1
+  mesh.rules = RULES
+  return mesh
+
+
+def build(task: str, model: str) -> ml_collections.ConfigDict:
+  """Every section, with the task's and the model's own keys."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # A run (workdir or checkpoint dir) whose parameters start this one; only those that exist
+  # there with the same shape are loaded (no optimizer state, no step).
+  config.init_from = ''
+  config.task = TASKS[task].default_config()
+  config.model = MODELS[model].default_config()
+  config.data = TASKS[task].default_data_config()
+  config.optim = optim_config()
+  config.train = train_config()
+  config.early_stop = early_stop_config()
+  config.finetune = finetune_config()
+  config.mesh = mesh_config()
+  return config
+
+
+def parallelism(config, preset) -> bool:
+  """The parallelism presets every experiment offers; False if `preset` is not one."""
+  mesh = config.mesh
+  if preset == 'dp':
+    mesh.data, mesh.fsdp, mesh.tensor = -1, 1, 1
+  elif preset == 'fsdp':
+    mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 1
+  elif preset == 'fsdp_tp':
+    mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 2
+  elif preset == 'multislice':  # data parallel across slices, FSDP within each
+    mesh.data, mesh.fsdp, mesh.tensor = 1, -1, 1
+    mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor = -1, 1, 1
+  else:
+    return False
+  return True
+
+
+PARALLELISM = ('dp', 'fsdp', 'fsdp_tp', 'multislice')
+
+
+def apply_presets(config, presets: str, order: tuple[str, ...], apply_one):
+  """Applies the comma-separated `presets` in the fixed `order` (so any order the user writes
+  gives the same config); `apply_one(config, name)` applies one, parallelism ones come last."""
+  names = [p for p in presets.split(',') if p]
+  known = (*order, *PARALLELISM)
+  for name in names:
+    if name not in known:
+      raise ValueError(f'unknown preset {name!r}; choose from {", ".join(known)}')
+  for name in sorted(set(names), key=known.index):
+    if not parallelism(config, name):
+      apply_one(config, name)
+  return config

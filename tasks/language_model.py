@@ -1,0 +1,168 @@
+"""Causal language modelling: predict each next token of packed documents (task.name='lm').
+
+Batches are {'tokens': int32 [B, L + 1]}: inputs are tokens[:, :-1], targets tokens[:, 1:].
+Evaluation is a fixed, seeded sample of packed sequences drawn from every eval document
+(`task.eval_batches` global batches), reported as loss per token and bits per byte: the
+default tokens are bytes, so a token is a byte.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from data import pipeline, sources
+from parallel import sharding
+from tasks import base
+
+_EVAL_SEED = 20_251_128  # the eval sample's shuffle: fixed, unlike the training seed
+
+
+def default_config() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.name = 'lm'
+  t.eval_batches = 16  # global batches in the eval sample
+  t.num_samples = 3  # text samples printed at the end of training
+  t.sample_length = 160
+  t.sample_temperature = 0.8
+  t.sample_prompts = ('def ', 'import ', 'class ')
+  return t
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.source = 'stdlib'  # stdlib | files | tfds
+  d.files = ''  # glob for source=files, e.g. '/data/books/**/*.txt'
+  d.eval_percent = 2  # files whose path hashes below this percentage form the validation split
+  d.tfds_name = ''  # for source=tfds, e.g. 'lm1b'
+  d.tfds_train_split = 'train'
+  d.tfds_eval_split = 'test'
+  d.tfds_text_key = 'text'
+  d.seq_len = 128
+  d.global_batch_size = 32
+  d.shuffle_seed = 0
+  # Documents are dealt into this many streams, each owned by one process (0: one per process).
+  # Fix it (to a multiple of every process count you use) to keep the same batches when the
+  # number of hosts changes.
+  d.num_streams = 0
+  d.max_bad_fraction = 0.01  # stop if more of the records read are unusable (checked after 100)
+  d.worker_threads = 2  # threads that prefetch batches
+  d.prefetch_batches = 4
+  return d
+
+
+def next_token_loss(model, tokens_BxL1, rngs=None, *, per_token=False):
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (or, with
+  `per_token`, the [B, L] losses). `rngs` turns dropout on.
+
+  With `model.cfg.loss_chunk` > 0 the logits exist only `loss_chunk` positions at a time.
+  """
+  inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+  chunk = model.cfg.loss_chunk
+  if not chunk or per_token:
+    logits_BxLxV = model(inputs_BxL, rngs=rngs)
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    return losses_BxL if per_token else losses_BxL.mean()
+  return _chunked_loss(model, model.hidden(inputs_BxL, rngs=rngs), targets_BxL, chunk)
+
+
+def _chunked_loss(model, x_BxLxD, targets_BxL, chunk):
+  """Mean cross-entropy over chunks of `chunk` positions, scanned: each chunk's [B, C, V]
+  logits are made, reduced to a sum and dropped, then remade in the backward pass."""
+  b, l, d = x_BxLxD.shape
+  x_NxBxCxD = x_BxLxD.reshape(b, l // chunk, chunk, d).swapaxes(0, 1)
+  x_NxBxCxD = sharding.constrain(x_NxBxCxD, None, 'batch', 'length', 'embed')
+  targets_NxBxC = targets_BxL.reshape(b, l // chunk, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_sum(x_BxCxD, targets_BxC):
+    logits_BxCxV = model.logits(x_BxCxD)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC).sum()
+
+  def add_chunk(total, xs):
+    return total + chunk_sum(*xs), None
+
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (x_NxBxCxD, targets_NxBxC))
+  return total / (b * l)
+
+
+class Task(base.Task):
+  """Next-token prediction with a decoder (`model.name=transformer`)."""
+  unit = 'tokens'
+
+  def validate(self):
+    d = self.config.data
+    _require(d.source in ('stdlib', 'files', 'tfds'), 'data.source',
+             f'{d.source!r} is not one of stdlib, files, tfds')
+    _require(d.source != 'files' or bool(d.files), 'data.files', "is empty but data.source='files'")
+    _require(d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name',
+             "is empty but data.source='tfds'")
+    _require(self.config.model.vocab_size >= 256, 'model.vocab_size',
+             f'{self.config.model.vocab_size} is too small for byte tokens (needs 256)')
+    _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}')
+    _require(0 <= d.eval_percent < 100, 'data.eval_percent',
+             f'must be in [0, 100), got {d.eval_percent}')
+    t = self.config.task
+    for key in ('eval_batches', 'num_samples', 'sample_length'):
+      _require(t[key] >= 0, f'task.{key}', f'must be >= 0, got {t[key]}')
+    _require(t.sample_temperature > 0, 'task.sample_temperature', 'must be positive')
+    _require(not t.num_samples or bool(t.sample_prompts), 'task.sample_prompts',
+             'is empty but task.num_samples > 0')
+
+  def batch_spec(self, split):
+    d = self.config.data
+    return {'tokens': base.Field((d.global_batch_size, d.seq_len + 1), jnp.int32,
+                                 ('batch', 'length'))}
+
+  def units_per_example(self):
+    return self.config.data.seq_len
+
+  def loss(self, model, batch, rngs):
+    return next_token_loss(model, batch['tokens'], rngs), {}
+
+  def eval_sums(self, model, batch):
+    losses_BxL = next_token_loss(model, batch['tokens'], per_token=True)
+    return {'loss_sum': losses_BxL.sum(), 'tokens': jnp.asarray(losses_BxL.size, jnp.float32)}
+
+  def eval_metrics(self, sums):
+    loss = float(sums['loss_sum']) / max(float(sums['tokens']), 1.0)
+    return {'loss': loss, 'bits_per_byte': loss / math.log(2)}
+
+  def train_batches(self, stats):
+    source = sources.make_source(self.config.data, 'train')  # ValueError: no files, no dataset
+    return _batches(self.config.data, source, shuffle=True, seed=self.config.data.shuffle_seed,
+                    stats=stats)
+
+  def eval_batches(self):
+    """A fixed sample: eval documents shuffled with a fixed seed, packed, the first batches."""
+    if not (self.config.train.eval_every and self.config.task.eval_batches):
+      return []
+    source = sources.make_source(self.config.data, 'eval')
+    iterator = iter(_batches(self.config.data, source, shuffle=True, seed=_EVAL_SEED))
+    out = [next(iterator) for _ in range(self.config.task.eval_batches)]
+    iterator.close()
+    return out
+
+  def parts(self, run):
+    from tasks import lm_samples  # pylint: disable=g-import-not-at-top
+    return [lm_samples.Samples(self.config)] if self.config.task.num_samples else []
+
+
+def _require(ok, key, message):
+  if not ok:
+    raise ValueError(f'{key}: {message}')
+
+
+def _batches(d, source, *, shuffle, seed, stats=None):
+  """This process's rows of each global batch: those of the data streams it owns."""
+  num_streams = d.num_streams or jax.process_count()
+  per_process = num_streams // jax.process_count()
+  first = jax.process_index() * per_process
+  return pipeline.batches(
+      source, seq_len=d.seq_len, batch_size=d.global_batch_size // jax.process_count(),
+      seed=seed, shuffle=shuffle, streams=range(first, first + per_process),
+      num_streams=num_streams, worker_threads=d.worker_threads,
+      prefetch_batches=d.prefetch_batches, stats=stats)

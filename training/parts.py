@@ -1,0 +1,241 @@
+"""The parts of the training loop that are not the step (see `tasks.base.Part`).
+
+Each is small and independent: evaluation, early stopping, checkpoints (with preemption and
+save errors), the non-finite policy, metrics and throughput, data health. `default_parts` lists
+them in the order the loop calls them; a researcher adds one (EMA weights, a custom evaluation)
+by writing a Part and a config key.
+"""
+
+import contextlib
+import time
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from hardware import chips
+from models import MODELS
+from tasks.base import Part
+from training import checkpointing, metrics as metrics_lib
+
+
+class TrainingHalted(RuntimeError):
+  """A policy stopped training (non-finite step, failed save, bad data); says which and why."""
+
+
+class Evaluator(Part):
+  """Every `train.eval_every` steps and at the last one: the task's metrics on its eval set,
+  summed over every batch on device, then turned into figures on the host."""
+
+  def __init__(self, run):
+    self.batches = [run.place_eval(b) for b in run.task.eval_batches()]
+    self.every = run.config.train.eval_every
+
+  def after_step(self, run, step, state, metrics):
+    if not (self.batches and self.every and (step % self.every == 0 or step == run.end)):
+      return None
+    started, sums = time.perf_counter(), None
+    for batch in self.batches:
+      batch_sums = run.eval_step(state['params'], state.get('model_state'), batch)
+      sums = batch_sums if sums is None else jax.tree.map(lambda a, b: a + b, sums, batch_sums)
+    run.last_eval_sums = jax.device_get(sums)
+    run.eval_seconds += time.perf_counter() - started  # kept out of training throughput
+    figures = run.task.eval_metrics(run.last_eval_sums)
+    return {f'eval/{k}': float(v) for k, v in figures.items()}
+
+
+class EarlyStopping(Part):
+  """Stops when `early_stop.metric` has not improved by `min_delta` for `patience` evals, and
+  keeps the best step's parameters apart from the latest checkpoints (`WORKDIR/best/`)."""
+  name = 'early_stopping'
+
+  def __init__(self, run):
+    self.cfg = run.config.early_stop
+    self.key = f'eval/{self.cfg.metric}'
+    self.best, self.best_step, self.bad_evals, self.stopped = None, 0, 0, ''
+    better = (lambda m: m[self.cfg.metric])
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=better, best_mode=self.cfg.mode, create=True,
+        enable_async_checkpointing=False)
+    self.best_manager = ocp.CheckpointManager(epath.Path(run.workdir) / 'best', options=options)
+
+  def after_step(self, run, step, state, metrics):
+    if self.key not in metrics:
+      return None
+    value = metrics[self.key]
+    sign = 1.0 if self.cfg.mode == 'max' else -1.0
+    if self.best is None or sign * (value - self.best) > self.cfg.min_delta:
+      self.best, self.best_step, self.bad_evals = value, step, 0
+      keep = {k: state[k] for k in ('params', 'model_state') if k in state}
+      self.best_manager.save(step, args=ocp.args.StandardSave(keep),
+                             metrics={self.cfg.metric: value}, force=True)
+    else:
+      self.bad_evals += 1
+    if self.bad_evals >= self.cfg.patience and step < run.end:
+      self.stopped = (f'early stopping at step {step}: {self.key} has not improved by more '
+                      f'than {self.cfg.min_delta} for {self.bad_evals} evaluations; the best, '
+                      f'{self.best:.6g} at step {self.best_step}, is kept in '
+                      f'{self.best_manager.directory}')
+      run.stop(self.stopped)
+    return {'early_stop/best': self.best, 'early_stop/bad_evals': self.bad_evals}
+
+  def checkpoint_state(self):
+    return {'best': self.best, 'best_step': self.best_step, 'bad_evals': self.bad_evals,
+            'stopped': self.stopped}
+
+  def restore(self, run, saved):
+    self.best, self.best_step = saved['best'], saved['best_step']
+    self.bad_evals, self.stopped = saved['bad_evals'], saved['stopped']
+    if self.stopped:
+      run.stop(self.stopped)
+
+  def close(self):
+    self.best_manager.close()
+
+
+class Checkpointer(Part):
+  """Saves every `train.checkpoint_every` steps, at the last step and when preempted (SIGTERM,
+  SIGINT, or a pod's preemption notice); a failed write warns or stops as configured."""
+
+  def __init__(self, run, watcher):
+    self.watcher = watcher
+
+  def after_step(self, run, step, state, metrics):
+    preempted = self.watcher.should_stop(step)
+    final = step == run.end or preempted
+    self.save(run, step, state, run.config.train.checkpoint_every, final)
+    if preempted:
+      run.stop(f'{self.watcher.signal_name or "Preemption"} received: saved step {step} to '
+               f'{run.manager.directory / str(step)}; rerun to resume.', complete=False)
+    return None
+
+  def save(self, run, step, state, every, final):
+    with self._save_errors(run, step):
+      checkpointing.save(run.manager, step, state, run.train_iter, every, final=final,
+                         loop_state=run.loop_state())
+    if final:
+      with self._save_errors(run, step):
+        run.manager.wait_until_finished()
+        run.manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _save_errors(self, run, step):
+    """A failed checkpoint write (disk full, storage down) warns or stops, as configured."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except; whatever the storage raised
+      message = (f'checkpoint write failed (noticed at step {step}; {type(e).__name__}: '
+                 f'{" ".join(str(e).split())[:300]}); earlier checkpoints are intact')
+      if run.config.train.on_save_error == 'stop':
+        raise TrainingHalted(message) from e
+      run.announce(f'WARNING: {message}; training continues')
+
+
+class NonFinitePolicy(Part):
+  """Skips, rolls back or stops on a step whose update the step's guard rejected (non-finite
+  loss or gradients, or a loss spike): `train.nonfinite_policy`."""
+
+  def __init__(self, run):
+    self.rolled_back_for = set()
+
+  def after_fetch(self, run, step, metrics):
+    if metrics['guard/accept']:
+      return
+    what = ', '.join(k for k in ('nonfinite_loss', 'nonfinite_grads', 'loss_spike')
+                     if metrics[f'guard/{k}'])
+    policy = run.config.train.nonfinite_policy
+    if policy == 'stop':
+      run.checkpointer.save(run, run.step, run.state, 1, final=True)
+      raise TrainingHalted(f'step {step}: {what} (train.nonfinite_policy=stop); the update was '
+                           f'not applied and step {run.step} is saved in {run.manager.directory}')
+    run.announce(f'step {step}: {what}; update skipped')
+    if policy == 'rollback' and step not in self.rolled_back_for:
+      self.rolled_back_for.add(step)  # once: if the step fails again, skipping it is all
+      restored = checkpointing.restore_before(run.manager, step, run.setup.abstract_state)
+      if restored is None:
+        run.announce('no checkpoint before it to roll back to; continuing')
+        return
+      run.announce(f'rolled back to step {int(restored["step"])}; its data is skipped')
+      run.roll_back(restored)
+
+
+class Throughput:
+  """Units/s (tokens, images, ...) and per device: units/s, analytic model TFLOP/s and MFU."""
+
+  def __init__(self, run, step):
+    config, task = run.config, run.task
+    self.unit = task.unit
+    self._step, self._time = step, time.perf_counter()
+    per_example = task.units_per_example()
+    self._units_per_step = config.data.global_batch_size * per_example
+    model = MODELS[config.model.name]
+    self._flops_per_unit = model.train_flops_per_example(config.model, config) / per_example
+    self._devices = run.mesh.size
+    self._peak = chips.peak_flops_per_device(run.mesh.devices.flat[0])  # CPU: measured, ~1 s
+
+  def update(self, step, excluded_seconds=0.0) -> dict[str, float]:
+    """Rates since the last update; `excluded_seconds` (evaluation) do not count as training."""
+    now = time.perf_counter()
+    seconds = now - self._time - excluded_seconds
+    rate = (step - self._step) * self._units_per_step / max(seconds, 1e-9)
+    self._step, self._time = step, now
+    flops_per_device = rate * self._flops_per_unit / self._devices
+    return {f'{self.unit}_per_second': rate,
+            f'perf/{self.unit}_per_second_per_device': rate / self._devices,
+            'perf/model_tflops_per_device': flops_per_device / 1e12,
+            'perf/mfu': flops_per_device / self._peak}
+
+
+class MetricsLogger(Part):
+  """Logged steps (every `train.log_every`, eval steps, the last) to metrics.jsonl,
+  TensorBoard and the progress bar."""
+
+  def __init__(self, run, start):
+    self.every = run.config.train.log_every
+    self.throughput = Throughput(run, start)
+    self.writer = metrics_lib.MetricsWriter(run.workdir, resumed_step=start)
+    self.progress = metrics_lib.Progress(start, run.config.train.steps, self.throughput.unit)
+
+  def after_fetch(self, run, step, metrics):
+    evaluated = any(k.startswith('eval/') for k in metrics)
+    if not (step % self.every == 0 or step == run.end or evaluated):
+      return
+    values = {**metrics, **self.throughput.update(step, run.eval_seconds),
+              **run.data_health.figures()}
+    run.eval_seconds = 0.0
+    self.writer.write(step, values)
+    self.progress.update(step, values)
+    if evaluated:
+      figures = '  '.join(f'{k} {v:.4f}' for k, v in values.items() if k.startswith('eval/'))
+      self.progress.write(f"step {step}: train/loss {values['train/loss']:.4f}  {figures}")
+
+  def rewind(self, step):
+    self.writer.rewind(step)
+
+  def close(self):
+    self.progress.close()
+    self.writer.close()
+
+
+_MIN_RECORDS_FOR_BAD_FRACTION = 100  # too few records make the fraction noise
+
+
+class DataHealth(Part):
+  """Reports newly skipped records; stops when too large a share of them is unusable."""
+
+  def __init__(self, run, stats):
+    self.stats, self.reported, self.limit = stats, 0, run.config.data.max_bad_fraction
+
+  def figures(self):
+    return {'data/bad_records': self.stats.bad, 'data/bad_fraction': self.stats.bad_fraction}
+
+  def after_fetch(self, run, step, metrics):
+    stats = self.stats
+    if stats.bad > self.reported:
+      run.announce(f'data: skipped {stats.bad} unusable of {stats.seen} records read, '
+                   f'e.g. {stats.examples[0]}')
+      self.reported = stats.bad
+    if stats.seen >= _MIN_RECORDS_FOR_BAD_FRACTION and stats.bad_fraction > self.limit:
+      raise TrainingHalted(f'data: {stats.bad} of {stats.seen} records read were unusable '
+                           f'({stats.bad_fraction:.1%} > data.max_bad_fraction={self.limit}), '
+                           f'e.g. {"; ".join(stats.examples)}')
