@@ -6,6 +6,7 @@ resumes from the newest checkpoint in DIR. Config problems exit with status 2 an
 
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -59,10 +60,15 @@ def _parse_flags(argv):
   """absl's parser, with errors (bad types, unknown flags, bad files) as one line, status 2."""
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    _usage_error(_first_and_last_line(e))
-  except (AttributeError, KeyError) as e:  # an override of a key the config lacks
-    _unknown_key_error(e)
+  except Exception as e:  # pylint: disable=broad-except; the config file may raise anything
+    if _verbose():
+      raise
+    _config_file_error(e)
+    if isinstance(e, flags.Error):
+      _usage_error(_first_and_last_line(e))
+    if isinstance(e, (AttributeError, KeyError)):  # an override of a key the config lacks
+      _unknown_key_error(e)
+    raise
 
 
 def _loaded_config():
@@ -72,6 +78,39 @@ def _loaded_config():
   except OSError as e:
     _usage_error(f'cannot load --config={config_flags.get_config_filename(FLAGS["config"])}: '
                  f'{str(e).strip().splitlines()[-1].strip()}')
+  except Exception as e:  # pylint: disable=broad-except; the config file may raise anything
+    _config_file_error(e)
+    raise
+
+
+def _verbose() -> bool:
+  """--verbosity=1 or more (read from argv: the flags may not have parsed)."""
+  return any(a.startswith(('--verbosity=', '-v=')) and a.split('=')[1] not in ('0', '-1', '-2')
+             for a in sys.argv[1:])
+
+
+def _config_path() -> str:
+  """The config file named on the command line (the last --config wins, as for any flag)."""
+  named = [a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--config=')]
+  return os.path.abspath(named[-1].split(':')[0]) if named else _DEFAULT_CONFIG
+
+
+def _config_file_error(error: Exception):
+  """A config file that does not import, or whose get_config raises, is bad input: one line
+  naming the file, the line and the error (the traceback too with --verbosity=1 or more)."""
+  if _verbose():
+    return
+  path = _config_path()
+  if isinstance(error, SyntaxError) and os.path.abspath(error.filename or '') == path:
+    line, what = error.lineno, error.msg
+  else:
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.abspath(f.filename) == path]
+    if not frames:
+      return
+    line, what = frames[-1].lineno, str(error).strip().splitlines()[-1:] or ['']
+    what = what[0] if isinstance(what, list) else what
+  _usage_error(f'--config={path}: line {line}: {type(error).__name__}: {what}')
 
 
 def main(argv):
@@ -88,7 +127,7 @@ def main(argv):
   from parallel import multihost, sharding  # pylint: disable=g-import-not-at-top
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
-  from training import checkpointing, config_check, loop  # pylint: disable=g-import-not-at-top
+  from training import checkpointing, config_check, loop, warm_start  # pylint: disable=g-import-not-at-top
   try:
     multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
@@ -101,7 +140,7 @@ def main(argv):
     loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
-  except checkpointing.IncompatibleCheckpointError as e:
+  except (checkpointing.IncompatibleCheckpointError, warm_start.InitFromError) as e:
     _usage_error(e)
   except (checkpointing.NoUsableCheckpointError, loop.TrainingHalted) as e:
     _halt(f'train.py: error: {e}')

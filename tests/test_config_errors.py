@@ -1,5 +1,6 @@
 """Bad configs stop before anything compiles: exit status 2, one line naming the key, no files."""
 
+import itertools
 import os
 
 import pytest
@@ -75,3 +76,31 @@ def test_grad_accumulation_must_divide_the_batch():
   config.train.grad_accum_steps = 3
   with pytest.raises(config_check.ConfigError, match='data.global_batch_size'):
     config_check.validate(config, num_devices=1, num_processes=1)
+
+
+@pytest.mark.parametrize('source, error', [
+    ('def get_config(:\n  pass\n', 'line 1: SyntaxError'),
+    ('from configs import default\n\n\ndef get_config():\n  return default.get_config().nope\n',
+     "line 5: AttributeError: \"'nope'\""),
+])
+def test_a_config_file_that_fails_exits_2_naming_file_and_line(tmp_path, source, error):
+  path = tmp_path / 'mine.py'
+  path.write_text(source)
+  result = run_train(tmp_path / 'run', f'--config={path}')
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'train.py: error: --config={path}: {error}')
+
+
+def test_presets_combine_in_any_order():
+  configs = [default.get_config(','.join(p))
+             for p in itertools.permutations(('tiny', 'llama', 'fsdp_tp'))]
+  assert all(c == configs[0] for c in configs)
+  assert configs[0].model.mlp_dim == 96 and configs[0].mesh.tensor == 2
+
+
+def test_a_key_of_another_model_is_an_error(tmp_path):
+  cnn = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'fashion_mnist_cnn.py')
+  result = run_train(tmp_path / 'run', f'--config={cnn}:tiny', '--config.model.num_heads=4')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == "train.py: error: unknown config key 'num_heads'"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import pipeline, sources, text
+from data import mlm, pipeline, sources, text
 
 
 def _cfg(**overrides):
@@ -189,7 +189,7 @@ def _documents(tmp_path, n=200, seed=0):
 def _mlm(source, **overrides):
   kwargs = dict(seq_len=32, global_batch_size=8, seed=0, shuffle=True, shuffle_window=256)
   kwargs.update(overrides)
-  return text.mlm_batches(source, **kwargs)
+  return mlm.mlm_batches(source, **kwargs)
 
 
 def _take(iterator, n):
@@ -293,7 +293,7 @@ def _documents_of(batch):
 
 def test_eval_batches_are_fixed_and_split_over_processes(tmp_path):
   source = _documents(tmp_path)
-  make = lambda **kw: text.mlm_eval_batches(
+  make = lambda **kw: mlm.mlm_eval_batches(
       source, seq_len=32, global_batch_size=4, num_batches=3, seed=3, **kw)
   first, again = make(), make()
   halves = [make(process_index=p, process_count=2) for p in (0, 1)]
@@ -306,9 +306,9 @@ def test_eval_batches_are_fixed_and_split_over_processes(tmp_path):
 
 def test_eval_batches_spread_over_documents_and_pad_when_they_run_out(tmp_path):
   source = _letter_documents(tmp_path, [100, 200, 300, 100, 200, 300])
-  spread = text.mlm_eval_batches(source, seq_len=32, global_batch_size=6, num_batches=1, seed=0)
+  spread = mlm.mlm_eval_batches(source, seq_len=32, global_batch_size=6, num_batches=1, seed=0)
   assert sorted(min(d) for d in _documents_of(spread[0])) == list(range(97, 103))
-  few = text.mlm_eval_batches(source, seq_len=400, global_batch_size=4, num_batches=2, seed=0)
+  few = mlm.mlm_eval_batches(source, seq_len=400, global_batch_size=4, num_batches=2, seed=0)
   assert [b['mask'].tolist() for b in few] == [[1, 1, 1, 1], [1, 1, 0, 0]]
   assert (few[1]['inputs'][2:] == 0).all() and not few[1]['weights'][2:].any()
   assert few[1]['weights'][:2].sum(axis=1).min() >= 15

@@ -1,0 +1,148 @@
+"""Classification of images or texts into `model.num_classes` classes (task.name='classification').
+
+Batches are {'inputs', 'label'}: images float32 [B, H, W, C] (normalised; H, W, C from
+`model.image_shape`) or token ids int32 [B, L] (texts, L = `data.seq_len`); eval batches also
+carry 'mask' (1 for a real example, 0 for padding), so the whole eval split counts, each example
+once. The model is called as `model(inputs, train=..., rngs=...)` and returns logits [B, C].
+
+Eval figures: loss, accuracy, top-k accuracy (k = `task.top_k`, when there are more classes), and
+macro-F1 in metrics.jsonl; per-class precision, recall and F1 and the confusion matrix in
+WORKDIR/confusion_matrix.json and .png after every evaluation.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from data import classification as data_lib
+from tasks import base
+
+
+def default_config() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.name = 'classification'
+  t.top_k = 5  # also report top-k accuracy when there are more than k classes
+  return t
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  return data_lib.default_data_config()
+
+
+def _is_image(config) -> bool:
+  """Whether the model takes images (it declares their shape) rather than token ids."""
+  return 'image_shape' in config.model
+
+
+class Task(base.Task):
+  """Cross-entropy on integer labels; accuracy as the training-time auxiliary figure."""
+
+  def __init__(self, config, model_module):
+    super().__init__(config, model_module)
+    self.unit = 'images' if _is_image(config) else 'examples'
+    self.class_names = [str(i) for i in range(config.model.num_classes)]
+
+  def validate(self):
+    d, m = self.config.data, self.config.model
+    _require(d.source in data_lib.IMAGE_SOURCES + data_lib.TEXT_SOURCES, 'data.source',
+             f'{d.source!r} is not one of '
+             f'{", ".join(data_lib.IMAGE_SOURCES + data_lib.TEXT_SOURCES)}')
+    takes = 'images' if _is_image(self.config) else 'texts'
+    gives = ('images' if d.source in ('idx', 'folder') else
+             'texts' if d.source in data_lib.TEXT_SOURCES else takes)  # tfds: either
+    _require(gives == takes, 'data.source',
+             f'{d.source!r} gives {gives}, and model.name={m.name!r} takes {takes}')
+    _require(self.config.task.top_k > 0, 'task.top_k', 'must be positive')
+
+  def batch_spec(self, split):
+    d = self.config.data
+    size = d.global_batch_size
+    if _is_image(self.config):
+      inputs = base.Field((size, *self.config.model.image_shape), jnp.float32,
+                          ('batch', None, None, None))
+    else:
+      inputs = base.Field((size, d.seq_len), jnp.int32, ('batch', 'length'))
+    spec = {'inputs': inputs, 'label': base.Field((size,), jnp.int32, ('batch',))}
+    if split == 'eval':
+      spec['mask'] = base.Field((size,), jnp.float32, ('batch',))
+    return spec
+
+  def loss(self, model, batch, rngs):
+    logits_BxC = model(batch['inputs'], train=True, rngs=rngs)
+    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch['label'])
+    accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == batch['label'])
+    return losses_B.mean(), {'accuracy': accuracy}
+
+  def eval_sums(self, model, batch):
+    logits_BxC = model(batch['inputs'], train=False)
+    labels_B, mask_B = batch['label'], batch['mask']
+    num_classes = logits_BxC.shape[-1]
+    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+    k = min(self.config.task.top_k, num_classes)
+    top_k_BxK = jax.lax.top_k(logits_BxC, k)[1]
+    in_top_k_B = jnp.any(top_k_BxK == labels_B[:, None], axis=-1)
+    truth_BxC = jax.nn.one_hot(labels_B, num_classes) * mask_B[:, None]
+    predicted_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), num_classes)
+    return {'loss_sum': jnp.sum(losses_B * mask_B), 'count': jnp.sum(mask_B),
+            'top_k_correct': jnp.sum(in_top_k_B * mask_B),
+            'confusion': truth_BxC.T @ predicted_BxC}  # [true class, predicted class]
+
+  def eval_metrics(self, sums):
+    count = max(float(sums['count']), 1.0)
+    figures = {'loss': float(sums['loss_sum']) / count,
+               'accuracy': float(np.trace(sums['confusion'])) / count,
+               'macro_f1': float(np.mean(per_class(sums['confusion'])['f1']))}
+    if sums['confusion'].shape[0] > self.config.task.top_k:
+      figures[f'top{self.config.task.top_k}_accuracy'] = float(sums['top_k_correct']) / count
+    return figures
+
+  def train_batches(self, stats):
+    source = data_lib.make_source(self.config.data, 'train')
+    self._check_source(source)
+    self.class_names = list(source.class_names)
+    return data_lib.train_batches(source, self.config.data, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), stats=stats)
+
+  def eval_batches(self):
+    if not self.config.train.eval_every:
+      return []
+    source = data_lib.make_source(self.config.data, 'eval')
+    self._check_source(source)
+    return data_lib.eval_batches(source, self.config.data, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
+  def _check_source(self, source):
+    m = self.config.model
+    takes = 'image' if _is_image(self.config) else 'text'
+    _require(source.kind == takes, 'data.name',
+             f'{source!r} holds {source.kind}s, and model.name={m.name!r} takes {takes}s')
+    _require(source.num_classes == m.num_classes, 'model.num_classes',
+             f'{m.num_classes}, but {source!r} has {source.num_classes} classes')
+    if source.kind == 'image' and len(source):
+      shape = tuple(source[0]['inputs'].shape)
+      _require(shape == tuple(m.image_shape), 'model.image_shape',
+               f'{tuple(m.image_shape)}, but the images of {source!r} are {shape}')
+
+  def parts(self, run):
+    from tasks import reports  # pylint: disable=g-import-not-at-top; matplotlib is slow to load
+    return [reports.ConfusionMatrix(self.class_names)]
+
+
+def per_class(confusion) -> dict[str, np.ndarray]:
+  """Precision, recall and F1 per class from a [true, predicted] confusion matrix (0 where a
+  class was never predicted or never present)."""
+  confusion = np.asarray(confusion, np.float64)
+  hits = np.diag(confusion)
+  predicted, present = confusion.sum(axis=0), confusion.sum(axis=1)
+  precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+  recall = np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)
+  both = precision + recall
+  f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+  return {'precision': precision, 'recall': recall, 'f1': f1, 'support': present}
+
+
+def _require(ok, key, message):
+  if not ok:
+    raise ValueError(f'{key}: {message}')

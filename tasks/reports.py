@@ -1,0 +1,53 @@
+"""Reports written to the workdir after evaluations: the confusion matrix as JSON and PNG."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from tasks import base
+from tasks.classification import per_class
+
+
+class ConfusionMatrix(base.Part):
+  """After each evaluation: WORKDIR/confusion_matrix.json (matrix, per-class precision, recall,
+  F1 and support, the step) and confusion_matrix.png."""
+
+  def __init__(self, class_names):
+    self.class_names = class_names
+
+  def after_step(self, run, step, state, metrics):
+    if 'eval/accuracy' not in metrics or jax.process_index() != 0:
+      return None
+    confusion = np.asarray(run.last_eval_sums['confusion']).round().astype(np.int64)
+    scores = per_class(confusion)
+    report = {'step': step, 'classes': self.class_names, 'confusion': confusion.tolist(),
+              'rows': 'true class', 'columns': 'predicted class',
+              **{k: v.tolist() for k, v in scores.items()}}
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, 'confusion_matrix.json'), 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=1)
+    _plot(confusion, self.class_names, step, os.path.join(run.workdir, 'confusion_matrix.png'))
+    return None
+
+
+def _plot(confusion, class_names, step, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top; only when a report is written
+  matplotlib.use('Agg')
+  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+  n = len(confusion)
+  figure, axes = pyplot.subplots(figsize=(2 + 0.5 * n, 1.5 + 0.5 * n))
+  shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+  axes.imshow(shares, cmap='Blues', vmin=0, vmax=1)
+  for (row, column), count in np.ndenumerate(confusion):
+    axes.text(column, row, str(count), ha='center', va='center', fontsize=7,
+              color='white' if shares[row, column] > 0.5 else 'black')
+  axes.set_xticks(range(n), class_names, rotation=90)
+  axes.set_yticks(range(n), class_names)
+  axes.set_xlabel('predicted class')
+  axes.set_ylabel('true class')
+  axes.set_title(f'confusion matrix at step {step}')
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  pyplot.close(figure)

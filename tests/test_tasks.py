@@ -1,0 +1,206 @@
+"""The task seam end to end: classifiers and the encoder train through train.py like the LM does,
+resume bit for bit, stop early, start from another run, and report whole-split metrics."""
+
+import gzip
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fashion_mnist_cnn
+from tasks import classification
+from tests.test_faults import _assert_same_state, _losses
+from tests.test_train_e2e import REPO, run_train, saved_state
+from training import metrics
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
+      int(n).to_bytes(4, 'big') for n in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def idx_dir(tmp_path_factory):
+  """A small Fashion-MNIST-shaped set: each class a bright band at its own row; 40 test images
+  (not a multiple of the batch of 16, so the last eval batch is partial)."""
+  directory = tmp_path_factory.mktemp('idx')
+  rng = np.random.default_rng(0)
+  for prefix, n in (('train', 160), ('t10k', 40)):
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, 28, 28))
+    for image, label in zip(images, labels):
+      image[2 + 2 * label: 4 + 2 * label] = 250
+    _write_idx(directory / f'{prefix}-images-idx3-ubyte.gz', images)
+    _write_idx(directory / f'{prefix}-labels-idx1-ubyte.gz', labels)
+  return directory
+
+
+CNN = '--config=' + os.path.join(REPO, 'configs', 'fashion_mnist_cnn.py') + ':tiny'
+RESNET = '--config=' + os.path.join(REPO, 'configs', 'fashion_mnist_resnet.py') + ':tiny'
+
+
+def _data(idx_dir):
+  return [f'--config.data.path={idx_dir}', '--config.data.normalize_sample=100']
+
+
+@pytest.fixture(scope='module')
+def resnet_unbroken(tmp_path_factory, idx_dir):
+  workdir = tmp_path_factory.mktemp('resnet_unbroken')
+  result = run_train(workdir, RESNET, *_data(idx_dir))
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def test_resnet_stopped_and_resumed_matches_the_unbroken_run(resnet_unbroken, idx_dir, tmp_path):
+  """BatchNorm statistics live in the train state: checkpointed and restored bit for bit."""
+  assert run_train(tmp_path, RESNET, *_data(idx_dir),
+                   '--config.train.stop_after=5').returncode == 0
+  resumed = run_train(tmp_path, RESNET, *_data(idx_dir))
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'Resumed from the checkpoint at step 5' in resumed.stdout
+  assert _losses(tmp_path) == _losses(resnet_unbroken)
+  state = saved_state(tmp_path, 8)
+  assert 'model_state' in state and state['model_state']  # BatchNorm's running statistics
+  _assert_same_state(state, saved_state(resnet_unbroken, 8))
+
+
+def test_classification_reports_whole_split_metrics_and_a_confusion_matrix(resnet_unbroken):
+  evals = [r for r in metrics.read_metrics(resnet_unbroken) if 'eval/accuracy' in r]
+  assert [r['step'] for r in evals] == [4, 8]
+  assert all(0 <= r['eval/accuracy'] <= 1 and 'eval/top5_accuracy' in r for r in evals)
+  report = json.loads((resnet_unbroken / 'confusion_matrix.json').read_text())
+  assert report['step'] == 8 and np.sum(report['confusion']) == 40  # every test image, once
+  assert len(report['classes']) == 10 and report['classes'][0] == 'T-shirt/top'
+  assert (resnet_unbroken / 'confusion_matrix.png').stat().st_size > 1000
+  assert np.trace(report['confusion']) / 40 == pytest.approx(evals[-1]['eval/accuracy'])
+
+
+def test_eval_metrics_match_a_hand_computation_with_a_padded_last_batch():
+  config = fashion_mnist_cnn.get_config()
+  config.model.num_classes, config.task.top_k = 3, 2
+  task = classification.Task(config, None)
+  logits = jnp.array([[3., 2., 1.], [1., 3., 2.], [1., 2., 3.], [3., 1., 2.], [0., 0., 9.]])
+  labels = jnp.array([0, 2, 2, 1, 0])
+  mask = jnp.array([1., 1., 1., 1., 0.])  # the last row is padding: it must not count
+  sums = task.eval_sums(lambda inputs, train: logits, {'inputs': None, 'label': labels,
+                                                      'mask': mask})
+  figures = task.eval_metrics(jax_to_numpy(sums))
+  # Predictions 0, 1, 2, 0 for labels 0, 2, 2, 1: two right of four.
+  assert figures['accuracy'] == 0.5
+  np.testing.assert_array_equal(sums['confusion'], [[1, 0, 0], [1, 0, 0], [0, 1, 1]])
+  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected_loss = -np.mean([log_softmax[i, labels[i]] for i in range(4)])
+  assert figures['loss'] == pytest.approx(expected_loss, rel=1e-6)
+  # Per class: precision 1/2, 0, 1/1; recall 1/1, 0/1, 1/2 -> F1 2/3, 0, 2/3.
+  assert figures['macro_f1'] == pytest.approx((2 / 3 + 0 + 2 / 3) / 3)
+  # Top 2: row 0 {0, 1} has 0; row 1 {1, 2} has 2; row 2 {2, 1} has 2; row 3 {0, 2} lacks 1.
+  assert figures['top2_accuracy'] == 0.75
+
+
+def jax_to_numpy(tree):
+  return {k: np.asarray(v) for k, v in tree.items()}
+
+
+def test_early_stopping_stops_keeps_the_best_and_stays_stopped(idx_dir, tmp_path):
+  # A learning rate of zero never improves on the first eval: patience 2 ends it at step 6.
+  args = [CNN, *_data(idx_dir), '--config.train.steps=40', '--config.train.eval_every=2',
+          '--config.early_stop.metric=accuracy', '--config.early_stop.mode=max',
+          '--config.early_stop.patience=2', '--config.optim.learning_rate=1e-12']
+  result = run_train(tmp_path, *args)
+  assert result.returncode == 0, result.stderr
+  assert 'early stopping at step 6' in result.stdout
+  assert max(r['step'] for r in metrics.read_metrics(tmp_path)) == 6
+  assert sorted(os.listdir(tmp_path / 'best')) == ['2']  # the best eval, apart from the latest
+  assert '6' in os.listdir(tmp_path / 'checkpoints')
+  again = run_train(tmp_path, *args)
+  assert again.returncode == 0 and 'Training is already complete' in again.stdout
+
+
+def test_early_stopping_patience_survives_a_resume(idx_dir, tmp_path):
+  args = [CNN, *_data(idx_dir), '--config.train.steps=40', '--config.train.eval_every=2',
+          '--config.train.checkpoint_every=2', '--config.early_stop.metric=accuracy',
+          '--config.early_stop.mode=max', '--config.early_stop.patience=2',
+          '--config.optim.learning_rate=1e-12']
+  assert run_train(tmp_path, *args, '--config.train.stop_after=4').returncode == 0
+  result = run_train(tmp_path, *args)  # one bad eval already counted at step 4
+  assert result.returncode == 0, result.stderr
+  assert 'early stopping at step 6' in result.stdout
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('mlm')
+  result = run_train(workdir, '--config=' + os.path.join(REPO, 'configs', 'encoder_mlm.py')
+                     + ':tiny')
+  assert result.returncode == 0, result.stderr
+  assert 'eval/accuracy' in metrics.read_metrics(workdir)[-1]
+  return workdir
+
+
+CLASSIFY = '--config=' + os.path.join(REPO, 'configs', 'encoder_classify.py') + ':tiny'
+
+
+def test_init_from_loads_the_backbone_and_initialises_the_new_head(pretrained, tmp_path):
+  result = run_train(tmp_path, CLASSIFY, f'--config.init_from={pretrained}',
+                     '--config.finetune.freeze_backbone=true', '--config.train.steps=4')
+  assert result.returncode == 0, result.stderr
+  assert f'Starting from {pretrained}' in result.stdout
+  before, after = saved_state(pretrained, 8)['params'], saved_state(tmp_path, 4)['params']
+  # The backbone was loaded and, frozen, did not move; the classifier is new and trained.
+  np.testing.assert_array_equal(after['embed']['embedding'], before['embed']['embedding'])
+  assert 'classifier' in after and 'classifier' not in before
+
+
+def test_init_from_with_another_shape_is_a_one_line_error(pretrained, tmp_path):
+  result = run_train(tmp_path, CLASSIFY, f'--config.init_from={pretrained}',
+                     '--config.model.embed_dim=64')
+  assert result.returncode == 2, result.stderr
+  error = result.stderr.strip().splitlines()[-1]
+  assert error.startswith('train.py: error: init_from: params.') and '(32,)' in error
+
+
+def test_a_classifier_compiles_for_a_tpu_topology(tmp_path):
+  result = run_train(tmp_path, CNN, '--compile_only', '--topology=v5e-8')
+  assert result.returncode == 0, result.stderr
+  assert 'inputs 16x28x28x1, label 16' in result.stdout
+
+
+def test_gradient_accumulation_splits_every_batch_key(idx_dir, tmp_path):
+  args = [CNN, *_data(idx_dir), '--config.model.dropout_rate=0', '--config.train.steps=4',
+          '--config.train.eval_every=0']
+  assert run_train(tmp_path / 'one', *args).returncode == 0
+  result = run_train(tmp_path / 'two', *args, '--config.train.grad_accum_steps=2')
+  assert result.returncode == 0, result.stderr
+  one, two = (metrics.read_metrics(tmp_path / d) for d in ('one', 'two'))
+  np.testing.assert_allclose([r['train/loss'] for r in two], [r['train/loss'] for r in one],
+                             rtol=1e-5)
+  np.testing.assert_allclose([r['train/accuracy'] for r in two],
+                             [r['train/accuracy'] for r in one])
+
+
+def test_lm_eval_sample_is_fixed_and_drawn_from_all_documents(tmp_path):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from tasks import language_model  # pylint: disable=g-import-not-at-top
+  letters = [bytes([65 + i]) for i in range(26)]  # document i is one letter, repeated
+  for i, letter in enumerate(letters):
+    (tmp_path / f'doc{i:02d}.txt').write_bytes(letter * 40)
+  config = default.get_config('tiny')
+  config.data.update(source='files', files=str(tmp_path / '*.txt'), eval_percent=99,
+                     prefetch_batches=0)
+  config.task.eval_batches = 2
+
+  def sample(training_seed):
+    config.data.shuffle_seed = training_seed
+    batches = language_model.Task(config, None).eval_batches()
+    return np.concatenate([b['tokens'] for b in batches])
+
+  first, again, other_seed = sample(0), sample(0), sample(7)
+  np.testing.assert_array_equal(first, again)
+  np.testing.assert_array_equal(first, other_seed)  # the training seed does not move it
+  seen = {bytes([t]) for t in np.unique(first)} & set(letters)
+  in_file_order = set(letters[:len(seen)])
+  assert len(seen) >= 5 and seen != in_file_order  # a shuffled sample, not the first files
