@@ -1,9 +1,10 @@
 """The classic small convolutional classifier (MNIST / Fashion-MNIST / CIFAR scale).
 
 Each entry of `conv_features` is a 'SAME' convolution, the activation and a 2x2 max pool; then
-the feature map is flattened into a hidden dense layer, dropout and a linear head. With the
-defaults (32 and 64 3x3 filters, 256 hidden units, dropout 0.3) it is the two-conv network that
-reaches about 0.92 test accuracy on Fashion-MNIST in a few epochs.
+the feature map is flattened into a hidden dense layer, dropout and a linear head. The defaults
+(32 and 64 3x3 filters, 256 hidden units, dropout 0.3) are the two-conv Fashion-MNIST network:
+Adam (1e-3, cosine decay, batch 128) took it to 0.872 / 0.895 / 0.901 test accuracy after 1 / 2 /
+3 epochs here; 0.92 takes longer training (configs/fashion_mnist_cnn.py runs 10 epochs).
 
 Tensor names carry their shapes: B batch, H height, W width, C channels, D flattened features,
 F hidden units, N classes. Parameters carry logical axis names in their `logical_axes` metadata:
