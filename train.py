@@ -162,15 +162,17 @@ def _halt(message: str):
   """Prints `message` as the last line and exits 1, after checkpoints and metrics are closed.
 
   A checkpoint write that failed (disk full) leaves errors in Orbax's and TensorStore's threads
-  that nobody awaits; they print tracebacks until the interpreter is gone. So stderr is muted
-  first, the message goes on a line of its own, and the process exits without teardown.
+  that nobody awaits; they print tracebacks, from Python and from C++, until the process is gone.
+  So stdout and stderr are pointed at /dev/null at the file-descriptor level first, the message
+  goes to the real stderr on a line of its own, and the process exits without teardown.
   """
-  stderr, sys.stderr = sys.stderr, open(os.devnull, 'w', encoding='utf-8')
   logging.flush()
-  logging.get_absl_handler().python_handler.stream = sys.stderr
-  stderr.write(f'\n{message}\n')
-  stderr.flush()
   sys.stdout.flush()
+  sys.stderr.flush()
+  stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  for fd in (1, 2):
+    os.dup2(devnull, fd)
+  os.write(stderr, f'\n{message}\n'.encode())
   os._exit(1)  # pylint: disable=protected-access
 
 if __name__ == '__main__':

@@ -5,7 +5,9 @@ Saves are asynchronous: `save` copies arrays off the devices and returns while a
 thread writes them, so the next steps (which donate the state's buffers) can start at once.
 """
 
+import sys
 import time
+import traceback
 
 import grain
 import jax
@@ -16,6 +18,7 @@ from jax.experimental import multihost_utils as multihost
 
 
 def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointManager:
+  _drop_closed_loop_reports()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=train_config.keep_checkpoints,
       enable_async_checkpointing=asynchronous,
@@ -28,13 +31,35 @@ def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointMana
                                item_handlers=handlers)
 
 
+def _drop_closed_loop_reports():
+  """Keeps TensorStore from printing a traceback for each write still running when a save fails.
+
+  Orbax closes a save's event loop as soon as one of its writes fails; the writes still running
+  then finish into the closed loop, and TensorStore reports each through `sys.excepthook`
+  (`RuntimeError: Event loop is closed`, raised in `call_soon_threadsafe` called from C), dozens
+  of times and up to the process's last line. The failure itself is reported once, by `save`.
+  """
+  previous = sys.excepthook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
+
+  def hook(kind, error, tb):
+    frames = traceback.extract_tb(tb)
+    if not (kind is RuntimeError and str(error) == 'Event loop is closed' and frames
+            and frames[0].name == 'call_soon_threadsafe'):
+      previous(kind, error, tb)
+
+  hook.drops_closed_loop_reports = True
+  sys.excepthook = hook
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every: int,
          final: bool, loop_state: dict | None = None) -> bool:
   """Saves on every `every`-th step and the final one; returns whether a save started.
 
   Raises what went wrong in an earlier background write, if anything did.
   """
-  manager.check_for_errors()
+  raise_failed_save(manager)
   if step % every and not final:
     return False
   items = {'state': ocp.args.StandardSave(state),
@@ -43,6 +68,19 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every:
     items['loop'] = ocp.args.JsonSave(loop_state)
   args = ocp.args.Composite(**items)
   return manager.save(step, args=args, force=True)
+
+
+def raise_failed_save(manager: ocp.CheckpointManager):
+  """Raises the error of a background save that failed, once Orbax has finished with that save.
+
+  Cheap enough for every step, and never waits for a save still being written. It must not ask
+  sooner (`manager.check_for_errors()` would): Orbax keeps the write's error in one slot, and
+  whoever reads it first clears it. When that is not Orbax's own finalize thread, the thread takes
+  the failed save for a good one and deletes the checkpoints it was to replace (`max_to_keep`),
+  the last complete one included.
+  """
+  if not manager.is_saving_in_progress():
+    manager.wait_until_finished()  # the save is done: returns at once, raising what it raised
 
 
 class NoUsableCheckpointError(RuntimeError):
