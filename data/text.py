@@ -1,8 +1,8 @@
 """Text for the encoder: labelled text sources, [CLS]-first rows, masked-language-model batches.
 
-Token ids, byte level, as in models/encoder.py: 0..255 are bytes with PAD_ID = 0 (byte 0 never
+Token ids, byte level, models/encoder.py's: 0..255 are bytes with PAD_ID = 0 (byte 0 never
 occurs in text); CLS_ID = 256 opens every row, MASK_ID = 257 hides a byte, SEP_ID = 258 joins
-text pairs; VOCAB_SIZE = 264 rounds that up to a multiple of 8.
+text pairs; VOCAB_SIZE = 264 (the encoder's default) rounds that up to a multiple of 8.
 
 `make_text_source(data_cfg, split)` gives a grain RandomAccessDataSource of
 {'inputs': bytes, 'label': int} with `num_classes`, `class_names`, `kind = 'text'` and
@@ -51,9 +51,10 @@ import numpy as np
 from absl import logging
 
 from data import pipeline
+from models import encoder
+from models.encoder import CLS_ID, MASK_ID, PAD_ID, SEP_ID  # pylint: disable=unused-import
 
-PAD_ID, CLS_ID, MASK_ID, SEP_ID = 0, 256, 257, 258
-VOCAB_SIZE = 264
+VOCAB_SIZE = encoder.default_config().vocab_size
 
 STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
                    'multiprocessing', 'unittest', 'urllib', 'xml')

@@ -20,12 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import platforms
+from models import checks, platforms
 from parallel.sharding import constrain
 
 ACTIVATIONS = ('relu', 'gelu', 'silu', 'tanh')
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,29 +52,20 @@ def drawn_as_matrix(init):
   return draw
 
 
-def _require(ok: bool, key: str, message: str):
-  if not ok:
-    raise ValueError(f'model.{key}: {message}')
-
-
 def validate(m, config):
   """Raises ValueError('model.<key>: ...') for the first bad value."""
   del config  # nothing to check against the data's keys yet
-  _require(len(m.image_shape) == 3 and all(d > 0 for d in m.image_shape), 'image_shape',
-           f'must be three positive sizes (height, width, channels), got {m.image_shape}')
-  _require(m.num_classes > 0, 'num_classes', f'must be positive, got {m.num_classes}')
-  _require(len(m.conv_features) > 0 and all(f > 0 for f in m.conv_features), 'conv_features',
-           f'must be one or more positive widths, got {m.conv_features}')
-  _require(m.kernel_size > 0, 'kernel_size', f'must be positive, got {m.kernel_size}')
-  _require(m.dense_dim > 0, 'dense_dim', f'must be positive, got {m.dense_dim}')
+  checks.image_classifier(m)
+  checks.require(len(m.conv_features) > 0 and all(f > 0 for f in m.conv_features),
+                 'model.conv_features',
+                 f'must be one or more positive widths, got {m.conv_features}')
+  checks.positive(m, 'kernel_size', 'dense_dim')
   pools = 2 ** len(m.conv_features)
-  _require(min(m.image_shape[:2]) >= pools, 'image_shape',
-           f'{m.image_shape[:2]} is smaller than the {pools}x{pools} that '
-           f'{len(m.conv_features)} 2x2 pools reduce to one pixel')
-  for key, choices in (('activation', ACTIVATIONS), ('dtype', DTYPES),
-                       ('param_dtype', PARAM_DTYPES)):
-    _require(m[key] in choices, key, f'{m[key]!r} is not one of {", ".join(choices)}')
-  _require(0 <= m.dropout_rate < 1, 'dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
+  checks.require(min(m.image_shape[:2]) >= pools, 'model.image_shape',
+                 f'{m.image_shape[:2]} is smaller than the {pools}x{pools} that '
+                 f'{len(m.conv_features)} 2x2 pools reduce to one pixel')
+  checks.one_of(m, 'activation', ACTIVATIONS)
+  checks.dtypes_and_dropout(m)
 
 
 def train_flops_per_example(m, config) -> float:
@@ -101,9 +90,7 @@ class Model(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if 'platform' not in cfg:
-      cfg = platforms.resolve_for_platform(cfg, jax.default_backend())
-    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
+    cfg = platforms.model_settings(cfg)
     self.cfg = cfg
     height, width, channels = cfg.image_shape
     # He et al.'s variance for ReLU-like activations, drawn uniformly (no truncated normal).

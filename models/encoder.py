@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import flops, layers, platforms
+from models import checks, flops, layers, platforms
 from parallel.sharding import constrain
 
 # Token ids, shared with the data pipeline: bytes are themselves, specials follow them.
@@ -36,38 +36,15 @@ POOLS = ('cls', 'mean')
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key this model reads (`config.model`): a BERT-style encoder at CPU scale."""
-  m = ml_collections.ConfigDict()
+  m = layers.default_config()
   m.name = 'encoder'
   m.vocab_size = 264  # 256 bytes, CLS, MASK, SEP, rounded up to a multiple of 8
   m.head = 'mlm'  # mlm (pretraining) | classify (fine-tuning)
   m.num_classes = 2  # head='classify'
   m.pool = 'cls'  # head='classify': cls (pooled [CLS] output) | mean (over non-PAD tokens)
   m.tie_embeddings = True  # head='mlm': logits against the token embedding
-  m.num_layers = 4
-  m.num_heads = 4
-  m.num_kv_heads = 4
-  m.embed_dim = 128
-  m.mlp_dim = 512
-  m.max_len = 128
-  m.position = 'learned'  # learned | rope
-  m.rope_theta = 10000.0
-  m.norm = 'layernorm'  # layernorm | rmsnorm
-  m.mlp = 'gelu'  # gelu | swiglu
-  m.use_bias = True
   m.dropout_rate = 0.1
-  m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
-  m.param_dtype = 'float32'  # parameters and optimizer state
-  m.scan_layers = False  # one scanned layer body: compile time independent of depth
-  m.remat = 'none'  # none | full | dots (save matmul outputs) | names (save `remat_names`)
-  m.remat_names = ('attention_out', 'mlp_out')  # kept by remat=names (layers.REMAT_NAMES)
-  # auto | cpu | xla | cudnn | splash (auto: splash on TPU, cudnn on GPU, cpu on CPU)
-  m.attention = 'auto'
   return m
-
-
-def _require(ok: bool, key: str, message: str):
-  if not ok:
-    raise ValueError(f'{key}: {message}')
 
 
 def _seq_len(config):
@@ -77,16 +54,19 @@ def _seq_len(config):
 
 def validate(m, config):
   """Raises ValueError('model.<key>: ...') for the first bad value."""
-  _require(m.head in HEADS, 'model.head', f'{m.head!r} is not one of {", ".join(HEADS)}')
-  _require(m.pool in POOLS, 'model.pool', f'{m.pool!r} is not one of {", ".join(POOLS)}')
-  _require(m.head != 'classify' or m.num_classes > 1, 'model.num_classes',
+  checks.one_of(m, 'head', HEADS)
+  checks.one_of(m, 'pool', POOLS)
+  checks.require(m.head != 'classify' or m.num_classes > 1, 'model.num_classes',
            f'must be at least 2 for head=classify, got {m.num_classes}')
-  _require(m.vocab_size > SEP_ID, 'model.vocab_size',
+  checks.require(m.vocab_size > SEP_ID, 'model.vocab_size',
            f'must hold the bytes and CLS, MASK, SEP (>= {SEP_ID + 1}), got {m.vocab_size}')
   layers.validate(m)
   seq_len = _seq_len(config)
-  _require(seq_len is None or seq_len <= m.max_len, 'data.seq_len',
+  checks.require(seq_len is None or seq_len <= m.max_len, 'data.seq_len',
            f'{seq_len} is longer than model.max_len={m.max_len}')
+
+
+validate_sharding = checks.heads_split
 
 
 def train_flops_per_example(m, config) -> float:
@@ -135,16 +115,12 @@ class Model(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if 'platform' not in cfg:
-      cfg = platforms.resolve_for_platform(cfg, jax.default_backend())
-    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
+    cfg = platforms.model_settings(cfg)
     self.cfg = cfg
     # The backbone: the same names whatever the head.
     self.embed = layers.Embed(cfg, rngs=rngs)
     if cfg.position == 'learned':
-      init = nnx.initializers.normal(0.02)
-      self.positions = nnx.Param(init(rngs.params(), (cfg.max_len, cfg.embed_dim),
-                                      cfg.param_dtype), logical_axes=('length', 'embed'))
+      self.positions = layers.learned_positions(cfg, rngs)
     self.blocks = layers.Blocks(cfg, rngs=rngs, causal=False)
     self.final_norm = layers.norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)

@@ -16,11 +16,12 @@ each block's activations in the backward pass, all of them or all but those a po
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import attention, cpu_kernels, platforms
+from models import attention, checks, cpu_kernels, platforms
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -32,34 +33,56 @@ REMAT = ('none', 'full', 'dots', 'names')
 _LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """The keys these layers read, at CPU scale; a model adds its own and changes sizes."""
+  m = ml_collections.ConfigDict()
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.embed_dim = 128
+  m.mlp_dim = 512
+  m.max_len = 128
+  m.position = 'learned'  # learned | rope
+  m.rope_theta = 10000.0
+  m.norm = 'layernorm'  # layernorm | rmsnorm
+  m.mlp = 'gelu'  # gelu | swiglu
+  m.use_bias = True
+  m.dropout_rate = 0.0
+  m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
+  m.param_dtype = 'float32'  # parameters and optimizer state
+  m.scan_layers = False  # one scanned layer body: compile time independent of depth
+  m.remat = 'none'  # none | full | dots (save matmul outputs) | names (save `remat_names`)
+  m.remat_names = ('attention_out', 'mlp_out')  # kept by remat=names (REMAT_NAMES)
+  # auto | cpu | xla | cudnn | splash (auto: splash on TPU, cudnn on GPU, cpu on CPU)
+  m.attention = 'auto'
+  return m
+
+
+def learned_positions(cfg, rngs) -> nnx.Param:
+  """A learned position embedding [max_len, D], added to the tokens by the model."""
+  init = nnx.initializers.normal(0.02)
+  return nnx.Param(init(rngs.params(), (cfg.max_len, cfg.embed_dim), cfg.param_dtype),
+                   logical_axes=('length', 'embed'))
+
+
 def validate(m):
   """Checks the keys the shared layers read; raises ValueError('model.<key>: ...')."""
-  def require(ok, key, message):
-    if not ok:
-      raise ValueError(f'model.{key}: {message}')
-
-  def one_of(key, choices):
-    require(m[key] in choices, key, f'{m[key]!r} is not one of {", ".join(map(str, choices))}')
-
-  one_of('position', ('learned', 'rope'))
-  one_of('norm', ('layernorm', 'rmsnorm'))
-  one_of('mlp', ('gelu', 'swiglu'))
-  one_of('dtype', ('auto', 'float32', 'bfloat16', 'float16'))
-  one_of('param_dtype', ('float32', 'bfloat16', 'float16'))
-  for key in ('num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len'):
-    require(m[key] > 0, key, f'must be positive, got {m[key]}')
-  require(m.embed_dim % m.num_heads == 0, 'embed_dim',
-          f'{m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
-  require(m.num_heads % m.num_kv_heads == 0, 'num_kv_heads',
-          f'{m.num_kv_heads} does not divide model.num_heads={m.num_heads}')
-  require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'num_heads',
-          'rope needs an even head dimension (embed_dim / num_heads)')
-  require(0 <= m.dropout_rate < 1, 'dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
-  one_of('remat', REMAT)
+  checks.one_of(m, 'position', ('learned', 'rope'))
+  checks.one_of(m, 'norm', ('layernorm', 'rmsnorm'))
+  checks.one_of(m, 'mlp', ('gelu', 'swiglu'))
+  checks.dtypes_and_dropout(m)
+  checks.positive(m, 'num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len')
+  checks.require(m.embed_dim % m.num_heads == 0, 'model.embed_dim',
+                 f'{m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
+  checks.require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads',
+                 f'{m.num_kv_heads} does not divide model.num_heads={m.num_heads}')
+  checks.require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'model.num_heads',
+                 'rope needs an even head dimension (embed_dim / num_heads)')
+  checks.one_of(m, 'remat', REMAT)
   unknown = sorted(set(m.remat_names) - set(REMAT_NAMES))
-  require(not unknown, 'remat_names',
-          f'unknown {", ".join(unknown)}; tagged are {", ".join(REMAT_NAMES)}')
-  one_of('attention', ('auto', *platforms.ATTENTION))
+  checks.require(not unknown, 'model.remat_names',
+                 f'unknown {", ".join(unknown)}; tagged are {", ".join(REMAT_NAMES)}')
+  checks.one_of(m, 'attention', ('auto', *platforms.ATTENTION))
 
 
 def _axes(*names):

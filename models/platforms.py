@@ -4,6 +4,7 @@ The platform is an argument, not `jax.default_backend()`: ahead-of-time compilat
 topology runs on a CPU host, and must build the model as the TPU will run it.
 """
 
+import jax
 import ml_collections
 
 PLATFORMS = ('cpu', 'gpu', 'tpu')
@@ -30,6 +31,15 @@ def resolve_for_platform(model_config, platform: str) -> ml_collections.ConfigDi
         'cudnn' if resolved.dtype in ('bfloat16', 'float16') else 'xla')
   resolved.platform = platform
   return resolved
+
+
+def model_settings(model_config) -> ml_collections.FrozenConfigDict:
+  """What a model's `__init__` keeps: `model_config` resolved (for JAX's default backend if
+  it was not already, e.g. by the trainer for its mesh) and frozen, hence hashable, so that
+  graph definitions can be compared."""
+  if 'platform' not in model_config:
+    model_config = resolve_for_platform(model_config, jax.default_backend())
+  return ml_collections.FrozenConfigDict(model_config)
 
 
 def mesh_platform(mesh) -> str:

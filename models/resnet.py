@@ -21,11 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import cnn, platforms
+from models import checks, cnn, platforms
 from parallel.sharding import constrain
 
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
 _NORM = {'logical_axes': ('norm',)}
 
 
@@ -45,25 +43,17 @@ def default_config() -> ml_collections.ConfigDict:
   return m
 
 
-def _require(ok: bool, key: str, message: str):
-  if not ok:
-    raise ValueError(f'model.{key}: {message}')
-
-
 def validate(m, config):
   """Raises ValueError('model.<key>: ...') for the first bad value."""
   del config  # nothing to check against the data's keys yet
-  _require(len(m.image_shape) == 3 and all(d > 0 for d in m.image_shape), 'image_shape',
-           f'must be three positive sizes (height, width, channels), got {m.image_shape}')
-  _require(m.num_classes > 0, 'num_classes', f'must be positive, got {m.num_classes}')
-  _require(len(m.stage_sizes) > 0 and all(s > 0 for s in m.stage_sizes), 'stage_sizes',
-           f'must be one or more positive block counts, got {m.stage_sizes}')
-  _require(m.width > 0, 'width', f'must be positive, got {m.width}')
-  _require(0 <= m.bn_momentum < 1, 'bn_momentum', f'must be in [0, 1), got {m.bn_momentum}')
-  _require(m.bn_epsilon > 0, 'bn_epsilon', f'must be positive, got {m.bn_epsilon}')
-  _require(0 <= m.dropout_rate < 1, 'dropout_rate', f'must be in [0, 1), got {m.dropout_rate}')
-  for key, choices in (('dtype', DTYPES), ('param_dtype', PARAM_DTYPES)):
-    _require(m[key] in choices, key, f'{m[key]!r} is not one of {", ".join(choices)}')
+  checks.image_classifier(m)
+  checks.require(len(m.stage_sizes) > 0 and all(s > 0 for s in m.stage_sizes),
+                 'model.stage_sizes',
+                 f'must be one or more positive block counts, got {m.stage_sizes}')
+  checks.positive(m, 'width', 'bn_epsilon')
+  checks.require(0 <= m.bn_momentum < 1, 'model.bn_momentum',
+                 f'must be in [0, 1), got {m.bn_momentum}')
+  checks.dtypes_and_dropout(m)
 
 
 def _stages(m):
@@ -140,9 +130,7 @@ class Model(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if 'platform' not in cfg:
-      cfg = platforms.resolve_for_platform(cfg, jax.default_backend())
-    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
+    cfg = platforms.model_settings(cfg)
     self.cfg = cfg
     self.stem = _conv(cfg.image_shape[-1], cfg.width, 3, 1, cfg, rngs)
     self.stem_norm = _batch_norm(cfg.width, cfg, rngs)

@@ -15,40 +15,20 @@ each block's activations in the backward pass, all of them or all but those a po
 few positions at a time. Settings left 'auto' are resolved per platform (models/platforms.py).
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import flops, layers, platforms
+from models import checks, flops, layers, platforms
 from parallel.sharding import constrain
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key this model reads (`config.model`); GPT-2 small-ish at CPU scale."""
-  m = ml_collections.ConfigDict()
+  m = layers.default_config()
   m.name = 'transformer'
   m.vocab_size = 256  # bytes; byte 0 separates documents
-  m.num_layers = 4
-  m.num_heads = 4
-  m.num_kv_heads = 4
-  m.embed_dim = 128
-  m.mlp_dim = 512
-  m.max_len = 128
-  m.position = 'learned'  # learned | rope
-  m.rope_theta = 10000.0
-  m.norm = 'layernorm'  # layernorm | rmsnorm
-  m.mlp = 'gelu'  # gelu | swiglu
-  m.use_bias = True
   m.tie_embeddings = True
-  m.dropout_rate = 0.0
-  m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
-  m.param_dtype = 'float32'  # parameters and optimizer state
-  m.scan_layers = False  # one scanned layer body: compile time independent of depth
-  m.remat = 'none'  # none | full | dots (save matmul outputs) | names (save `remat_names`)
-  m.remat_names = ('attention_out', 'mlp_out')  # kept by remat=names (layers.REMAT_NAMES)
-  # auto | cpu | xla | cudnn | splash (auto: splash on TPU, cudnn on GPU, cpu on CPU)
-  m.attention = 'auto'
   m.loss_chunk = 0  # > 0: logits and loss this many positions at a time (never all of [B,L,V])
   return m
 
@@ -56,25 +36,16 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(m, config):
   """Raises ValueError('model.<key>: ...') for the first bad value."""
   layers.validate(m)
-  _require(m.vocab_size > 0, 'model.vocab_size', f'must be positive, got {m.vocab_size}')
-  _require(m.loss_chunk >= 0, 'model.loss_chunk', f'must be >= 0, got {m.loss_chunk}')
+  checks.require(m.vocab_size > 0, 'model.vocab_size', f'must be positive, got {m.vocab_size}')
+  checks.require(m.loss_chunk >= 0, 'model.loss_chunk', f'must be >= 0, got {m.loss_chunk}')
   seq_len = config.data.seq_len
-  _require(not m.loss_chunk or seq_len % m.loss_chunk == 0, 'model.loss_chunk',
+  checks.require(not m.loss_chunk or seq_len % m.loss_chunk == 0, 'model.loss_chunk',
            f'{m.loss_chunk} does not divide data.seq_len={seq_len}')
-  _require(seq_len <= m.max_len, 'data.seq_len',
+  checks.require(seq_len <= m.max_len, 'data.seq_len',
            f'{seq_len} is longer than model.max_len={m.max_len}')
 
 
-def validate_sharding(m, ways):
-  """`ways(logical_name)`: how many ways the mesh splits that axis. Heads must split evenly."""
-  for key in ('num_heads', 'num_kv_heads'):
-    _require(m[key] % ways('heads') == 0, f'model.{key}',
-             f'{m[key]} heads cannot be split {ways("heads")} ways over the mesh')
-
-
-def _require(ok: bool, key: str, message: str):
-  if not ok:
-    raise ValueError(f'{key}: {message}')
+validate_sharding = checks.heads_split
 
 
 def train_flops_per_example(m, config) -> float:
@@ -90,15 +61,11 @@ class Model(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if 'platform' not in cfg:
-      cfg = platforms.resolve_for_platform(cfg, jax.default_backend())
-    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
+    cfg = platforms.model_settings(cfg)
     self.cfg = cfg
     self.embed = layers.Embed(cfg, rngs=rngs)
     if cfg.position == 'learned':
-      init = nnx.initializers.normal(0.02)
-      self.positions = nnx.Param(init(rngs.params(), (cfg.max_len, cfg.embed_dim),
-                                      cfg.param_dtype), logical_axes=('length', 'embed'))
+      self.positions = layers.learned_positions(cfg, rngs)
     self.blocks = layers.Blocks(cfg, rngs=rngs, causal=True)
     self.final_norm = layers.norm(cfg, rngs)
     if not cfg.tie_embeddings:  # 16-bit activations: accumulated and returned in float32

@@ -13,12 +13,11 @@ their `logical_axes` metadata: the patch projection is ('patch', 'embed'), the h
 'classes'); 'patch' and 'classes' have no rule and stay whole.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import flops, layers, platforms
+from models import checks, flops, layers, platforms
 from parallel.sharding import constrain
 
 POOLS = ('cls', 'mean')
@@ -26,37 +25,15 @@ POOLS = ('cls', 'mean')
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key this model reads (`config.model`): a small ViT for 28x28 grey images."""
-  m = ml_collections.ConfigDict()
+  m = layers.default_config()
   m.name = 'vit'
   m.image_shape = (28, 28, 1)  # height, width, channels
   m.patch_size = 7  # 4 x 4 = 16 patches
   m.num_classes = 10
   m.pool = 'cls'  # cls: the [CLS] token's output | mean: the mean of the patch outputs
   m.num_layers = 6
-  m.num_heads = 4
-  m.num_kv_heads = 4
-  m.embed_dim = 128
-  m.mlp_dim = 512
   m.max_len = 17  # tokens: the patches, plus one for the [CLS] token with pool='cls'
-  m.position = 'learned'  # learned | rope
-  m.rope_theta = 10000.0
-  m.norm = 'layernorm'  # layernorm | rmsnorm
-  m.mlp = 'gelu'  # gelu | swiglu
-  m.use_bias = True
-  m.dropout_rate = 0.0
-  m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
-  m.param_dtype = 'float32'  # parameters and optimizer state
-  m.scan_layers = False  # one scanned layer body: compile time independent of depth
-  m.remat = 'none'  # none | full | dots (save matmul outputs) | names (save `remat_names`)
-  m.remat_names = ('attention_out', 'mlp_out')  # kept by remat=names (layers.REMAT_NAMES)
-  # auto | cpu | xla | cudnn | splash (auto: splash on TPU, cudnn on GPU, cpu on CPU)
-  m.attention = 'auto'
   return m
-
-
-def _require(ok: bool, key: str, message: str):
-  if not ok:
-    raise ValueError(f'model.{key}: {message}')
 
 
 def num_patches(m) -> int:
@@ -72,25 +49,18 @@ def num_tokens(m) -> int:
 def validate(m, config):
   """Raises ValueError('model.<key>: ...') for the first bad value."""
   del config  # nothing to check against the data's keys yet
-  _require(len(m.image_shape) == 3 and all(d > 0 for d in m.image_shape), 'image_shape',
-           f'must be three positive sizes (height, width, channels), got {m.image_shape}')
-  _require(m.patch_size > 0, 'patch_size', f'must be positive, got {m.patch_size}')
-  _require(all(d % m.patch_size == 0 for d in m.image_shape[:2]), 'patch_size',
-           f'{m.patch_size} does not divide the image size {m.image_shape[:2]}')
-  _require(m.num_classes > 0, 'num_classes', f'must be positive, got {m.num_classes}')
-  _require(m.pool in POOLS, 'pool', f'{m.pool!r} is not one of {", ".join(POOLS)}')
+  checks.image_classifier(m)
+  checks.positive(m, 'patch_size')
+  checks.require(all(d % m.patch_size == 0 for d in m.image_shape[:2]), 'model.patch_size',
+                 f'{m.patch_size} does not divide the image size {m.image_shape[:2]}')
+  checks.one_of(m, 'pool', POOLS)
   layers.validate(m)
-  _require(m.max_len == num_tokens(m), 'max_len',
+  checks.require(m.max_len == num_tokens(m), 'model.max_len',
            f'must be the number of tokens, {num_tokens(m)} ({num_patches(m)} patches'
            f'{" and [CLS]" if m.pool == "cls" else ""}), got {m.max_len}')
 
 
-def validate_sharding(m, ways):
-  """`ways(logical_name)`: how many ways the mesh splits that axis. The attention kernels split
-  whole heads over the mesh, so the heads must split evenly."""
-  for key in ('num_heads', 'num_kv_heads'):
-    _require(m[key] % ways('heads') == 0, key,
-             f'{m[key]} heads cannot be split {ways("heads")} ways over the mesh')
+validate_sharding = checks.heads_split
 
 
 def train_flops_per_example(m, config) -> float:
@@ -113,19 +83,15 @@ class Model(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if 'platform' not in cfg:
-      cfg = platforms.resolve_for_platform(cfg, jax.default_backend())
-    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graph definitions can be compared
+    cfg = platforms.model_settings(cfg)
     self.cfg = cfg
     patch_dim = cfg.patch_size**2 * cfg.image_shape[-1]
     self.patch_embed = layers.Dense(patch_dim, cfg.embed_dim, 'patch', 'embed', cfg, rngs=rngs)
-    init = nnx.initializers.normal(0.02)
     if cfg.pool == 'cls':
       self.cls_token = nnx.Param(jnp.zeros((cfg.embed_dim,), cfg.param_dtype),
                                  logical_axes=('embed',))
     if cfg.position == 'learned':
-      self.positions = nnx.Param(init(rngs.params(), (cfg.max_len, cfg.embed_dim),
-                                      cfg.param_dtype), logical_axes=('length', 'embed'))
+      self.positions = layers.learned_positions(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     self.blocks = layers.Blocks(cfg, rngs=rngs, causal=False)
     self.final_norm = layers.norm(cfg, rngs)
