@@ -28,22 +28,21 @@ is the whole loop's: podium's input pipeline (real Fashion-MNIST) and host work 
 count in it, while this script times the step alone.
 """
 
-import resource
-import statistics
-import time
+import os
+import sys
 
-import numpy as np
 import torch
 from absl import app, flags
 from torch import nn
 from torch.nn import functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import torch_reference  # pylint: disable=wrong-import-position
+
 _BATCH = flags.DEFINE_integer('batch', 128, 'Examples per step.')
-_STEPS = flags.DEFINE_integer('steps', 100, 'Timed steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 10, 'Untimed steps first (compilation included).')
 _CHANNELS_LAST = flags.DEFINE_bool('channels_last', False, 'NHWC activations (podium\'s layout) '
                                    'instead of PyTorch\'s default NCHW.')
-_COMPILE = flags.DEFINE_bool('compile', False, 'Time torch.compile(model) instead of eager.')
 
 HEIGHT, WIDTH, CHANNELS, CLASSES = 28, 28, 1, 10
 CONV_FEATURES, DENSE, DROPOUT = (32, 64), 256, 0.3
@@ -85,34 +84,17 @@ def main(argv):
   optimizer = torch.optim.AdamW([{'params': kernels, 'weight_decay': 1e-4},
                                  {'params': biases, 'weight_decay': 0.0}],
                                 lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
-  step_model = torch.compile(model) if _COMPILE.value else model
   generator = torch.Generator().manual_seed(0)
   batches = [(torch.randn(_BATCH.value, CHANNELS, HEIGHT, WIDTH, generator=generator)
               .to(memory_format=memory_format),
               torch.randint(0, CLASSES, (_BATCH.value,), generator=generator))
              for _ in range(8)]
-  times = []
-  for i in range(_WARMUP.value + _STEPS.value):
-    images, labels = batches[i % len(batches)]
-    start = time.perf_counter()
-    loss = F.cross_entropy(step_model(images), labels)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if i >= _WARMUP.value:
-      times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
-  print(f'[torch {torch.__version__}, {torch.get_num_threads()} threads, '
-        f'{"torch.compile" if _COMPILE.value else "eager"}, '
-        f'{"NHWC" if _CHANNELS_LAST.value else "NCHW"}] '
-        f'{sum(p.numel() for p in model.parameters()):,} params, batch {_BATCH.value} x '
-        f'{HEIGHT}x{WIDTH}x{CHANNELS}, loss {loss.item():.4f}')
-  print(f'  step        median {step_s * 1e3:.2f} ms (p10 {np.percentile(times, 10) * 1e3:.2f}, '
-        f'p90 {np.percentile(times, 90) * 1e3:.2f}) over {len(times)} steps')
-  print(f'  throughput  {_BATCH.value / step_s:,.0f} examples/s')
-  print(f'  memory      peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} '
-        'MiB')
+  times, loss = torch_reference.time_steps(
+      model, optimizer, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]),
+      lambda i: batches[i % len(batches)])
+  torch_reference.print_figures(
+      f'{"NHWC" if _CHANNELS_LAST.value else "NCHW"}, batch {_BATCH.value} x '
+      f'{HEIGHT}x{WIDTH}x{CHANNELS}, loss {loss:.4f}', model, times, _BATCH.value, 'examples')
 
 
 if __name__ == '__main__':

@@ -23,10 +23,10 @@ from absl import app, flags
 from torch import nn
 from torch.nn import functional as F
 
-_STEPS = flags.DEFINE_integer('steps', 100, 'Timed steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 10, 'Untimed steps first (compilation included).')
-_COMPILE = flags.DEFINE_bool('compile', False, 'Time torch.compile(model) instead of eager.')
-_GELU = flags.DEFINE_enum('gelu', 'none', ['none', 'tanh'], "F.gelu's approximation.")
+# Shared with benchmarks/torch_cnn_reference.py, which imports this module.
+STEPS = flags.DEFINE_integer('steps', 100, 'Timed steps.')
+WARMUP = flags.DEFINE_integer('warmup', 10, 'Untimed steps first (compilation included).')
+COMPILE = flags.DEFINE_bool('compile', False, 'Time torch.compile(model) instead of eager.')
 
 VOCAB, LENGTH, WIDTH, HEADS, LAYERS, BATCH = 65, 64, 128, 4, 4, 12
 
@@ -66,36 +66,52 @@ class Gpt(nn.Module):
     return F.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1))
 
 
+def time_steps(model, optimizer, loss_of_batch, batch_of_step):
+  """Seconds of each of STEPS training steps after WARMUP untimed ones, and the last loss. A
+  step is the forward pass and loss (`loss_of_batch(step_model, batch_of_step(i))`, with the
+  model compiled under --compile), backward, clipping the global norm at 1, the update."""
+  step_model = torch.compile(model) if COMPILE.value else model
+  times = []
+  for i in range(WARMUP.value + STEPS.value):
+    batch = batch_of_step(i)
+    start = time.perf_counter()
+    loss = loss_of_batch(step_model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if i >= WARMUP.value:
+      times.append(time.perf_counter() - start)
+  return times, loss.item()
+
+
+def print_figures(setting: str, model, times, units_per_step: int, unit: str):
+  """The header line (torch version, threads, `setting`), then step time, throughput, RSS."""
+  step_s = statistics.median(times)
+  print(f'[torch {torch.__version__}, {torch.get_num_threads()} threads, '
+        f'{"torch.compile" if COMPILE.value else "eager"}, {setting}] '
+        f'{sum(p.numel() for p in model.parameters()):,} params')
+  print(f'  step        median {step_s * 1e3:.2f} ms (p10 {np.percentile(times, 10) * 1e3:.2f}, '
+        f'p90 {np.percentile(times, 90) * 1e3:.2f}) over {len(times)} steps')
+  print(f'  throughput  {units_per_step / step_s:,.0f} {unit}/s')
+  print(f'  memory      peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} '
+        'MiB')
+
+
 def main(argv):
   del argv
   torch.manual_seed(0)
   model = Gpt()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
                                 weight_decay=0.1)
-  step_model = torch.compile(model) if _COMPILE.value else model
   rng = np.random.default_rng(0)
-  times = []
-  for i in range(_WARMUP.value + _STEPS.value):
-    tokens = torch.from_numpy(rng.integers(0, VOCAB, (BATCH, LENGTH + 1)))
-    start = time.perf_counter()
-    loss = step_model(tokens[:, :-1], tokens[:, 1:])
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if i >= _WARMUP.value:
-      times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
-  print(f'[torch {torch.__version__}, {torch.get_num_threads()} threads, '
-        f'{"torch.compile" if _COMPILE.value else "eager"}, gelu={_GELU.value}] '
-        f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, batch {BATCH} x '
-        f'{LENGTH}, loss {loss.item():.4f}')
-  print(f'  step        median {step_s * 1e3:.2f} ms (p10 {np.percentile(times, 10) * 1e3:.2f}, '
-        f'p90 {np.percentile(times, 90) * 1e3:.2f}) over {len(times)} steps')
-  print(f'  throughput  {BATCH * LENGTH / step_s:,.0f} tokens/s')
-  print(f'  memory      peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} '
-        'MiB')
+  times, loss = time_steps(
+      model, optimizer, lambda m, tokens: m(tokens[:, :-1], tokens[:, 1:]),
+      lambda i: torch.from_numpy(rng.integers(0, VOCAB, (BATCH, LENGTH + 1))))
+  print_figures(f'gelu={_GELU.value}, batch {BATCH} x {LENGTH}, loss {loss:.4f}', model, times,
+                BATCH * LENGTH, 'tokens')
 
 
 if __name__ == '__main__':
+  _GELU = flags.DEFINE_enum('gelu', 'none', ['none', 'tanh'], "F.gelu's approximation.")
   app.run(main)
