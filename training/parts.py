@@ -115,8 +115,7 @@ class Checkpointer(Part):
                          loop_state=run.loop_state())
     if final:
       with self._save_errors(run, step):
-        run.manager.wait_until_finished()
-        run.manager.check_for_errors()
+        run.manager.wait_until_finished()  # raises what the last write raised
 
   @contextlib.contextmanager
   def _save_errors(self, run, step):
