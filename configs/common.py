@@ -40,6 +40,9 @@ def optim_config():
   o.b2 = 0.95
   o.eps = 1e-8
   o.weight_decay = 0.1  # masked off norms, biases and embeddings
+  # Penalties added to the loss (coupled, unlike weight decay), on the same kernels:
+  o.l2_penalty = 0.0  # + l2_penalty / 2 * sum(w^2)
+  o.l1_penalty = 0.0  # + l1_penalty * sum(|w|)
   o.grad_clip_norm = 1.0
   return o
 
@@ -57,6 +60,10 @@ def train_config():
   t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
   t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
   t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
+  # auto (dynamic with model.dtype=float16) | dynamic | none; training/precision.py
+  t.loss_scale = 'auto'
+  t.loss_scale_init = 2.0**15
+  t.loss_scale_period = 2000  # finite steps in a row before the scale doubles
   t.hang_factor = 10.0  # a step this many times the median step time is a hang (0: no watchdog)
   t.hang_min_seconds = 300.0  # ... but never less than this
   t.debug_nan_at_step = 0  # fault injection: make this step's loss and gradients NaN

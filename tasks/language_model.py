@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 
 from data import pipeline, sources
 from parallel import sharding

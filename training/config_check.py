@@ -5,7 +5,7 @@ import os
 from models import MODELS
 from parallel import sharding
 from tasks import TASKS
-from training import optimizer
+from training import optimizer, precision
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,8 @@ def check_optim(config):
   _require(o.weight_decay >= 0, 'optim.weight_decay', f'must be >= 0, got {o.weight_decay}')
   _require(o.grad_clip_norm > 0, 'optim.grad_clip_norm', f'must be > 0, got {o.grad_clip_norm}')
   _require(0 <= o.final_lr_fraction <= 1, 'optim.final_lr_fraction', 'must be in [0, 1]')
+  for key in ('l2_penalty', 'l1_penalty'):
+    _require(o[key] >= 0, f'optim.{key}', f'must be >= 0, got {o[key]}')
 
 
 def check_train(config):
@@ -67,6 +69,11 @@ def check_train(config):
   _require(t.spike_window > 1, 'train.spike_window', f'must be > 1, got {t.spike_window}')
   _require(t.hang_factor == 0 or t.hang_factor > 1, 'train.hang_factor', 'must be 0 (off) or > 1')
   _require(t.hang_min_seconds > 0, 'train.hang_min_seconds', 'must be positive')
+  _one_of(config, 'train.loss_scale', precision.MODES)
+  _require(t.loss_scale_init >= 1, 'train.loss_scale_init',
+           f'must be >= 1, got {t.loss_scale_init}')
+  _require(t.loss_scale_period > 0, 'train.loss_scale_period',
+           f'must be positive, got {t.loss_scale_period}')
   for key in ('eval_every', 'stop_after', 'debug_nan_at_step', 'debug_hang_at_step'):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
   e = config.early_stop

@@ -16,9 +16,10 @@ from models import MODELS
 from models import platforms
 from parallel import sharding
 from tasks import TASKS, base
-from training import optimizer, warm_start
+from training import optimizer, precision, warm_start
 
-TrainState = dict  # {'step', 'params', ['model_state',] 'opt_state', 'skipped_steps', 'loss_stats'}
+TrainState = dict  # {'step', 'params', ['model_state',] 'opt_state', 'skipped_steps', 'loss_stats',
+#                     ['loss_scale']}
 MODEL_STATE = nnx.BatchStat  # model variables that are not trained by the optimizer
 
 
@@ -72,6 +73,8 @@ def _initial_state(config, tx) -> TrainState:
       'skipped_steps': jnp.zeros((), jnp.int32),  # updates rejected by the step's guard
       'loss_stats': {'mean': jnp.zeros(()), 'var': jnp.zeros(()),  # for spike detection
                      'count': jnp.zeros((), jnp.int32)},
+      **({'loss_scale': precision.initial_state(config.train)}
+         if precision.enabled(config) else {}),
   }
 
 

@@ -13,19 +13,42 @@ from flax import nnx
 
 from parallel import sharding
 from tasks import base
+from training import optimizer, precision
 from training.state import Setup, TrainState
 
 
-def _loss_and_grads(setup: Setup, params, model_state, batch, key):
-  """((loss, (aux, new model state)), grads) of the task's loss on `batch`."""
+def _loss_and_grads(setup: Setup, params, model_state, batch, key, config, loss_scale):
+  """((loss, (aux, new model state)), grads) of the task's loss on `batch`, plus the
+  configured penalties (in the gradient, and in `aux` on their own). `loss_scale` multiplies the
+  loss before differentiating and divides the gradients after (None: no scaling)."""
   def loss_fn(p):
     model = setup.model(p, model_state)
     loss, aux = setup.task.loss(model, batch, nnx.Rngs(dropout=key))
-    return loss, (aux, setup.model_state(model))
-  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    penalties = _penalties(config.optim, p)
+    total = loss + sum(penalties.values()) if penalties else loss
+    scaled = total if loss_scale is None else total * loss_scale
+    return scaled, (loss, ({**aux, **penalties}, setup.model_state(model)))
+  (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  if loss_scale is not None:
+    grads = jax.tree.map(lambda g: g / loss_scale, grads)
+  return (loss, aux), grads
 
 
-def _accumulated_loss_and_grads(setup, params, model_state, batch, key, num_micro):
+def _penalties(optim_config, params) -> dict:
+  """Coupled L2 (lambda/2 * sum w^2) and L1 (lambda * sum |w|) penalties on the parameters
+  weight decay applies to (matmul and conv kernels), each when its weight is non-zero."""
+  kernels = [w for w, decays in zip(jax.tree.leaves(params),
+                                    jax.tree.leaves(optimizer.decay_mask(params))) if decays]
+  penalties = {}
+  if optim_config.l2_penalty:
+    penalties['l2_penalty'] = optim_config.l2_penalty / 2 * sum(jnp.sum(w**2) for w in kernels)
+  if optim_config.l1_penalty:
+    penalties['l1_penalty'] = optim_config.l1_penalty * sum(jnp.sum(jnp.abs(w)) for w in kernels)
+  return penalties
+
+
+def _accumulated_loss_and_grads(setup, params, model_state, batch, key, config, loss_scale,
+                                num_micro):
   """Averages loss, auxiliary metrics and gradients over `num_micro` micro-batches, one at a
   time (saves memory); model state (e.g. BatchNorm statistics) passes from one to the next.
 
@@ -40,7 +63,8 @@ def _accumulated_loss_and_grads(setup, params, model_state, batch, key, num_micr
     index, micro_batch = xs
     grads_sum, model_state = carry
     (loss, (aux, model_state)), grads = _loss_and_grads(
-        setup, params, model_state, micro_batch, jax.random.fold_in(key, index))
+        setup, params, model_state, micro_batch, jax.random.fold_in(key, index), config,
+        loss_scale)
     return (jax.tree.map(jnp.add, grads_sum, grads), model_state), (loss, aux)
 
   (grads, model_state), (losses, auxes) = jax.lax.scan(
@@ -62,17 +86,23 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
   params, model_state = state['params'], state.get('model_state')
   key = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # dropout and the like
   num_micro = config.train.grad_accum_steps
+  scaling = 'loss_scale' in state
+  loss_scale = state['loss_scale']['scale'] if scaling else None
   if num_micro == 1:
     (loss, (aux, new_model_state)), grads = _loss_and_grads(setup, params, model_state, batch,
-                                                            key)
+                                                            key, config, loss_scale)
   else:
     (loss, (aux, new_model_state)), grads = _accumulated_loss_and_grads(
-        setup, params, model_state, batch, key, num_micro)
+        setup, params, model_state, batch, key, config, loss_scale, num_micro)
   if config.train.debug_nan_at_step:  # fault injection, for testing the policies below
     poison = jnp.where(state['step'] + 1 == config.train.debug_nan_at_step, jnp.nan, 1.0)
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
   grad_norm = optax.tree.norm(grads)
-  verdict = _guard(config.train, state['loss_stats'], loss, grad_norm)
+  # A loss-scale overflow is expected now and then: the scale handles it, not the guard. At
+  # the smallest scale (1) non-finite gradients are a real fault again.
+  overflow = (~jnp.isfinite(grad_norm) & jnp.isfinite(loss) & (loss_scale > 1) if scaling
+              else jnp.zeros((), bool))
+  verdict = _guard(config.train, state['loss_stats'], loss, jnp.where(overflow, 0.0, grad_norm))
 
   def update(kept):
     updates, opt_state = setup.tx.update(grads, kept['opt_state'], kept['params'])
@@ -87,14 +117,20 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
   # XLA copy every optimizer leaf first and held ~25 MiB more while compiling.
   kept = {k: state[k] for k in ('params', 'model_state', 'opt_state', 'loss_stats')
           if k in state}
-  new_state = jax.lax.cond(verdict['accept'], update, lambda kept: kept, kept)
+  new_state = jax.lax.cond(verdict['accept'] & ~overflow, update, lambda kept: kept, kept)
   new_state['step'] = state['step'] + 1
   new_state['skipped_steps'] = state['skipped_steps'] + 1 - verdict['accept'].astype(jnp.int32)
+  if scaling:
+    new_state['loss_scale'] = precision.next_state(config.train, state['loss_scale'],
+                                                   jnp.isfinite(grad_norm))
   metrics = {'learning_rate': learning_rate(new_state['opt_state']), 'train/loss': loss,
              **{f'train/{k}': v for k, v in aux.items()},
              'train/grad_norm': grad_norm, 'train/param_norm': optax.tree.norm(params),
              'train/skipped_steps': new_state['skipped_steps'],
              **{f'guard/{k}': v.astype(jnp.float32) for k, v in verdict.items()}}
+  if scaling:  # the scale this step used, and the steps skipped for overflow so far
+    metrics.update({'train/loss_scale': loss_scale,
+                    'train/loss_scale_overflows': new_state['loss_scale']['overflows']})
   return new_state, metrics
 
 
