@@ -13,6 +13,7 @@ from flax import nnx
 
 from parallel import sharding
 from tasks import base
+from training import health
 from training.state import Setup, TrainState
 
 
@@ -73,6 +74,8 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
   grad_norm = optax.tree.norm(grads)
   verdict = _guard(config.train, state['loss_stats'], loss, grad_norm)
+  # Per-layer norms for gradient health (training/health.py); with health off, none at all.
+  layers = health.layers(setup.param_template) if config.health.every else ()
 
   def update(kept):
     updates, opt_state = setup.tx.update(grads, kept['opt_state'], kept['params'])
@@ -80,14 +83,19 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
            'loss_stats': _update_loss_stats(config.train, kept['loss_stats'], loss)}
     if new_model_state is not None:
       new['model_state'] = new_model_state
-    return new
+    # The updates' norms here, while they exist: not as new - old params, which would keep the
+    # donated old params alive next to the new ones.
+    return new, health.layer_norms(updates, layers) if layers else None
+
+  def reject(kept):
+    return kept, jnp.zeros(len(layers)) if layers else None
 
   # A rejected update leaves parameters, model and optimizer state and loss statistics exactly
   # as they were. A conditional runs only the taken branch; a select over the whole state made
   # XLA copy every optimizer leaf first and held ~25 MiB more while compiling.
   kept = {k: state[k] for k in ('params', 'model_state', 'opt_state', 'loss_stats')
           if k in state}
-  new_state = jax.lax.cond(verdict['accept'], update, lambda kept: kept, kept)
+  new_state, update_norms = jax.lax.cond(verdict['accept'], update, reject, kept)
   new_state['step'] = state['step'] + 1
   new_state['skipped_steps'] = state['skipped_steps'] + 1 - verdict['accept'].astype(jnp.int32)
   metrics = {'learning_rate': learning_rate(new_state['opt_state']), 'train/loss': loss,
@@ -95,6 +103,9 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
              'train/grad_norm': grad_norm, 'train/param_norm': optax.tree.norm(params),
              'train/skipped_steps': new_state['skipped_steps'],
              **{f'guard/{k}': v.astype(jnp.float32) for k, v in verdict.items()}}
+  if layers:  # one array, one transfer: [grad, param, applied update] norms x layers
+    metrics['health/norms'] = jnp.stack([health.layer_norms(grads, layers),
+                                         health.layer_norms(params, layers), update_norms])
   return new_state, metrics
 
 
