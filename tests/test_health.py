@@ -119,12 +119,16 @@ def test_growth_over_the_window_is_exploding_and_survives_a_restore():
     assert d.check([11.0, 1.0, np.nan])[:2] == ([], ['a', 'c'])
 
 
-def test_too_high_a_learning_rate_is_reported_as_exploding(tmp_path):
-  result = run_train(tmp_path, '--config.optim.learning_rate=10', '--config.health.every=1',
-                     '--config.health.window=2', '--config.health.growth_factor=10',
-                     '--config.train.steps=4', '--config.train.eval_every=0',
-                     '--config.task.num_samples=0')
+def test_too_high_a_learning_rate_is_reported_as_exploding_across_a_resume(tmp_path):
+  args = ('--config.optim.learning_rate=10', '--config.health.every=1', '--config.health.window=2',
+          '--config.health.growth_factor=10', '--config.train.steps=4',
+          '--config.train.eval_every=0', '--config.task.num_samples=0')
+  first = run_train(tmp_path, *args, '--config.train.stop_after=2')
+  assert first.returncode == 0, first.stderr
+  # Step 3's growth check compares with step 1: the resumed run knows it from the checkpoint.
+  result = run_train(tmp_path, *args)
   assert result.returncode == 0, result.stderr
+  assert 'Resumed from the checkpoint at step 2' in result.stdout
   lines = [l for l in result.stdout.splitlines() if 'exploding gradients in' in l]
   assert lines and lines[0].startswith('step 3: gradient health:')
   named = lines[0].split('exploding gradients in ')[1].split(',')[0]

@@ -91,7 +91,8 @@ class Detector:
     relative = median > 0  # else most layers have no gradient: there is nothing to compare to
     for name, norm in zip(self.names, norms):
       past = self.history[name]
-      grown = len(past) == cfg.window and norm > cfg.growth_factor * past[0]
+      # From zero (e.g. behind a zero-initialised layer at the start) is not growth.
+      grown = len(past) == cfg.window and 0 < past[0] and norm > cfg.growth_factor * past[0]
       if not np.isfinite(norm) or grown or (relative and norm > cfg.exploding_factor * median):
         exploding.append(name)
       elif relative and norm < cfg.vanishing_fraction * median:
