@@ -118,10 +118,15 @@ class GradientHealth(Part):
     self.every = run.config.health.every
     self.names = [name for name, _ in layers(run.setup.param_template)]
     self.detector = Detector(self.names, run.config.health)
+    self.pending = None  # this health step's norms on device, until fetched and checked
+
+  def after_step(self, run, step, state, metrics):
+    self.pending = None if step % self.every else metrics['health/norms']
 
   def after_fetch(self, run, step, metrics):
     if step % self.every:
       return None
+    self.pending = None
     grad, param, update = np.asarray(metrics['health/norms'], np.float64)
     ratio = update / np.maximum(param, np.finfo(np.float32).tiny)
     vanishing, exploding, median = self.detector.check(grad)
@@ -139,7 +144,14 @@ class GradientHealth(Part):
     return figures
 
   def checkpoint_state(self):
-    return self.detector.state()
+    """The history, with the step being saved if it is a health step: it is checked only after
+    the save (one step late), and a run resumed from the save starts after it. Waits for that
+    step's norms, on health steps only."""
+    saved = self.detector.state()
+    if self.pending is not None:
+      for name, norm in zip(self.names, np.asarray(jax.device_get(self.pending))[0]):
+        saved[name] = (saved[name] + [float(norm)])[-self.detector.cfg.window:]
+    return saved
 
   def restore(self, run, saved):
     self.detector.restore(saved)
