@@ -14,8 +14,14 @@ def small_config():
   return config
 
 
+def _with_health(config):
+  config.health.every = 1  # the per-layer norms are computed every step whenever health is on
+  return config
+
+
 CONFIGS = {
     'default': default_config.get_config,  # configs/default.py, no presets
     'small': small_config,
     'llama': lambda: default_config.get_config('llama'),
+    'default_health': lambda: _with_health(default_config.get_config()),  # health every step
 }

@@ -13,6 +13,7 @@ Configs (benchmarks/bench_configs.py):
   small    a char-level GPT-2: 4 layers, 4 heads, 128 wide (MLP 512), vocab 65, sequence 64,
            batch 12, AdamW in float32, dropout 0 (tinyshakespeare characters when --data exists,
            else random tokens).
+  default_health  the default with gradient health on (per-layer norms in every step).
 The machine is shared: the share of CPU other processes used while timing is printed too.
 Its speed also drifts by a quarter between hours, so compare with a reference timed alongside:
 `benchmarks/torch_reference.py` times the small model in PyTorch (needs torch).

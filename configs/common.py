@@ -80,6 +80,18 @@ def early_stop_config():
   return e
 
 
+def health_config():
+  h = ml_collections.ConfigDict()
+  # Every this many steps: per-layer gradient, parameter and update norms, and the vanishing /
+  # exploding gradient detector (training/health.py). 0: off, and the step computes none of it.
+  h.every = 0
+  h.vanishing_fraction = 1e-4  # a layer whose grad norm is below this x the median's vanishes
+  h.exploding_factor = 1e3  # ... above this x the median layer's explodes
+  h.growth_factor = 100.0  # ... as does one grown this many times over the last `window` checks
+  h.window = 5  # health checks remembered per layer (saved with checkpoints)
+  return h
+
+
 def finetune_config():
   f = ml_collections.ConfigDict()
   f.freeze_backbone = False  # backbone: the parameters `init_from` loaded
@@ -114,6 +126,7 @@ def build(task: str, model: str) -> ml_collections.ConfigDict:
   config.optim = optim_config()
   config.train = train_config()
   config.early_stop = early_stop_config()
+  config.health = health_config()
   config.finetune = finetune_config()
   config.mesh = mesh_config()
   return config

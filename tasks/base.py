@@ -107,8 +107,9 @@ class Part:
     after_step(run, N, state, metrics)  right after step N is dispatched, while its state is
         live (the next step donates it). `metrics` holds what earlier parts added for step N
         (e.g. eval/* as host floats); return a dict to add more, or None.
-    after_fetch(run, N, metrics)  step N's metrics as host floats, fetched one step late so
-        the host never waits for the device.
+    after_fetch(run, N, metrics)  step N's metrics as host floats (numpy arrays for vector
+        ones), fetched one step late so the host never waits for the device; return a dict of
+        figures to add for the parts after it (e.g. health/*, then logged), or None.
   and at_end(run, state) when training reached train.steps. A part with state that must
   survive a restart returns it from `checkpoint_state()` (JSON-able) and takes it back in
   `restore(run, saved)`; it is saved with every checkpoint under the part's `name`.

@@ -63,6 +63,7 @@ def test_run_writes_outputs(unbroken):
     assert r['perf/tokens_per_second_per_device'] == pytest.approx(r['tokens_per_second'] / 8)
     assert 0 < r['perf/mfu'] < 1 and r['perf/model_tflops_per_device'] > 0
   assert [r['step'] for r in records if 'eval/loss' in r] == [4, 8]
+  assert not any(k.startswith('health/') for r in records for k in r)  # health.every=0: off
   assert '--- sample ---' in result.stdout
 
 

@@ -89,6 +89,16 @@ def check_train(config):
            'it loads)')
 
 
+def check_health(config):
+  h = config.health
+  _require(h.every >= 0, 'health.every', f'must be >= 0 (0: off), got {h.every}')
+  _require(0 <= h.vanishing_fraction < 1, 'health.vanishing_fraction',
+           f'must be in [0, 1), got {h.vanishing_fraction}')
+  for key in ('exploding_factor', 'growth_factor'):
+    _require(h[key] > 1, f'health.{key}', f'must be > 1, got {h[key]}')
+  _require(h.window > 0, 'health.window', f'must be positive, got {h.window}')
+
+
 def check_mesh(config, num_devices: int, num_processes: int, num_slices: int = 1):
   try:
     shape = sharding.mesh_shape(config.mesh, num_devices, num_slices)
@@ -147,5 +157,6 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
     check_platform(config, platform)
   check_task(config)
   check_train(config)
+  check_health(config)
   check_optim(config)
   check_mesh(config, num_devices, num_processes, num_slices)

@@ -9,12 +9,13 @@ import sys
 import time
 
 import jax
+import numpy as np
 import tqdm
 
 from data import pipeline
 from parallel import sharding
 from tasks import base
-from training import checkpointing, config_check, parts as parts_lib, preemption
+from training import checkpointing, config_check, health, parts as parts_lib, preemption
 from training import step as step_lib
 from training import warm_start, watchdog
 from training import state as state_lib
@@ -89,7 +90,9 @@ class Run:
     restored = checkpointing.restore_latest(self.manager, self.setup.abstract_state,
                                             self.train_iter)
     early = ([parts_lib.EarlyStopping(self)] if self.config.early_stop.metric else [])
-    self.parts = [self.evaluator, *early]  # before restore: their state is in the checkpoint
+    gradients = [health.GradientHealth(self)] if self.config.health.every else []
+    # Before restore: their state is in the checkpoint.
+    self.parts = [self.evaluator, *early, *gradients]
     if restored is None:
       state, start = state_lib.init_state(self.config, self.setup), 0
       params = state_lib.count_params(self.setup.abstract_state['params'])
@@ -158,11 +161,14 @@ class Run:
         current = (step, device_metrics)
       self.step, self.state = step, state
       if previous:
-        fetched = {k: float(v) for k, v in jax.device_get(previous[1]).items()}
+        fetched = {k: float(v) if np.ndim(v) == 0 else v  # vectors: e.g. health/norms
+                   for k, v in jax.device_get(previous[1]).items()}
         for part in self.parts:
-          part.after_fetch(self, previous[0], fetched)
+          extra = part.after_fetch(self, previous[0], fetched)
           if self._rolled_back_to is not None:
             break
+          if extra:
+            fetched = {**fetched, **extra}
         if self._rolled_back_to is not None:
           state, self._rolled_back_to = self._rolled_back_to, None
           step, previous = int(state['step']), None

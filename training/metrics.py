@@ -36,6 +36,11 @@ class MetricsWriter:
     for name, value in metrics.items():
       self._tensorboard.add_scalar(name, value, step)
 
+  def histogram(self, step: int, name: str, values):
+    """A TensorBoard histogram (not in metrics.jsonl); nothing for no values."""
+    if self.enabled and len(values):
+      self._tensorboard.add_histogram(name, values, step)
+
   def close(self):
     if self.enabled:
       self._jsonl.close()

@@ -10,6 +10,7 @@ import contextlib
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -186,8 +187,8 @@ class Throughput:
 
 
 class MetricsLogger(Part):
-  """Logged steps (every `train.log_every`, eval steps, the last) to metrics.jsonl,
-  TensorBoard and the progress bar."""
+  """Logged steps (every `train.log_every`, eval and health-check steps, the last) to
+  metrics.jsonl, TensorBoard and the progress bar."""
 
   def __init__(self, run, start):
     self.every = run.config.train.log_every
@@ -196,8 +197,10 @@ class MetricsLogger(Part):
     self.progress = metrics_lib.Progress(start, run.config.train.steps, self.throughput.unit)
 
   def after_fetch(self, run, step, metrics):
+    metrics = {k: v for k, v in metrics.items() if np.ndim(v) == 0}  # scalars only
     evaluated = any(k.startswith('eval/') for k in metrics)
-    if not (step % self.every == 0 or step == run.end or evaluated):
+    checked = any(k.startswith('health/') for k in metrics)  # training/health.py
+    if not (step % self.every == 0 or step == run.end or evaluated or checked):
       return
     values = {**metrics, **self.throughput.update(step, run.eval_seconds),
               **run.data_health.figures()}

@@ -13,7 +13,7 @@ from flax import nnx
 
 from parallel import sharding
 from tasks import base
-from training import optimizer, precision
+from training import health, optimizer, precision
 from training.state import Setup, TrainState
 
 
@@ -103,6 +103,8 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
   overflow = (~jnp.isfinite(grad_norm) & jnp.isfinite(loss) & (loss_scale > 1) if scaling
               else jnp.zeros((), bool))
   verdict = _guard(config.train, state['loss_stats'], loss, jnp.where(overflow, 0.0, grad_norm))
+  # Per-layer norms for gradient health (training/health.py); with health off, none at all.
+  layers = health.layers(setup.param_template) if config.health.every else ()
 
   def update(kept):
     updates, opt_state = setup.tx.update(grads, kept['opt_state'], kept['params'])
@@ -110,14 +112,19 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
            'loss_stats': _update_loss_stats(config.train, kept['loss_stats'], loss)}
     if new_model_state is not None:
       new['model_state'] = new_model_state
-    return new
+    # The updates' norms here, while they exist: not as new - old params, which would keep the
+    # donated old params alive next to the new ones.
+    return new, health.layer_norms(updates, layers) if layers else None
+
+  def reject(kept):
+    return kept, jnp.zeros(len(layers)) if layers else None
 
   # A rejected update leaves parameters, model and optimizer state and loss statistics exactly
   # as they were. A conditional runs only the taken branch; a select over the whole state made
   # XLA copy every optimizer leaf first and held ~25 MiB more while compiling.
   kept = {k: state[k] for k in ('params', 'model_state', 'opt_state', 'loss_stats')
           if k in state}
-  new_state = jax.lax.cond(verdict['accept'] & ~overflow, update, lambda kept: kept, kept)
+  new_state, update_norms = jax.lax.cond(verdict['accept'] & ~overflow, update, reject, kept)
   new_state['step'] = state['step'] + 1
   new_state['skipped_steps'] = state['skipped_steps'] + 1 - verdict['accept'].astype(jnp.int32)
   if scaling:
@@ -131,6 +138,9 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
   if scaling:  # the scale this step used, and the steps skipped for overflow so far
     metrics.update({'train/loss_scale': loss_scale,
                     'train/loss_scale_overflows': new_state['loss_scale']['overflows']})
+  if layers:  # one array, one transfer: [grad, param, applied update] norms x layers
+    metrics['health/norms'] = jnp.stack([health.layer_norms(grads, layers),
+                                         health.layer_norms(params, layers), update_norms])
   return new_state, metrics
 
 
