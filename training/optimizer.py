@@ -63,8 +63,8 @@ def _decay(o, steps: int) -> optax.Schedule:
     return optax.piecewise_constant_schedule(lr, scales)
   if s == 'warmup_stable_decay':
     decay = max(round(o.decay_fraction * steps), 1)
-    return optax.join_schedules([optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)],
-                                [steps - decay])
+    stable, decaying = optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)
+    return optax.join_schedules([stable, decaying], [steps - decay])
   if s == 'one_cycle':
     return optax.cosine_onecycle_schedule(steps, lr, o.one_cycle_pct_start,
                                           o.one_cycle_div_factor, o.one_cycle_final_div_factor)
