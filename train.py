@@ -136,7 +136,8 @@ def main(argv):
   try:
     config_check.check_workdir(FLAGS.workdir)
     config_check.validate(config, jax.device_count(), jax.process_count(),
-                          sharding.num_slices(jax.devices()), jax.default_backend())
+                          sharding.num_slices(jax.devices()), jax.default_backend(),
+                          overridden=set(config_flags.get_override_values(FLAGS['config'])))
     compile_cache = FLAGS.compile_cache or os.path.join(FLAGS.workdir, 'compile_cache')
     loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
   except config_check.ConfigError as e:

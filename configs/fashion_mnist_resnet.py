@@ -9,6 +9,6 @@ def get_config(presets: str = ''):
   config.model.image_shape = (28, 28, 1)
   config.model.stage_sizes, config.model.width = (2, 2, 2), 16
   config.data.augment = 'none'
-  config.optim.weight_decay = 5e-4
+  config.optim.adamw.weight_decay = 5e-4
   return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
                               fashion_mnist_cnn.apply_preset)

@@ -106,7 +106,8 @@ class Part:
   stopping, samples... The loop calls, for each step N:
     after_step(run, N, state, metrics)  right after step N is dispatched, while its state is
         live (the next step donates it). `metrics` holds what earlier parts added for step N
-        (e.g. eval/* as host floats); return a dict to add more, or None.
+        (e.g. eval/* as host floats); return a dict to add more, or None. A part may set
+        `run.state` to a changed state, which later parts and the next step then get.
     after_fetch(run, N, metrics)  step N's metrics as host floats (numpy arrays for vector
         ones), fetched one step late so the host never waits for the device; return a dict of
         figures to add for the parts after it (e.g. health/*, then logged), or None.

@@ -2,6 +2,7 @@
 
 import os
 
+from configs import common
 from models import MODELS
 from parallel import sharding
 from tasks import TASKS
@@ -46,17 +47,11 @@ def _from_value_error(check):
     raise ConfigError(str(e)) from None
 
 
-def check_optim(config):
-  o, steps = config.optim, config.train.steps
-  _one_of(config, 'optim.schedule', optimizer.SCHEDULES)
-  _require(o.learning_rate > 0, 'optim.learning_rate', f'must be > 0, got {o.learning_rate}')
-  _require(0 <= o.warmup_steps < steps, 'optim.warmup_steps',
-           f'{o.warmup_steps} must be in [0, train.steps={steps})')
-  _require(o.weight_decay >= 0, 'optim.weight_decay', f'must be >= 0, got {o.weight_decay}')
-  _require(o.grad_clip_norm > 0, 'optim.grad_clip_norm', f'must be > 0, got {o.grad_clip_norm}')
-  _require(0 <= o.final_lr_fraction <= 1, 'optim.final_lr_fraction', 'must be in [0, 1]')
-  for key in ('l2_penalty', 'l1_penalty'):
-    _require(o[key] >= 0, f'optim.{key}', f'must be >= 0, got {o[key]}')
+def check_optim(config, overridden=()):
+  """`overridden`: the keys set on the command line, e.g. {'optim.sgd.momentum'}."""
+  _from_value_error(lambda: optimizer.validate(
+      config.optim, config.train.steps, config.train.eval_every, common.optim_config(),
+      overridden))
 
 
 def check_train(config):
@@ -150,13 +145,14 @@ def check_platform(config, platform: str):
 
 
 def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
-             platform: str = ''):
-  """Raises ConfigError for the first problem found; `platform` ('cpu'|'gpu'|'tpu') if known."""
+             platform: str = '', overridden=()):
+  """Raises ConfigError for the first problem found; `platform` ('cpu'|'gpu'|'tpu') if known;
+  `overridden`: the config keys set on the command line."""
   check_model(config)
   if platform:
     check_platform(config, platform)
   check_task(config)
   check_train(config)
   check_health(config)
-  check_optim(config)
+  check_optim(config, overridden)
   check_mesh(config, num_devices, num_processes, num_slices)

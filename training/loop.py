@@ -90,9 +90,11 @@ class Run:
     restored = checkpointing.restore_latest(self.manager, self.setup.abstract_state,
                                             self.train_iter)
     early = ([parts_lib.EarlyStopping(self)] if self.config.early_stop.metric else [])
+    plateau = ([parts_lib.ReduceOnPlateau(self)]
+               if self.config.optim.schedule == 'reduce_on_plateau' else [])
     gradients = [health.GradientHealth(self)] if self.config.health.every else []
     # Before restore: their state is in the checkpoint.
-    self.parts = [self.evaluator, *early, *gradients]
+    self.parts = [self.evaluator, *early, *plateau, *gradients]
     if restored is None:
       state, start = state_lib.init_state(self.config, self.setup), 0
       params = state_lib.count_params(self.setup.abstract_state['params'])
@@ -176,9 +178,10 @@ class Run:
           continue
       if current:
         for part in self.parts:
-          extra = part.after_step(self, step, state, current[1])
+          extra = part.after_step(self, step, self.state, current[1])
           if extra:
             current = (step, {**current[1], **extra})
+        state = self.state  # a part may have replaced it (reduce_on_plateau's multiplier)
       previous = current
     return state
 

@@ -17,7 +17,7 @@ from etils import epath
 from hardware import chips
 from models import MODELS
 from tasks.base import Part
-from training import checkpointing, metrics as metrics_lib
+from training import checkpointing, config_check, optimizer, metrics as metrics_lib
 
 
 class TrainingHalted(RuntimeError):
@@ -45,6 +45,12 @@ class Evaluator(Part):
     return {f'eval/{k}': float(v) for k, v in figures.items()}
 
 
+def improved(value, best, mode: str, min_delta: float) -> bool:
+  """Whether `value` beats `best` (None: nothing yet) by more than `min_delta`; mode min|max."""
+  sign = 1.0 if mode == 'max' else -1.0
+  return best is None or sign * (value - best) > min_delta
+
+
 class EarlyStopping(Part):
   """Stops when `early_stop.metric` has not improved by `min_delta` for `patience` evals, and
   keeps the best step's parameters apart from the latest checkpoints (`WORKDIR/best/`)."""
@@ -64,8 +70,7 @@ class EarlyStopping(Part):
     if self.key not in metrics:
       return None
     value = metrics[self.key]
-    sign = 1.0 if self.cfg.mode == 'max' else -1.0
-    if self.best is None or sign * (value - self.best) > self.cfg.min_delta:
+    if improved(value, self.best, self.cfg.mode, self.cfg.min_delta):
       self.best, self.best_step, self.bad_evals = value, step, 0
       keep = {k: state[k] for k in ('params', 'model_state') if k in state}
       self.best_manager.save(step, args=ocp.args.StandardSave(keep),
@@ -92,6 +97,49 @@ class EarlyStopping(Part):
 
   def close(self):
     self.best_manager.close()
+
+
+class ReduceOnPlateau(Part):
+  """optim.schedule=reduce_on_plateau: after an evaluation that makes more than `patience`
+  without an improvement of `optim.plateau.metric`, multiplies the learning rate by `factor`,
+  then ignores `cooldown` evaluations (PyTorch's ReduceLROnPlateau). The multiplier is an array
+  in the optimizer state, so checkpoints and rollbacks carry it; the counters are saved here."""
+  name = 'reduce_on_plateau'
+
+  def __init__(self, run):
+    self.cfg = run.config.optim.plateau
+    self.key = f'eval/{self.cfg.metric}'
+    self.best, self.bad_evals, self.cooldown = None, 0, 0
+
+  def after_step(self, run, step, state, metrics):
+    if self.key not in metrics:
+      if any(k.startswith('eval/') for k in metrics):
+        raise config_check.ConfigError(
+            f'optim.plateau.metric: {self.cfg.metric!r} is not an eval metric of this task; it '
+            f'has {", ".join(sorted(k[5:] for k in metrics if k.startswith("eval/")))}')
+      return None
+    if improved(metrics[self.key], self.best, self.cfg.mode, self.cfg.min_delta):
+      self.best, self.bad_evals = metrics[self.key], 0
+    else:
+      self.bad_evals += 1
+    if self.cooldown:
+      self.cooldown, self.bad_evals = self.cooldown - 1, 0
+    multiplier = optimizer.lr_multiplier(state['opt_state'])
+    if self.bad_evals > self.cfg.patience:
+      self.cooldown, self.bad_evals = self.cfg.cooldown, 0
+      old = multiplier
+      multiplier = jax.device_put(old * self.cfg.factor, old.sharding)  # float32, as on resume
+      run.state = {**state, 'opt_state': optimizer.with_lr_multiplier(state['opt_state'],
+                                                                      multiplier)}
+      run.announce(f'step {step}: {self.key} has not improved; the learning rate is now '
+                   f'{float(multiplier):.4g} x the schedule\'s')
+    return {'plateau/lr_multiplier': float(multiplier), 'plateau/bad_evals': self.bad_evals}
+
+  def checkpoint_state(self):
+    return {'best': self.best, 'bad_evals': self.bad_evals, 'cooldown': self.cooldown}
+
+  def restore(self, run, saved):
+    self.best, self.bad_evals, self.cooldown = saved['best'], saved['bad_evals'], saved['cooldown']
 
 
 class Checkpointer(Part):

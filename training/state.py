@@ -100,10 +100,13 @@ def make_setup(config, mesh, platform: str = '') -> Setup:
   for key, template in (('params', param_template), ('model_state', model_state_template)):
     if key in abstract:
       shardings[key] = _to_dict(sharding.param_shardings(template, mesh, config.mesh.rules))
+  # A parameter's state is sharded like it. Where a partitioned optimizer (Muon) keeps no state
+  # for a parameter, its state tree has an empty MaskedNode, kept as it is.
+  masked = optax.transforms.MaskedNode
   shardings['opt_state'] = optax.tree_map_params(
-      tx, lambda _, s: s, abstract['opt_state'], shardings['params'],
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+      tx, lambda state, s: state if isinstance(state, masked) else s, abstract['opt_state'],
+      shardings['params'], transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked)))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return Setup(graphdef, param_template, model_state_template, task, tx, abstract, shardings)

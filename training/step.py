@@ -76,9 +76,12 @@ def _accumulated_loss_and_grads(setup, params, model_state, batch, key, config, 
 
 
 def learning_rate(opt_state):
-  """The learning rate the optimiser used for its last update (`optax.inject_hyperparams`)."""
+  """The learning rate the optimiser used for its last update (`optax.inject_hyperparams`),
+  times reduce_on_plateau's multiplier if there is one."""
   # The value, not the schedule's own state, which `inject_hyperparams` keeps under that name.
-  return optax.tree.get(opt_state, 'learning_rate', filtering=lambda _, v: not isinstance(v, tuple))
+  rate = optax.tree.get(opt_state, 'learning_rate', filtering=lambda _, v: not isinstance(v, tuple))
+  multiplier = optax.tree.get(opt_state, 'lr_multiplier')
+  return rate if multiplier is None else rate * multiplier
 
 
 def train_step(state: TrainState, batch, *, setup: Setup, config):

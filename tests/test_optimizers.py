@@ -1,0 +1,328 @@
+"""Optimisers, schedules and clipping chosen by name: each checked against Optax (or a hand
+computation) applied directly, the plateau multiplier through a kill and resume, and the config
+errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import default, fashion_mnist_cnn
+from models import MODELS
+from tests import test_sharding
+from tests.test_faults import _assert_same_state, _losses
+from tests.test_train_e2e import REPO, run_train, saved_state
+from training import config_check, metrics, optimizer
+from training.step import learning_rate
+
+PARAMS = {'dense': {'kernel': jnp.arange(12.0).reshape(4, 3) / 10 - 0.5,
+                    'bias': jnp.array([0.1, -0.2, 0.3])},
+          'embed': {'embedding': jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}}
+DECAYED = {'dense': {'kernel': True, 'bias': False}, 'embed': {'embedding': False}}
+MUON_DIMS = {'dense': {'kernel': optax.contrib.MuonDimensionNumbers(), 'bias': None},
+             'embed': {'embedding': None}}
+
+
+def _grads(step):
+  """Gradients small enough that the default global-norm clip (1.0) never acts."""
+  key = jax.random.fold_in(jax.random.key(0), step)
+  return jax.tree.map(lambda p: 0.05 * jax.random.normal(key, p.shape), PARAMS)
+
+
+def _optim(**overrides):
+  o = default.get_config().optim
+  o.update({'learning_rate': 0.01, 'warmup_steps': 2, **overrides})
+  return o
+
+
+def _train(tx, steps):
+  params, state, update = PARAMS, tx.init(PARAMS), jax.jit(tx.update)
+  for step in range(steps):
+    updates, state = update(_grads(step), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+# Each optimiser as Optax builds it, with the keys set here (non-default where it matters).
+SECTIONS = {
+    'sgd': dict(momentum=0.5, nesterov=True),
+    'adam': dict(b2=0.99),
+    'adamw': dict(weight_decay=0.3),
+    'adagrad': dict(initial_accumulator_value=0.2),
+    'adadelta': dict(rho=0.8, weight_decay=0.3),
+    'adamax': dict(b1=0.8),
+    'rmsprop': dict(centered=True, momentum=0.5),
+    'lion': dict(weight_decay=0.3),
+    'adafactor': dict(min_dim_size_to_factor=2, weight_decay=0.3),
+    'lamb': dict(weight_decay=0.3),
+    'muon': dict(weight_decay=0.3, ns_steps=4),
+}
+BY_HAND = {
+    'sgd': lambda lr: optax.sgd(lr, momentum=0.5, nesterov=True),
+    'adam': lambda lr: optax.adam(lr, b1=0.9, b2=0.99, eps=1e-8),
+    'adamw': lambda lr: optax.adamw(lr, 0.9, 0.95, 1e-8, weight_decay=0.3, mask=DECAYED),
+    'adagrad': lambda lr: optax.adagrad(lr, initial_accumulator_value=0.2, eps=1e-7),
+    'adadelta': lambda lr: optax.adadelta(lr, rho=0.8, eps=1e-6, weight_decay=0.3,
+                                          weight_decay_mask=DECAYED),
+    'adamax': lambda lr: optax.adamax(lr, b1=0.8, b2=0.999, eps=1e-8),
+    'rmsprop': lambda lr: optax.rmsprop(lr, decay=0.9, eps=1e-8, centered=True, momentum=0.5),
+    'lion': lambda lr: optax.lion(lr, b1=0.9, b2=0.99, weight_decay=0.3, mask=DECAYED),
+    'adafactor': lambda lr: optax.adafactor(lr, min_dim_size_to_factor=2, weight_decay_rate=0.3,
+                                            weight_decay_mask=DECAYED),
+    'lamb': lambda lr: optax.lamb(lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.3,
+                                  mask=DECAYED),
+    'muon': lambda lr: optax.contrib.muon(lr, ns_steps=4, weight_decay=0.3,
+                                          weight_decay_mask=DECAYED,
+                                          muon_weight_dimension_numbers=MUON_DIMS),
+}
+
+
+def test_every_optimizer_is_tested():
+  assert set(BY_HAND) - {'muon'} == set(optimizer.OPTIMIZERS) - {'muon'}
+
+
+@pytest.mark.parametrize('name', sorted(BY_HAND))
+def test_optimizer_matches_optax_applied_by_hand(name):
+  if name not in optimizer.OPTIMIZERS:
+    pytest.skip('this optax has no contrib.muon')
+  o = _optim(name=name)
+  o[name].update(SECTIONS[name])
+  # The default schedule: linear warmup over 2 steps to 0.01, then cosine to 0.001 at step 10.
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 0.01, 2, 10, end_value=0.001)
+  ours, state = _train(optimizer.make_optimizer(o, total_steps=10), steps=4)
+  theirs, _ = _train(optax.chain(optax.clip_by_global_norm(1.0), BY_HAND[name](schedule)), 4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours, theirs)
+  assert not np.allclose(ours['dense']['kernel'], PARAMS['dense']['kernel'])
+  np.testing.assert_allclose(learning_rate(state), schedule(3), rtol=1e-6)
+
+
+# Schedules by hand, in steps t (warmup of W=2 to lr=0.01, then T=10 more steps to the end).
+W, T, LR = 2, 10, 0.01
+SCHEDULE_KEYS = dict(final_lr_fraction=0.2, decay_rate=0.5, decay_steps=4, inverse_time_b=0.3,
+                     inverse_time_power=0.7, step_boundaries=(0.3, 0.6), step_factors=(0.5, 0.1),
+                     polynomial_power=2.0, decay_fraction=0.3, one_cycle_pct_start=0.4,
+                     one_cycle_div_factor=10.0, one_cycle_final_div_factor=100.0, cycle_steps=4,
+                     cycle_min_fraction=0.25)
+END = LR * 0.2
+AFTER_WARMUP = {
+    'constant': lambda s: LR,
+    'reduce_on_plateau': lambda s: LR,
+    'linear': lambda s: LR + (END - LR) * s / T,
+    'cosine': lambda s: END + (LR - END) * 0.5 * (1 + np.cos(np.pi * s / T)),
+    'exponential': lambda s: LR * 0.5 ** (s / 4),
+    'inverse_time': lambda s: LR / (1 + 0.3 * s) ** 0.7,
+    'step': lambda s: LR * (0.5 if s >= 3 else 1) * (0.1 if s >= 6 else 1),
+    'polynomial': lambda s: END + (LR - END) * (1 - s / T) ** 2,
+    'warmup_stable_decay': lambda s: LR if s < 7 else LR + (END - LR) * (s - 7) / 3,
+    'one_cycle': optax.cosine_onecycle_schedule(T, LR, 0.4, 10.0, 100.0),
+    'cyclic': lambda s: 0.25 * LR + 0.75 * LR * abs(2 * (s % 4) / 4 - 1),
+}
+
+
+def _hand_schedule(kind, t):
+  return LR * t / W if t < W else float(AFTER_WARMUP[kind](t - W))
+
+
+def test_every_schedule_is_tested():
+  assert set(AFTER_WARMUP) == set(optimizer.SCHEDULES)
+
+
+@pytest.mark.parametrize('kind', sorted(AFTER_WARMUP))
+def test_schedule_drives_the_update_and_is_read_back(kind):
+  """Plain SGD (no momentum): each update is -lr(t) * gradient, with lr(t) by hand."""
+  o = _optim(name='sgd', schedule=kind, **SCHEDULE_KEYS)
+  o.sgd.momentum = 0.0
+  tx = optimizer.make_optimizer(o, total_steps=W + T)
+  state, update = tx.init(PARAMS), jax.jit(tx.update)
+  for t in range(W + T):
+    updates, state = update(_grads(t), state, PARAMS)
+    expected = _hand_schedule(kind, t)
+    np.testing.assert_allclose(learning_rate(state), expected, rtol=1e-5, atol=1e-9)
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -expected * g, rtol=1e-5, atol=1e-9),
+                 updates, _grads(t))
+
+
+def test_plateau_multiplier_scales_the_update_and_the_rate_read_back():
+  o = _optim(name='sgd', schedule='reduce_on_plateau', warmup_steps=0)
+  o.sgd.momentum = 0.0
+  tx = optimizer.make_optimizer(o, total_steps=10)
+  state = tx.init(PARAMS)
+  assert optimizer.lr_multiplier(state) == 1.0
+  state = optimizer.with_lr_multiplier(state, jnp.float32(0.25))
+  updates, state = tx.update(_grads(0), state, PARAMS)
+  np.testing.assert_allclose(learning_rate(state), 0.25 * LR, rtol=1e-6)
+  np.testing.assert_allclose(updates['dense']['kernel'], -0.25 * LR * _grads(0)['dense']['kernel'],
+                             rtol=1e-6)
+
+
+def _update(grad_clip, grads, params, **keys):
+  """The first update of plain SGD at rate 1: minus the clipped gradient."""
+  o = _optim(name='sgd', schedule='constant', warmup_steps=0, learning_rate=1.0,
+             grad_clip=grad_clip, **keys)
+  o.sgd.momentum = 0.0
+  tx = optimizer.make_optimizer(o, total_steps=10)
+  return tx.update(grads, tx.init(params), params)[0]
+
+
+def test_global_norm_clipping_rescales_a_large_gradient():
+  grads = {'a': jnp.array([3.0, 0.0]), 'b': jnp.array([4.0])}  # global norm 5
+  updates = _update('global_norm', grads, grads, grad_clip_norm=2.0)
+  np.testing.assert_allclose(updates['a'], [-1.2, 0.0], rtol=1e-6)  # 2/5 of each
+  np.testing.assert_allclose(updates['b'], [-1.6], rtol=1e-6)
+
+
+def test_value_clipping_clips_each_element():
+  grads = {'a': jnp.array([3.0, -0.5, -4.0])}
+  updates = _update('value', grads, grads, grad_clip_value=1.0)
+  np.testing.assert_allclose(updates['a'], [-1.0, 0.5, 1.0])
+
+
+def test_adaptive_clipping_bounds_each_unit_relative_to_its_weights():
+  # Units are the kernel's output columns: weight norms 5 and 1, gradient norms 10 and 0.05.
+  params = {'kernel': jnp.array([[3.0, 0.0], [4.0, 1.0]])}
+  grads = {'kernel': jnp.array([[6.0, 0.0], [8.0, 0.05]])}
+  updates = _update('adaptive', grads, params, grad_clip_factor=0.1)
+  # Column 0 may have norm 0.1 * 5 = 0.5: scaled by 0.5/10. Column 1 is within 0.1 * 1.
+  np.testing.assert_allclose(updates['kernel'], [[-0.3, 0.0], [-0.4, -0.05]], rtol=1e-5)
+
+
+def test_no_clipping_passes_a_large_gradient_through():
+  grads = {'a': jnp.array([30.0, -40.0])}
+  np.testing.assert_allclose(_update('none', grads, grads)['a'], [-30.0, 40.0])
+
+
+def test_warmup_is_linear_from_zero():
+  schedule = optimizer.learning_rate_schedule(_optim(schedule='constant', learning_rate=1.0,
+                                                     warmup_steps=10), total_steps=100)
+  np.testing.assert_allclose([schedule(t) for t in (0, 5, 10, 50)], [0.0, 0.5, 1.0, 1.0])
+
+
+def test_weight_decay_only_touches_kernels():
+  for preset in ('tiny,gpt2', 'tiny,llama'):
+    config = default.get_config(preset)
+    model = MODELS['transformer'].Model(config.model, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mask = optimizer.decay_mask(params)
+    assert mask['blocks']['layers'][0]['mlp']['up']['kernel'] is True
+    assert mask['embed']['embedding'] is False
+    assert mask['final_norm']['scale'] is False
+    if preset.endswith('gpt2'):
+      assert mask['positions'] is False
+      assert mask['blocks']['layers'][0]['mlp']['up']['bias'] is False
+
+
+def test_fsdp_with_a_non_default_optimizer_matches_one_device():
+  """Muon orthogonalises whole matrices, which FSDP splits across devices, and keeps state for
+  some parameters only (LAMB's trust ratios, also over whole parameters, where Muon is absent)."""
+  name = 'muon' if 'muon' in optimizer.OPTIMIZERS else 'lamb'
+
+  def config():
+    c = default.get_config('tiny')
+    c.optim.name = name
+    c.optim[name].weight_decay = 0.1
+    return c
+  reference = test_sharding._run(config(), dict(data=1, fsdp=1, tensor=1), jax.devices()[:1],
+                                 test_sharding._batches(config()))
+  run = test_sharding._run(config(), test_sharding.LAYOUTS['fsdp8'], jax.devices(),
+                           test_sharding._batches(config()))
+  test_sharding._assert_same_run(run, reference)
+
+
+# --- config errors -------------------------------------------------------------------------------
+
+CNN = '--config=' + os.path.join(REPO, 'configs', 'fashion_mnist_cnn.py') + ':tiny'
+ERRORS = {
+    'unknown optimiser': (['--config.optim.name=adamq'], "optim.name: 'adamq' is not one of"),
+    'unknown schedule': (['--config.optim.schedule=sine'], "optim.schedule: 'sine' is not one of"),
+    'key of another optimiser': (['--config.optim.sgd.momentum=0.5'],
+                                 "optim.sgd.momentum: set to 0.5, but optim.name='adamw' does not"),
+    'negative learning rate': (['--config.optim.learning_rate=-0.1'], 'optim.learning_rate'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(ERRORS))
+def test_bad_optim_config_exits_2_with_one_line(tmp_path, case):
+  args, expected = ERRORS[case]
+  result = run_train(tmp_path / 'run', *args)
+  assert result.returncode == 2, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('train.py: error:')]
+  assert len(errors) == 1 and expected in errors[0], result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def _check(config, overridden=()):
+  config_check.check_optim(config, set(overridden))
+
+
+def test_switching_optimizer_leaves_the_files_own_tuning_behind():
+  config = fashion_mnist_cnn.get_config()  # tunes optim.adamw.b2 and its weight decay
+  config.optim.name = 'sgd'
+  _check(config, ['optim.name'])  # switched on the command line: fine
+  with pytest.raises(config_check.ConfigError, match='optim.adamw.b2: set to 0.999'):
+    _check(config)  # a file that chose sgd but set AdamW's keys
+  with pytest.raises(config_check.ConfigError, match='optim.adamw.b2'):
+    _check(config, ['optim.name', 'optim.adamw.b2'])  # set on the command line: never
+
+
+@pytest.mark.parametrize('key, value, error', [
+    ('decay_rate', 0.9, "optim.decay_rate: set to 0.9, but optim.schedule='cosine'"),
+    ('grad_clip_value', 0.5, "optim.grad_clip_value: set to 0.5, but optim.grad_clip="),
+    ('schedule', 'step', None),  # step's own keys at their defaults: fine
+])
+def test_keys_of_another_schedule_or_clip(key, value, error):
+  config = default.get_config()
+  config.optim[key] = value
+  if error is None:
+    _check(config)
+  else:
+    with pytest.raises(config_check.ConfigError, match=error.replace('(', r'\(')):
+      _check(config)
+
+
+@pytest.mark.parametrize('key, value, error', [
+    ('adamw.weight_decay', -0.1, 'optim.adamw.weight_decay: must be >= 0'),
+    ('adamw.b2', 1.0, r'optim.adamw.b2: must be in \[0, 1\)'),
+    ('plateau.factor', 1.5, r'optim.plateau.factor: must be in \(0, 1\)'),
+    ('step_factors', (0.1,), 'optim.step_factors: 1 factors for 2 boundaries'),
+])
+def test_bad_values_name_the_key(key, value, error):
+  config = default.get_config()
+  config.optim.schedule = 'reduce_on_plateau' if key.startswith('plateau') else 'step'
+  section, _, leaf = key.rpartition('.')
+  (config.optim[section] if section else config.optim)[leaf] = value
+  with pytest.raises(config_check.ConfigError, match=error):
+    _check(config)
+
+
+# --- reduce_on_plateau through a kill and resume ------------------------------------------------
+
+# SGD with momentum under FSDP, from the command line. `mode=max` on the eval loss, which falls:
+# never an improvement, so with patience 0 the multiplier halves at every eval after the first.
+PLATEAU = ['--config=' + os.path.join(REPO, 'configs', 'default.py') + ':tiny,fsdp',
+           '--config.optim.name=sgd', '--config.optim.sgd.momentum=0.9',
+           '--config.optim.schedule=reduce_on_plateau', '--config.optim.plateau.mode=max',
+           '--config.optim.plateau.patience=0', '--config.train.steps=6',
+           '--config.train.eval_every=2', '--config.train.checkpoint_every=2',
+           '--config.task.num_samples=0']
+
+
+def test_plateau_multiplier_is_checkpointed_and_resumes_bit_for_bit(tmp_path):
+  unbroken, broken = tmp_path / 'unbroken', tmp_path / 'broken'
+  assert run_train(unbroken, *PLATEAU).returncode == 0
+  records = metrics.read_metrics(unbroken)
+  multipliers = [r['plateau/lr_multiplier'] for r in records if 'plateau/lr_multiplier' in r]
+  assert multipliers == [1.0, 0.5, 0.25]  # evals at steps 2, 4, 6
+  rates = {r['step']: r['learning_rate'] for r in records}
+  assert rates[4] == pytest.approx(3e-3) and rates[5] == pytest.approx(0.5 * 3e-3)  # as used
+  assert run_train(broken, *PLATEAU, '--config.train.stop_after=4').returncode == 0
+  resumed = run_train(broken, *PLATEAU)  # the multiplier was lowered at step 4, then saved
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'Resumed from the checkpoint at step 4' in resumed.stdout
+  assert _losses(broken) == _losses(unbroken)
+  state = saved_state(broken, 6)
+  assert optimizer.lr_multiplier(state['opt_state']) == 0.25
+  _assert_same_state(state, saved_state(unbroken, 6))
