@@ -3,6 +3,12 @@ form training/config_check.py turns into a one-line error."""
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # activations; auto: per platform
 PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
+# Kernel initializers (models/initializers.py). normal and truncated_normal draw with
+# `model.init_std`; the others are scaled by the kernel's fans (Xavier/Glorot: their average,
+# He/Kaiming and LeCun: fan-in) or orthogonal.
+INITS = ('normal', 'truncated_normal', 'xavier_uniform', 'xavier_normal', 'he_uniform',
+         'he_normal', 'lecun_uniform', 'lecun_normal', 'orthogonal')
+ACTIVATIONS = ('relu', 'leaky_relu', 'gelu', 'silu', 'tanh', 'sigmoid')  # jax.nn's
 
 
 def require(ok: bool, key: str, message: str):
@@ -24,8 +30,19 @@ def positive(m, *keys: str):
 def dtypes_and_dropout(m):
   one_of(m, 'dtype', DTYPES)
   one_of(m, 'param_dtype', PARAM_DTYPES)
-  require(0 <= m.dropout_rate < 1, 'model.dropout_rate',
-          f'must be in [0, 1), got {m.dropout_rate}')
+  rate(m, 'dropout_rate')
+
+
+def init(m, *keys: str):
+  """`keys`: the initializer-name keys (e.g. 'init', 'head_init'); every model has `init_std`."""
+  for key in keys:
+    one_of(m, key, INITS)
+  require(m.init_std > 0, 'model.init_std', f'must be positive, got {m.init_std}')
+
+
+def rate(m, key: str):
+  """A drop probability: in [0, 1)."""
+  require(0 <= m[key] < 1, f'model.{key}', f'must be in [0, 1), got {m[key]}')
 
 
 def image_classifier(m):

@@ -13,17 +13,13 @@ dense layer's input (FSDP) and its output channels like its output (tensor); the
 and 'classes' have no rule and stay whole.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import checks, platforms
+from models import checks, initializers, platforms
 from parallel.sharding import constrain
-
-ACTIVATIONS = ('relu', 'gelu', 'silu', 'tanh')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,21 +31,14 @@ def default_config() -> ml_collections.ConfigDict:
   m.conv_features = (32, 64)  # one conv + activation + 2x2 max pool per entry
   m.kernel_size = 3
   m.dense_dim = 256
-  m.activation = 'relu'  # relu | gelu | silu | tanh
+  m.activation = 'relu'  # relu | leaky_relu | gelu | silu | tanh | sigmoid
+  m.init = 'he_uniform'  # convs and hidden layer: an initializer of checks.INITS
+  m.head_init = 'lecun_uniform'  # the linear head: the same choices
+  m.init_std = 0.02  # init or head_init 'normal' | 'truncated_normal': the standard deviation
   m.dropout_rate = 0.3  # on the hidden dense layer
   m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
   m.param_dtype = 'float32'  # parameters and optimizer state
   return m
-
-
-def drawn_as_matrix(init):
-  """A conv kernel initializer: `init` draws a [window x in, out] matrix, reshaped to
-  [height, width, in, out]. For a fan-in scaled `init` (He, LeCun) the distribution is the
-  same; the reason is speed: XLA:CPU takes seconds to compile JAX's (partitionable) threefry
-  sampler for a 4-D shape, and a fraction of that for a 2-D one."""
-  def draw(key, shape, dtype=jnp.float32):
-    return init(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
-  return draw
 
 
 def validate(m, config):
@@ -64,7 +53,8 @@ def validate(m, config):
   checks.require(min(m.image_shape[:2]) >= pools, 'model.image_shape',
                  f'{m.image_shape[:2]} is smaller than the {pools}x{pools} that '
                  f'{len(m.conv_features)} 2x2 pools reduce to one pixel')
-  checks.one_of(m, 'activation', ACTIVATIONS)
+  checks.one_of(m, 'activation', checks.ACTIVATIONS)
+  checks.init(m, 'init', 'head_init')
   checks.dtypes_and_dropout(m)
 
 
@@ -93,14 +83,14 @@ class Model(nnx.Module):
     cfg = platforms.model_settings(cfg)
     self.cfg = cfg
     height, width, channels = cfg.image_shape
-    # He et al.'s variance for ReLU-like activations, drawn uniformly (no truncated normal).
-    init = nnx.initializers.he_uniform()
+    # By default He et al.'s variance for ReLU-like activations, drawn uniformly.
+    init = initializers.kernel(cfg.init, cfg.init_std)
+    conv_init = initializers.conv_kernel(cfg.init, cfg.init_std)
     convs = []
     for features in cfg.conv_features:
       convs.append(nnx.Conv(
           channels, features, (cfg.kernel_size, cfg.kernel_size), padding='SAME',
-          kernel_init=drawn_as_matrix(init), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          rngs=rngs,
+          kernel_init=conv_init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
           kernel_metadata={'logical_axes': ('conv_height', 'conv_width', 'embed', 'mlp')},
           bias_metadata={'logical_axes': ('mlp',)}))
       height, width, channels = height // 2, width // 2, features
@@ -112,8 +102,9 @@ class Model(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     # 16-bit activations: the logits are accumulated in float32.
     self.head = nnx.Linear(
-        cfg.dense_dim, cfg.num_classes, kernel_init=nnx.initializers.lecun_uniform(),
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        cfg.dense_dim, cfg.num_classes,
+        kernel_init=initializers.kernel(cfg.head_init, cfg.init_std), dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
         preferred_element_type=None if cfg.dtype == 'float32' else jnp.float32,
         kernel_metadata={'logical_axes': ('mlp', 'classes')},
         bias_metadata={'logical_axes': ('classes',)}, rngs=rngs)

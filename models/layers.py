@@ -17,11 +17,12 @@ each block's activations in the backward pass, all of them or all but those a po
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import attention, checks, cpu_kernels, platforms
+from models import attention, checks, cpu_kernels, initializers, platforms
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -45,9 +46,18 @@ def default_config() -> ml_collections.ConfigDict:
   m.position = 'learned'  # learned | rope
   m.rope_theta = 10000.0
   m.norm = 'layernorm'  # layernorm | rmsnorm
-  m.mlp = 'gelu'  # gelu | swiglu
+  m.mlp = 'gelu'  # gelu (two layers, `activation` between) | swiglu
+  m.activation = 'gelu'  # mlp=gelu: relu | leaky_relu | gelu (tanh-approximated) | silu | ...
   m.use_bias = True
   m.dropout_rate = 0.0
+  # The last block's probability of skipping each residual branch of an example in training,
+  # rising linearly from 0 at the first block (stochastic depth, Huang et al. 2016, as DeiT).
+  m.stochastic_depth = 0.0
+  m.init = 'normal'  # dense kernels: an initializer of checks.INITS
+  m.init_std = 0.02  # embeddings and positions, and init 'normal' | 'truncated_normal'
+  # Residual-output projections (attention out, MLP down) drawn (2 num_layers)^-1/2 times the
+  # init's standard deviation, as GPT-2, so the residual stream's variance is independent of depth.
+  m.init_depth_scaled = True
   m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
   m.param_dtype = 'float32'  # parameters and optimizer state
   m.scan_layers = False  # one scanned layer body: compile time independent of depth
@@ -60,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def learned_positions(cfg, rngs) -> nnx.Param:
   """A learned position embedding [max_len, D], added to the tokens by the model."""
-  init = nnx.initializers.normal(0.02)
+  init = nnx.initializers.normal(cfg.init_std)
   return nnx.Param(init(rngs.params(), (cfg.max_len, cfg.embed_dim), cfg.param_dtype),
                    logical_axes=('length', 'embed'))
 
@@ -70,7 +80,12 @@ def validate(m):
   checks.one_of(m, 'position', ('learned', 'rope'))
   checks.one_of(m, 'norm', ('layernorm', 'rmsnorm'))
   checks.one_of(m, 'mlp', ('gelu', 'swiglu'))
+  checks.one_of(m, 'activation', checks.ACTIVATIONS)
+  checks.require(m.mlp == 'gelu' or m.activation == 'gelu', 'model.activation',
+                 f'{m.activation!r} needs model.mlp=gelu (the plain MLP); swiglu gates with silu')
   checks.dtypes_and_dropout(m)
+  checks.rate(m, 'stochastic_depth')
+  checks.init(m, 'init')
   checks.positive(m, 'num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len')
   checks.require(m.embed_dim % m.num_heads == 0, 'model.embed_dim',
                  f'{m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
@@ -83,6 +98,27 @@ def validate(m):
   checks.require(not unknown, 'model.remat_names',
                  f'unknown {", ".join(unknown)}; tagged are {", ".join(REMAT_NAMES)}')
   checks.one_of(m, 'attention', ('auto', *platforms.ATTENTION))
+
+
+def _output_scale(cfg) -> float:
+  return (2 * cfg.num_layers) ** -0.5 if cfg.init_depth_scaled else 1.0
+
+
+def depth_rates(rate: float, n: int) -> np.ndarray:
+  """Stochastic depth's drop rate of each of `n` residual blocks: linear from 0 at the first
+  to `rate` at the last (a single block: `rate`)."""
+  return np.linspace(0, rate, n, dtype=np.float32) if n > 1 else np.full(1, rate, np.float32)
+
+
+def drop_path(y_Bx, rate, key):
+  """Stochastic depth on a residual branch `y_Bx`: each example's branch zeroed with
+  probability `rate`, the survivors scaled by 1 / (1 - rate) so the expectation is unchanged.
+  `key` None (evaluation): `y_Bx` as it is."""
+  if key is None:
+    return y_Bx
+  keep_B = jax.random.bernoulli(key, 1 - rate, y_Bx.shape[:1])
+  scale_B = jnp.where(keep_B, 1 / (1 - rate), 0).astype(y_Bx.dtype)
+  return y_Bx * scale_B.reshape(-1, *(1,) * (y_Bx.ndim - 1))
 
 
 def _axes(*names):
@@ -98,8 +134,8 @@ class Dense(nnx.Linear):
     dot_general = cpu_kernels.dot_general if cfg.platform == 'cpu' else lax.dot_general
     super().__init__(
         d_in, d_out, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(0.02 * init_scale), dot_general=dot_general,
-        preferred_element_type=preferred_element_type,
+        kernel_init=initializers.kernel(cfg.init, cfg.init_std, init_scale),
+        dot_general=dot_general, preferred_element_type=preferred_element_type,
         kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
 
 
@@ -134,7 +170,7 @@ class Attention(nnx.Module):
     self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
     self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
     self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
-                     init_scale=(2 * cfg.num_layers) ** -0.5)
+                     init_scale=_output_scale(cfg))
 
   def __call__(self, x_BxLxD, kv_mask_BxL=None):
     """`kv_mask_BxL`: keys to attend to (bool, e.g. not padding); None: all of them."""
@@ -159,7 +195,7 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+  """Two-layer MLP (GPT-2, with `cfg.activation`, GELU) or SwiGLU (Llama)."""
 
   def __init__(self, cfg, *, rngs):
     self.gated = cfg.mlp == 'swiglu'
@@ -167,33 +203,41 @@ class Mlp(nnx.Module):
     if self.gated:
       self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
     self.down = Dense(cfg.mlp_dim, cfg.embed_dim, 'mlp', 'embed', cfg, rngs=rngs,
-                      init_scale=(2 * cfg.num_layers) ** -0.5)
+                      init_scale=_output_scale(cfg))
+    self.activation = getattr(jax.nn, cfg.activation)  # gelu: tanh-approximated, as GPT-2
 
   def __call__(self, x_BxLxD):
     if self.gated:
       gate_BxLxF, up_BxLxF = cpu_kernels.project(x_BxLxD, (self.gate, self.up))
       h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
-      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
+      h_BxLxF = self.activation(self.up(x_BxLxD))
     h_BxLxF = checkpoint_name(constrain(h_BxLxF, 'batch', 'length', 'mlp'), 'mlp_hidden')
     return checkpoint_name(self.down(h_BxLxF), 'mlp_out')
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), each branch with
+  dropout and stochastic depth."""
 
   def __init__(self, cfg, *, rngs, causal=True):
     self.attn_norm, self.attention = norm(cfg, rngs), Attention(cfg, rngs=rngs, causal=causal)
     self.mlp_norm, self.mlp = norm(cfg, rngs), Mlp(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None):
+  def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None, depth=None):
     """`dropout_key`: this layer's dropout key; without it dropout is off. `kv_mask_BxL`: the
-    keys attention may see (Attention)."""
+    keys attention may see (Attention). `depth`: (key, rate) of this layer's stochastic depth;
+    without it every branch is kept."""
     keys = [None, None] if dropout_key is None else jax.random.split(dropout_key)
-    drop = lambda y, key: self.dropout(y, deterministic=key is None, rngs=key)
-    x_BxLxD = x_BxLxD + drop(self.attention(self.attn_norm(x_BxLxD), kv_mask_BxL), keys[0])
-    x_BxLxD = x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)), keys[1])
+    depth_keys, rate = [None, None], 0.0
+    if depth is not None:
+      depth_keys, rate = jax.random.split(depth[0]), depth[1]
+    def branch(y, i):
+      y = self.dropout(y, deterministic=keys[i] is None, rngs=keys[i])
+      return drop_path(y, rate, depth_keys[i])
+    x_BxLxD = x_BxLxD + branch(self.attention(self.attn_norm(x_BxLxD), kv_mask_BxL), 0)
+    x_BxLxD = x_BxLxD + branch(self.mlp(self.mlp_norm(x_BxLxD)), 1)
     return constrain(x_BxLxD, 'batch', 'length', 'embed')
 
 
@@ -202,7 +246,8 @@ class Embed(nnx.Embed):
 
   def __init__(self, cfg, *, rngs):
     super().__init__(cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, embedding_init=nnx.initializers.normal(0.02),
+                     param_dtype=cfg.param_dtype,
+                     embedding_init=nnx.initializers.normal(cfg.init_std),
                      embedding_metadata=_axes('vocab', 'embed'), rngs=rngs)
     self.platform = cfg.platform
 
@@ -250,19 +295,26 @@ class Blocks(nnx.Module):
                               for _ in range(cfg.num_layers)])
 
   def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None):
-    """`dropout_key`: the blocks' dropout key; without it dropout is off. `kv_mask_BxL`: the
-    keys attention may see (bool, e.g. not padding), the same in every layer; None: all."""
+    """`dropout_key`: the blocks' dropout and stochastic depth key; without it both are off.
+    `kv_mask_BxL`: the keys attention may see (bool, e.g. not padding), the same in every
+    layer; None: all."""
     cfg = self.cfg
+    depth_N = None  # (key, rate) of each layer
+    if dropout_key is not None and cfg.stochastic_depth > 0:  # rate 0: today's dropout keys
+      dropout_key, depth_key = jax.random.split(dropout_key)
+      depth_N = (jax.random.split(depth_key, cfg.num_layers),
+                 jnp.asarray(depth_rates(cfg.stochastic_depth, cfg.num_layers)))
     keys_N = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
     # The mask is closed over, not scanned: every layer reads the same one.
-    apply = lambda block, x, key: block(x, key, kv_mask_BxL)
+    apply = lambda block, x, key, depth: block(x, key, kv_mask_BxL, depth)
     if cfg.remat != 'none':
       # Under scan there is no common subexpression to protect: XLA cannot hoist across steps.
       apply = nnx.remat(apply, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+      scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry,
                       transform_metadata=_LAYERS)
-      return scan(self.layers, x_BxLxD, keys_N)
+      return scan(self.layers, x_BxLxD, keys_N, depth_N)
+    layer = lambda tree, i: None if tree is None else jax.tree.map(lambda x: x[i], tree)
     for i, block in enumerate(self.layers):
-      x_BxLxD = apply(block, x_BxLxD, None if keys_N is None else keys_N[i])
+      x_BxLxD = apply(block, x_BxLxD, layer(keys_N, i), layer(depth_N, i))
     return x_BxLxD

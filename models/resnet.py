@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import checks, cnn, platforms
+from models import checks, initializers, layers, platforms
 from parallel.sharding import constrain
 
 _NORM = {'logical_axes': ('norm',)}
@@ -37,7 +37,14 @@ def default_config() -> ml_collections.ConfigDict:
   m.width = 16  # channels of the stem and the first stage; doubled by each later stage
   m.bn_momentum = 0.9  # running average = momentum * running + (1 - momentum) * batch
   m.bn_epsilon = 1e-5
+  m.activation = 'relu'  # relu | leaky_relu | gelu | silu | tanh | sigmoid
+  m.init = 'he_uniform'  # convs: an initializer of checks.INITS
+  m.head_init = 'lecun_uniform'  # the linear head: the same choices
+  m.init_std = 0.02  # init or head_init 'normal' | 'truncated_normal': the standard deviation
   m.dropout_rate = 0.0  # on the pooled features, before the head
+  # The last block's probability of skipping its residual branch for an example in training,
+  # rising linearly from 0 at the first block (stochastic depth, Huang et al. 2016).
+  m.stochastic_depth = 0.0
   m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
   m.param_dtype = 'float32'  # parameters and optimizer state
   return m
@@ -53,7 +60,10 @@ def validate(m, config):
   checks.positive(m, 'width', 'bn_epsilon')
   checks.require(0 <= m.bn_momentum < 1, 'model.bn_momentum',
                  f'must be in [0, 1), got {m.bn_momentum}')
+  checks.one_of(m, 'activation', checks.ACTIVATIONS)
+  checks.init(m, 'init', 'head_init')
   checks.dtypes_and_dropout(m)
+  checks.rate(m, 'stochastic_depth')
 
 
 def _stages(m):
@@ -82,9 +92,9 @@ def train_flops_per_example(m, config) -> float:
 
 
 def _conv(c_in, c_out, kernel, stride, cfg, rngs):
-  # No bias: the BatchNorm after each conv has one. He et al.'s variance for ReLU nets.
+  # No bias: the BatchNorm after each conv has one. By default He et al.'s variance for ReLU.
   return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding='SAME', use_bias=False,
-                  kernel_init=cnn.drawn_as_matrix(nnx.initializers.he_uniform()),
+                  kernel_init=initializers.conv_kernel(cfg.init, cfg.init_std),
                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
                   kernel_metadata={'logical_axes': ('conv_height', 'conv_width', 'embed', 'mlp')})
 
@@ -100,10 +110,11 @@ def _batch_norm(features, cfg, rngs):
 
 
 class Block(nnx.Module):
-  """relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), the shortcut projected by a strided 1x1
-  conv + BatchNorm where the resolution or the channels change."""
+  """act(bn(conv(act(bn(conv(x))))) + shortcut(x)), the shortcut projected by a strided 1x1
+  conv + BatchNorm where the resolution or the channels change; `act` is `cfg.activation`."""
 
   def __init__(self, c_in, c_out, stride, cfg, *, rngs):
+    self.activation = getattr(jax.nn, cfg.activation)
     self.conv1 = _conv(c_in, c_out, 3, stride, cfg, rngs)
     self.norm1 = _batch_norm(c_out, cfg, rngs)
     self.conv2 = _conv(c_out, c_out, 3, 1, cfg, rngs)
@@ -113,13 +124,16 @@ class Block(nnx.Module):
       self.proj = _conv(c_in, c_out, 1, stride, cfg, rngs)
       self.proj_norm = _batch_norm(c_out, cfg, rngs)
 
-  def __call__(self, x_BxHxWxC, train: bool):
+  def __call__(self, x_BxHxWxC, train: bool, depth_rate=0.0, depth_key=None):
+    """`depth_key`: stochastic depth's key, the branch dropped at `depth_rate`; None: kept."""
     frozen = not train
-    y_BxHxWxC = jax.nn.relu(self.norm1(self.conv1(x_BxHxWxC), use_running_average=frozen))
+    y_BxHxWxC = self.activation(self.norm1(self.conv1(x_BxHxWxC), use_running_average=frozen))
     y_BxHxWxC = self.norm2(self.conv2(y_BxHxWxC), use_running_average=frozen)
     if self.projects:
       x_BxHxWxC = self.proj_norm(self.proj(x_BxHxWxC), use_running_average=frozen)
-    return constrain(jax.nn.relu(y_BxHxWxC + x_BxHxWxC), 'batch', 'height', 'width', 'channels')
+    y_BxHxWxC = layers.drop_path(y_BxHxWxC, depth_rate, depth_key)
+    return constrain(self.activation(y_BxHxWxC + x_BxHxWxC),
+                     'batch', 'height', 'width', 'channels')
 
 
 class Model(nnx.Module):
@@ -143,7 +157,7 @@ class Model(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     # 16-bit activations: the logits are accumulated in float32.
     self.head = nnx.Linear(
-        channels, cfg.num_classes, kernel_init=nnx.initializers.lecun_uniform(),
+        channels, cfg.num_classes, kernel_init=initializers.kernel(cfg.head_init, cfg.init_std),
         dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         preferred_element_type=None if cfg.dtype == 'float32' else jnp.float32,
         kernel_metadata={'logical_axes': ('embed', 'classes')},
@@ -151,11 +165,17 @@ class Model(nnx.Module):
 
   def __call__(self, images_BxHxWxC, *, train: bool = False, rngs: nnx.Rngs | None = None):
     """`train`: normalise by batch statistics and update the running averages. `rngs` carries
-    the dropout stream; without it dropout is off."""
+    the dropout and stochastic depth stream; without it both are off."""
+    cfg, n = self.cfg, len(self.blocks)
+    depth_keys = [None] * n
+    if rngs is not None and cfg.stochastic_depth > 0:  # rate 0: today's stream
+      depth_keys = list(jax.random.split(rngs.dropout(), n))
+    rates = layers.depth_rates(cfg.stochastic_depth, n)
+    activation = getattr(jax.nn, cfg.activation)
     x_BxHxWxC = constrain(images_BxHxWxC, 'batch', 'height', 'width', 'channels')
-    x_BxHxWxC = jax.nn.relu(self.stem_norm(self.stem(x_BxHxWxC), use_running_average=not train))
-    for block in self.blocks:
-      x_BxHxWxC = block(x_BxHxWxC, train)
+    x_BxHxWxC = activation(self.stem_norm(self.stem(x_BxHxWxC), use_running_average=not train))
+    for block, rate, key in zip(self.blocks, rates, depth_keys):
+      x_BxHxWxC = block(x_BxHxWxC, train, float(rate), key)
     x_BxC = jnp.mean(x_BxHxWxC, axis=(1, 2))
     x_BxC = self.dropout(x_BxC, deterministic=rngs is None, rngs=rngs)
     return constrain(self.head(x_BxC).astype(jnp.float32), 'batch', 'classes')
