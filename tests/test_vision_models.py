@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from models import MODELS
+from models import MODELS, cnn
 from models.platforms import resolve_for_platform
 from parallel import sharding
 
@@ -276,3 +276,16 @@ def test_default_config_is_valid_and_counts_flops_like_xla(name):
   analytic = MODELS[name].train_flops_per_example(m, None)
   # XLA leaves out the products with a 'SAME' convolution's zero padding; we count them.
   assert 0.95 < analytic / (3 * xla_flops) < 1.15
+
+
+@pytest.mark.parametrize('shape', [(2, 28, 28, 3), (2, 7, 7, 4), (1, 5, 6, 2)])
+def test_max_pool_2x2_is_flax_max_pool_in_value_and_gradient(shape):
+  """The CNN's reshape-based pool (faster to differentiate on CPU) against nnx.max_pool, odd
+  sizes included; random inputs have no ties, where the two gradients could differ."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  weights = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2,
+                                                  shape[3]))
+  ours = jax.value_and_grad(lambda x: jnp.sum(cnn.max_pool_2x2(x) * weights))(x)
+  flax = jax.value_and_grad(
+      lambda x: jnp.sum(nnx.max_pool(x, (2, 2), strides=(2, 2)) * weights))(x)
+  jax.tree.map(np.testing.assert_array_equal, ours, flax)
