@@ -137,7 +137,7 @@ def main(argv):
     config_check.check_workdir(FLAGS.workdir)
     config_check.validate(config, jax.device_count(), jax.process_count(),
                           sharding.num_slices(jax.devices()), jax.default_backend(),
-                          overridden=set(config_flags.get_override_values(FLAGS['config'])))
+                          overridden=_overridden_keys())
     compile_cache = FLAGS.compile_cache or os.path.join(FLAGS.workdir, 'compile_cache')
     loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
   except config_check.ConfigError as e:
@@ -148,6 +148,11 @@ def main(argv):
     _halt(f'train.py: error: {e}')
 
 
+def _overridden_keys() -> set[str]:
+  """The config keys set on the command line (`--config.optim.name=sgd` -> 'optim.name')."""
+  return set(config_flags.get_override_values(FLAGS['config']))
+
+
 def _compile_only(config):
   """Compiles the train step for a TPU topology from this host and exits with its verdict."""
   if not FLAGS.topology:
@@ -155,7 +160,7 @@ def _compile_only(config):
   from training import aot  # pylint: disable=g-import-not-at-top
   from training import config_check  # pylint: disable=g-import-not-at-top
   try:
-    sys.exit(aot.run(config, FLAGS.topology))
+    sys.exit(aot.run(config, FLAGS.topology, _overridden_keys()))
   except config_check.ConfigError as e:
     _usage_error(e)
 

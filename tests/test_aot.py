@@ -159,6 +159,18 @@ def test_config_problems_are_config_errors():
     aot.run(config, 'v6e-8')
 
 
+@needs_libtpu
+def test_switching_optimizer_on_the_command_line_compiles():
+  """A config file that tunes adamw, with --config.optim.name=sgd given: the file's adamw keys
+  are tolerated because the name was overridden, as in a training run; unless it was not."""
+  config = _tiny()
+  config.optim.adamw.b2 = 0.999  # as configs/fashion_mnist_cnn.py tunes it
+  config.optim.name = 'sgd'
+  with pytest.raises(ConfigError, match='optim.adamw.b2'):
+    aot.run(config, 'v5e-4')
+  assert aot.run(config, 'v5e-4', overridden={'optim.name'}) == 0
+
+
 def test_missing_libtpu_says_how_to_install(monkeypatch):
   find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',

@@ -72,9 +72,10 @@ def _slice_devices(topology_name: str) -> list:
     raise config_check.ConfigError(f'--topology: {e}') from None
 
 
-def _mesh(config, devices):
+def _mesh(config, devices, overridden):
   num_processes = len({d.process_index for d in devices})
-  config_check.validate(config, len(devices), num_processes, sharding.num_slices(devices), 'tpu')
+  config_check.validate(config, len(devices), num_processes, sharding.num_slices(devices), 'tpu',
+                        overridden)
   try:
     return sharding.make_mesh(config.mesh, devices)
   except ValueError as e:
@@ -112,10 +113,10 @@ def _compiled_flops(compiled) -> float:
   return float(cost.get('flops', math.nan)) if cost else math.nan
 
 
-def compile_report(config, topology_name: str) -> Report:
+def compile_report(config, topology_name: str, overridden=()) -> Report:
   """Compiles the train step for the named slice and measures it (see `Report`)."""
   devices = _slice_devices(topology_name)
-  mesh = _mesh(config, devices)
+  mesh = _mesh(config, devices, overridden)
   setup = state_lib.make_setup(config, mesh)
   state = setup.abstract_state
   batch = base.abstract_batch(setup.task.batch_spec('train'), mesh, config.mesh.rules)
@@ -195,9 +196,10 @@ def format_report(r: Report, config) -> str:
   return '\n'.join(lines)
 
 
-def run(config, topology_name: str) -> int:
-  """Prints the report for `config` on the named slice; 0 if the step fits in HBM, else 1."""
-  report = compile_report(config, topology_name)
+def run(config, topology_name: str, overridden=()) -> int:
+  """Prints the report for `config` on the named slice; 0 if the step fits in HBM, else 1.
+  `overridden`: the config keys set on the command line (config_check.validate)."""
+  report = compile_report(config, topology_name, overridden)
   print(format_report(report, config), flush=True)
   if report.fits:
     return 0
