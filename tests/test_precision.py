@@ -6,6 +6,8 @@ import numpy as np
 
 from configs import default
 from parallel import sharding
+from tests import test_train_e2e as e2e
+from training import metrics as metrics_lib
 from training import precision
 from training import state as state_lib
 from training import step as step_lib
@@ -97,3 +99,21 @@ def test_float16_overflow_halves_the_scale_and_skips_the_update():
   assert not _same(states[-1]['params'], states[0]['params'])
   assert int(states[-1]['loss_scale']['overflows']) == sum(overflowed)
   assert metrics[-1]['train/loss_scale_overflows'] == sum(overflowed)
+
+
+def test_the_loss_scale_survives_a_resume_bit_for_bit(tmp_path):
+  """The scale doubles at steps 3 and 6; a run stopped at step 4 and resumed must carry the
+  scale and its count of good steps over, and end where the unbroken run ends."""
+  flags = ('--config.train.loss_scale=dynamic', '--config.train.loss_scale_init=1024',
+           '--config.train.loss_scale_period=3')
+  unbroken, broken = tmp_path / 'unbroken', tmp_path / 'broken'
+  for workdir, extra in ((unbroken, ()), (broken, ('--config.train.stop_after=4',)),
+                         (broken, ())):
+    result = e2e.run_train(workdir, *flags, *extra)
+    assert result.returncode == 0, result.stderr
+  reference, resumed = e2e.saved_state(unbroken, 8), e2e.saved_state(broken, 8)
+  assert float(reference['loss_scale']['scale']) == 1024 * 4
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+  logged = [r['train/loss_scale'] for r in metrics_lib.read_metrics(broken)]
+  assert logged == [1024] * 3 + [2048] * 3 + [4096] * 2
