@@ -164,7 +164,10 @@ class Checkpointer(Part):
                          loop_state=run.loop_state())
     if final:
       with self._save_errors(run, step):
-        run.manager.wait_until_finished()  # raises what the last write raised
+        run.manager.wait_until_finished()
+        # Not redundant: a write's error can still sit in the checkpointer's slot after the
+        # wait returns (the disk-full test with on_save_error=warn misses it otherwise).
+        run.manager.check_for_errors()
 
   @contextlib.contextmanager
   def _save_errors(self, run, step):
