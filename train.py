@@ -128,7 +128,6 @@ def main(argv):
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
   from training import checkpointing, config_check, loop, warm_start  # pylint: disable=g-import-not-at-top
-  checkpointing.drop_closed_loop_reports()
   try:
     multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils as multihost
 
 
 def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointManager:
+  _drop_closed_loop_reports()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=train_config.keep_checkpoints,
       enable_async_checkpointing=asynchronous,
@@ -30,9 +31,8 @@ def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointMana
                                item_handlers=handlers)
 
 
-def drop_closed_loop_reports():
-  """Installed by train.py at start-up (it changes the process's `sys.excepthook`): keeps
-  TensorStore from printing a traceback for each write still running when a save fails.
+def _drop_closed_loop_reports():
+  """Keeps TensorStore from printing a traceback for each write still running when a save fails.
 
   Orbax closes a save's event loop as soon as one of its writes fails; the writes still running
   then finish into the closed loop, and TensorStore reports each through `sys.excepthook`
@@ -40,6 +40,8 @@ def drop_closed_loop_reports():
   of times and up to the process's last line. The failure itself is reported once, by `save`.
   """
   previous = sys.excepthook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
 
   def hook(kind, error, tb):
     frames = traceback.extract_tb(tb)
@@ -47,6 +49,7 @@ def drop_closed_loop_reports():
             and frames[0].name == 'call_soon_threadsafe'):
       previous(kind, error, tb)
 
+  hook.drops_closed_loop_reports = True
   sys.excepthook = hook
 
 
