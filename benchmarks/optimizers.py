@@ -1,21 +1,25 @@
 """Every optimiser on the same budget: final eval metric and wall time, a table and a plot.
 
 `python benchmarks/optimizers.py [--jobs=fashion_mnist_cnn,default] [--optimizers=sgd,adamw,...]
-[--steps=1000] [--lr=lion=1e-4,sgd=0.05] [--workdir_root=/tmp/podium_optimizers]
-[--extra='--config.K=V ...']`
+[--steps=1000] [--lr=lion=1e-4,sgd=0.05] [--sweep=0.3,1,3 --sweep_steps=250]
+[--workdir_root=/tmp/podium_optimizers] [--extra='--config.K=V ...']`
 
 Each job (a config in configs/, presets after a colon: `default:tiny`) trains once per
 optimiser with `--config.optim.name=<name> --config.optim.learning_rate=<its rate>`, each a
 train.py process from a fresh workdir (benchmarks/classifier_accuracy.py's `run_train`), for
 `--steps` steps with the job's own schedule and warmup (shrunk to a tenth of the steps if it
-would not fit), evaluating ten times along the way. The other keys of each optimiser keep their
-declared defaults (configs/common.py), except that a job's own AdamW tuning stays with AdamW.
+would not fit), evaluating ten times along the way (a tuning run: once, at its end). The other
+keys of each optimiser keep their declared defaults (configs/common.py), except that a job's
+own AdamW tuning stays with AdamW.
 
-Learning rates (`LEARNING_RATES`, overridden per optimiser with --lr) are the usual starting
-points from each method's paper or reference implementation, not tuned here; they are the peak
-of the schedule. One table per job is printed (final and best eval metric, wall time of the
-whole process), and one PNG (WORKDIR_ROOT/optimizers.png) plots the eval curves, one panel
-per job.
+Learning rates are tuned per job and optimiser: each of the `--sweep` multiples of a
+reference rate (`LEARNING_RATES`, the usual starting point from the method's paper or reference
+implementation; overridden with --lr) trains for `--sweep_steps` steps, and the one with the
+best final eval metric is the peak of the schedule for the budget run (a short sweep favours
+larger rates a little). An empty --sweep uses the reference rates as they are. One table per
+job is printed (the rate chosen, the short runs' final metrics, final and best eval metric of
+the budget run and its wall time, whole process), and one PNG (WORKDIR_ROOT/optimizers.png)
+plots the budget runs' eval curves, one panel per job.
 """
 
 import os
@@ -50,33 +54,64 @@ def metric_of(records) -> tuple[str, str]:
   return ('eval/accuracy', 'max') if 'eval/accuracy' in keys else ('eval/loss', 'min')
 
 
-def run_job(job: str, names, rates, steps: int, extra, root: str) -> dict:
-  """optimiser -> the finished Run, for every optimiser on job `job`."""
-  runs = {}
+def train(job: str, name: str, rate: float, steps: int, evals: int, extra, workdir: str):
+  """One train.py run of `job` with optimiser `name` at peak rate `rate`, evaluating `evals`
+  times."""
+  train_flags = [*bench.steps_flags(job, steps),
+                 f'--config.train.eval_every={max(steps // evals, 1)}',
+                 f'--config.train.checkpoint_every={steps}',
+                 f'--config.optim.name={name}', f'--config.optim.learning_rate={rate}', *extra]
+  print(f'{job} {name}: train.py {" ".join(train_flags)}', flush=True)
+  run = bench.run_train(bench.config_arg(job), workdir, train_flags)
+  if run.returncode:
+    print(f'{job} {name}: {bench.failure(run)}', flush=True)
+  return run
+
+
+def final_metric(run) -> float | None:
+  """The run's final headline eval metric, larger better (a loss negated); None if failed."""
+  key, mode = metric_of(run.records)
+  got = None if run.returncode else bench.final_and_best(run.records, key, mode)
+  if got is None or got[0] != got[0]:  # failed, never evaluated, or NaN
+    return None
+  return got[0] if mode == 'max' else -got[0]
+
+
+def run_job(job: str, names, rates, factors, sweep_steps: int, steps: int, extra,
+            root: str) -> dict:
+  """optimiser -> (tuned rate, {swept rate: final metric}, the budget Run) on job `job`."""
+  results = {}
+  base = os.path.join(root, job.replace(':', '_').replace(',', '_'))
   for name in names:
-    workdir = os.path.join(root, job.replace(':', '_').replace(',', '_'), name)
-    train_flags = [*bench.steps_flags(job, steps),
-                   f'--config.train.eval_every={max(steps // 10, 1)}',
-                   f'--config.train.checkpoint_every={steps}',
-                   f'--config.optim.name={name}', f'--config.optim.learning_rate={rates[name]}',
-                   *extra]
-    print(f'{job} {name}: train.py {" ".join(train_flags)}', flush=True)
-    runs[name] = bench.run_train(bench.config_arg(job), workdir, train_flags)
-    if runs[name].returncode:
-      print(f'{job} {name}: {bench.failure(runs[name])}', flush=True)
-  return runs
+    swept = {}
+    for factor in factors:
+      rate = float(f'{rates[name] * factor:.3g}')
+      run = train(job, name, rate, sweep_steps, 1, extra,
+                  os.path.join(base, 'sweep', name, f'{rate:g}'))
+      swept[rate] = final_metric(run)
+      print(f'{job} {name}: lr {rate:g} for {sweep_steps} steps -> {swept[rate]}', flush=True)
+    finished = {r: m for r, m in swept.items() if m is not None}
+    tuned = max(finished, key=finished.get) if finished else rates[name]
+    results[name] = (tuned, swept, train(job, name, tuned, steps, 10, extra,
+                                         os.path.join(base, name)))
+  return results
 
 
-def table(job: str, runs: dict, rates) -> str:
-  finished = [r for r in runs.values() if not r.returncode]
-  key, mode = metric_of([rec for r in finished for rec in r.records])
-  lines = [f'{job}: {key} after the budget ({mode} is better)',
-           f'{"optimiser":<10} {"lr":>8} {"final":>9} {"best":>9} {"@step":>6} {"wall s":>7}']
-  for name, run in runs.items():
+def table(job: str, results: dict) -> str:
+  finished = [run for _, _, run in results.values() if not run.returncode]
+  key, mode = metric_of([rec for run in finished for rec in run.records])
+  lines = [f'{job}: {key} after the budget ({mode} is better; "swept": final {key} of the '
+           'short runs, by rate)',
+           f'{"optimiser":<10} {"lr":>8} {"final":>9} {"best":>9} {"@step":>6} {"wall s":>7}'
+           '  swept']
+  for name, (rate, swept, run) in results.items():
     got = None if run.returncode else bench.final_and_best(run.records, key, mode)
     figures = (f'{got[0]:9.4f} {got[1]:9.4f} {got[2]:6d}' if got else f'{"failed":>9}' +
                ' ' * 17)
-    lines.append(f'{name:<10} {rates[name]:8.1e} {figures} {run.wall_s:7.1f}')
+    sign = 1 if mode == 'max' else -1
+    tried = ', '.join(f'{r:g}: ' + ('failed' if m is None else f'{sign * m:.4f}')
+                      for r, m in swept.items())
+    lines.append(f'{name:<10} {rate:8.1e} {figures} {run.wall_s:7.1f}  {tried}')
   return '\n'.join(lines)
 
 
@@ -85,7 +120,8 @@ def plot(results: dict, path: str):
   matplotlib.use('Agg')
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
   figure, axes = pyplot.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-  for ax, (job, runs) in zip(axes[0], results.items()):
+  for ax, (job, tuned) in zip(axes[0], results.items()):
+    runs = {name: run for name, (_, _, run) in tuned.items()}
     key, _ = metric_of([rec for r in runs.values() for rec in r.records])
     for name, run in runs.items():
       points = [(r['step'], r[key]) for r in run.records if key in r]
@@ -113,10 +149,12 @@ def main(argv):
   names = [n for n in _OPTIMIZERS.value if n in optimizer.OPTIMIZERS]  # muon needs a new optax
   rates = parse_rates(_LR.value)
   print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}', flush=True)
-  results = {job: run_job(job, names, rates, _STEPS.value, bench.extra_flags(_EXTRA.value),
-                          _WORKDIR_ROOT.value) for job in _JOBS.value}
-  for job, runs in results.items():
-    print('\n' + table(job, runs, rates))
+  factors = [float(f) for f in _SWEEP.value]
+  results = {job: run_job(job, names, rates, factors, _SWEEP_STEPS.value, _STEPS.value,
+                          bench.extra_flags(_EXTRA.value), _WORKDIR_ROOT.value)
+             for job in _JOBS.value}
+  for job, tuned in results.items():
+    print('\n' + table(job, tuned))
   path = os.path.join(_WORKDIR_ROOT.value, 'optimizers.png')
   plot(results, path)
   print(f'\nplot: {path}')
@@ -127,7 +165,10 @@ if __name__ == '__main__':
                             'configs/<name>.py[:presets] to train with every optimiser.')
   _OPTIMIZERS = flags.DEFINE_list('optimizers', list(LEARNING_RATES), 'Optimisers to compare.')
   _STEPS = flags.DEFINE_integer('steps', 1000, 'Steps per run (the budget).')
-  _LR = flags.DEFINE_list('lr', [], 'Learning-rate overrides, e.g. lion=1e-4,sgd=0.05.')
+  _LR = flags.DEFINE_list('lr', [], 'Reference-rate overrides, e.g. lion=1e-4,sgd=0.05.')
+  _SWEEP = flags.DEFINE_list('sweep', ['0.3', '1', '3'],
+                             'Multiples of the reference rate to try; empty: no tuning.')
+  _SWEEP_STEPS = flags.DEFINE_integer('sweep_steps', 250, 'Steps of each tuning run.')
   _WORKDIR_ROOT = flags.DEFINE_string('workdir_root', '/tmp/podium_optimizers',
                                       'Runs go to WORKDIR_ROOT/<job>/<optimiser>, deleted first.')
   _EXTRA = flags.DEFINE_multi_string('extra', [], 'More train.py flags for every run, split '
