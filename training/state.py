@@ -100,13 +100,20 @@ def make_setup(config, mesh, platform: str = '') -> Setup:
   for key, template in (('params', param_template), ('model_state', model_state_template)):
     if key in abstract:
       shardings[key] = _to_dict(sharding.param_shardings(template, mesh, config.mesh.rules))
-  # A parameter's state is sharded like it. Where a partitioned optimizer (Muon) keeps no state
-  # for a parameter, its state tree has an empty MaskedNode, kept as it is.
+  # A parameter's state is sharded like it when shaped like it. Other state derived from a
+  # parameter is small and replicated: Adafactor's factored moments (a row and a column vector).
+  # Where a partitioned optimizer (Muon) keeps no state for a parameter, its state tree has an
+  # empty MaskedNode, kept as it is.
   masked = optax.transforms.MaskedNode
+
+  def state_sharding(state, param_sharding, param):
+    if isinstance(state, masked):
+      return state
+    return param_sharding if state.shape == param.shape else replicated
   shardings['opt_state'] = optax.tree_map_params(
-      tx, lambda state, s: state if isinstance(state, masked) else s, abstract['opt_state'],
-      shardings['params'], transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked)))
+      tx, state_sharding, abstract['opt_state'], shardings['params'], abstract['params'],
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked, jax.ShapeDtypeStruct)))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return Setup(graphdef, param_template, model_state_template, task, tx, abstract, shardings)
