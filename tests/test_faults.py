@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.test_report import tensorboard_scalars
 from tests.test_train_e2e import REPO, TINY, run_train
 from tests.test_train_e2e import saved_state as _state
 from training import metrics
@@ -124,6 +125,9 @@ def test_unreadable_newest_checkpoint_is_set_aside_and_the_previous_used(
   assert len(aside) == 1 and aside[0].startswith('8-')
   assert _losses(workdir) == _losses(two_checkpoints)
   _assert_same_state(_state(workdir, 8), _state(two_checkpoints, 8))
+  # TensorBoard too shows one history: steps 5-8 of the first run are purged, not duplicated.
+  assert tensorboard_scalars(workdir, 'train/loss') == [
+      (step, pytest.approx(loss)) for step, loss in _losses(workdir)]
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(two_checkpoints, tmp_path):

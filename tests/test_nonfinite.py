@@ -3,8 +3,10 @@
 import ml_collections
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.test_faults import _assert_same_state, _state
+from tests.test_report import tensorboard_scalars
 from tests.test_train_e2e import run_train
 from training import metrics
 from training import step as step_lib
@@ -52,6 +54,8 @@ def test_rollback_restores_the_last_checkpoint_and_skips_the_bad_batches(tmp_pat
   assert (result.stdout + result.stderr).count('step 5: nonfinite_loss') == 2
   records, reference = _records(workdir), _records(unbroken)
   assert sorted(records) == list(range(1, 9))  # one history, no duplicated steps
+  assert tensorboard_scalars(workdir, 'train/loss') == [  # in TensorBoard too
+      (s, pytest.approx(records[s]['train/loss'], nan_ok=True)) for s in sorted(records)]
   assert all(records[s]['train/loss'] == reference[s]['train/loss'] for s in range(1, 5))
   # Steps 6.. resume from step 4's state but on the batches after the offending ones.
   assert records[6]['train/loss'] != reference[6]['train/loss']

@@ -1,5 +1,6 @@
 """train.py end to end, as a user runs it: a stopped and resumed run equals an unbroken one."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.test_report import tensorboard_scalars
 from training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +67,12 @@ def test_run_writes_outputs(unbroken):
   assert [r['step'] for r in records if 'eval/loss' in r] == [4, 8]
   assert not any(k.startswith('health/') for r in records for k in r)  # health.every=0: off
   assert '--- sample ---' in result.stdout
+  assert tensorboard_scalars(workdir, 'train/loss') == [
+      (r['step'], pytest.approx(r['train/loss'])) for r in records]
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['complete'] and summary['last']['train/loss'] == records[-1]['train/loss']
+  assert summary['best']['eval/loss']['step'] in (4, 8)
+  assert (workdir / 'report.png').stat().st_size > 0
 
 
 def test_stopped_and_resumed_run_matches_unbroken_run_bit_for_bit(unbroken, tmp_path):

@@ -16,9 +16,19 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if not self.enabled:
       return
+    self._tensorboard_dir = os.path.join(workdir, 'tensorboard')
+    self._writers_opened = 0
     _truncate_after(self.path, resumed_step)
     self._jsonl = open(self.path, 'a', encoding='utf-8')
-    self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tensorboard = self._open_tensorboard(resumed_step)
+
+  def _open_tensorboard(self, step: int) -> SummaryWriter:
+    """A new event file that makes TensorBoard hide the points past `step` in the earlier ones
+    (`purge_step`), as they are about to be written again. Event files are named by the second
+    they were opened in: the suffix keeps two from one second apart."""
+    self._writers_opened += 1
+    return SummaryWriter(self._tensorboard_dir, purge_step=step + 1,
+                         filename_suffix=f'.{os.getpid()}.{self._writers_opened:04d}')
 
   def rewind(self, step: int):
     """Forgets records after `step`, as when training rolls back to it."""
@@ -26,6 +36,8 @@ class MetricsWriter:
       self._jsonl.close()
       _truncate_after(self.path, step)
       self._jsonl = open(self.path, 'a', encoding='utf-8')
+      self._tensorboard.close()
+      self._tensorboard = self._open_tensorboard(step)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:

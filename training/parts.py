@@ -12,12 +12,13 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from hardware import chips
 from models import MODELS
 from tasks.base import Part
-from training import checkpointing, config_check, optimizer, metrics as metrics_lib
+from training import checkpointing, config_check, optimizer, report, metrics as metrics_lib
 
 
 class TrainingHalted(RuntimeError):
@@ -246,6 +247,7 @@ class MetricsLogger(Part):
     self.throughput = Throughput(run, start)
     self.writer = metrics_lib.MetricsWriter(run.workdir, resumed_step=start)
     self.progress = metrics_lib.Progress(start, run.config.train.steps, self.throughput.unit)
+    self.workdir, self.total_steps = run.workdir, run.config.train.steps
 
   def after_fetch(self, run, step, metrics):
     metrics = {k: v for k, v in metrics.items() if np.ndim(v) == 0}  # scalars only
@@ -268,6 +270,12 @@ class MetricsLogger(Part):
   def close(self):
     self.progress.close()
     self.writer.close()
+    if self.writer.enabled:
+      try:
+        report.write(self.workdir, metrics_lib.read_metrics(self.workdir), self.total_steps)
+      except Exception as e:  # pylint: disable=broad-except; the run itself is saved and fine
+        logging.warning('The run report (summary.json, report.png) was not written: %s: %s',
+                        type(e).__name__, e)
 
 
 _MIN_RECORDS_FOR_BAD_FRACTION = 100  # too few records make the fraction noise
