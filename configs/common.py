@@ -102,6 +102,10 @@ def train_config():
   t.loss_scale = 'auto'
   t.loss_scale_init = 2.0**15
   t.loss_scale_period = 2000  # finite steps in a row before the scale doubles
+  # (first step, count): a JAX profiler trace of those steps in WORKDIR/tensorboard, for
+  # TensorBoard's Profile tab; (0, 0): off. Process 0 only, unless profile_all_hosts.
+  t.profile_steps = (0, 0)
+  t.profile_all_hosts = False
   t.hang_factor = 10.0  # a step this many times the median step time is a hang (0: no watchdog)
   t.hang_min_seconds = 300.0  # ... but never less than this
   t.debug_nan_at_step = 0  # fault injection: make this step's loss and gradients NaN

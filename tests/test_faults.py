@@ -11,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_report import tensorboard_scalars
-from tests.test_train_e2e import REPO, TINY, run_train
+from tests.test_train_e2e import REPO, TINY, run_train, tensorboard_scalars
 from tests.test_train_e2e import saved_state as _state
 from training import metrics
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from tests.test_faults import _assert_same_state, _state
-from tests.test_report import tensorboard_scalars
-from tests.test_train_e2e import run_train
+from tests.test_train_e2e import run_train, tensorboard_scalars
 from training import metrics
 from training import step as step_lib
 

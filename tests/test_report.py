@@ -1,40 +1,15 @@
-"""The run report (summary.json, report.png) and TensorBoard's view of a resumed or rolled-back
-run. End-to-end checks live with the runs that produce them: test_train_e2e (report),
-test_faults (resume), test_nonfinite (rollback); this file holds the event-file reader."""
+"""What a run leaves for people to read: the run report (summary.json, report.png), TensorBoard's
+view of a resumed or rolled-back run, profiler traces and device memory. The report and event
+checks of full runs live with the runs that produce them: test_train_e2e (report, and the
+event-file reader), test_faults (resume), test_nonfinite (rollback)."""
 
 import glob
+import gzip
+import json
 import os
-import struct
 
-from tensorboardX.proto import event_pb2
-
-from training import report
-
-
-def tensorboard_scalars(workdir, tag: str) -> list[tuple[int, float]]:
-  """(step, value) of `tag` as TensorBoard shows them, in the order written: event files read
-  in name order, and a session START at step s purging every point at step >= s before it
-  (what TensorBoard does with a writer's `purge_step`)."""
-  points = []
-  for path in sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))):
-    for event in _events(path):
-      if event.session_log.status == event_pb2.SessionLog.START:
-        points = [(s, v) for s, v in points if s < event.step]
-      points += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
-  return points
-
-
-def _events(path):
-  """The Event protos of one TFRecord file (length, its CRC, the record, its CRC)."""
-  with open(path, 'rb') as f:
-    data = f.read()
-  offset = 0
-  while offset < len(data):
-    (length,) = struct.unpack('<Q', data[offset:offset + 8])
-    offset += 12
-    yield event_pb2.Event.FromString(data[offset:offset + length])
-    offset += length + 4
-
+from tests.test_train_e2e import run_train
+from training import parts, report
 
 RECORDS = [
     {'step': 1, 'train/loss': 3.0, 'learning_rate': 0.1, 'images_per_second': 10.0,
@@ -65,3 +40,38 @@ def test_report_png_is_an_image(tmp_path):
   assert (tmp_path / 'summary.json').exists()
   report.write(str(tmp_path / 'empty'), [], total_steps=4)  # nothing logged: nothing written
   assert not (tmp_path / 'empty').exists()
+
+
+def test_profile_steps_trace_the_train_step_into_the_tensorboard_dir(tmp_path):
+  result = run_train(tmp_path, '--config.train.profile_steps=(3, 2)', '--config.task.num_samples=0')
+  assert result.returncode == 0, result.stderr
+  assert f'profiling steps 3-4 into {tmp_path / "tensorboard"}' in result.stdout
+  [trace] = glob.glob(str(tmp_path / 'tensorboard/plugins/profile/*/*.trace.json.gz'))
+  assert glob.glob(os.path.join(os.path.dirname(trace), '*.xplane.pb'))  # what TensorBoard reads
+  with gzip.open(trace) as f:
+    names = {event.get('name') for event in json.load(f)['traceEvents']}
+  assert 'PjitFunction(train_step)' in names
+
+
+def test_bad_profile_steps_exit_2_with_one_line(tmp_path):
+  result = run_train(tmp_path, '--config.train.profile_steps=(0, 3)')
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith('train.py: error:')]
+  assert len(errors) == 1 and 'train.profile_steps: must be (first step, count)' in errors[0]
+
+
+class _Device:
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    return self.stats
+
+
+def test_device_memory_reports_the_fullest_device_where_the_backend_tells():
+  devices = [_Device({'bytes_in_use': 5, 'peak_bytes_in_use': 9, 'bytes_limit': 16}),
+             _Device({'bytes_in_use': 7, 'peak_bytes_in_use': 8, 'bytes_limit': 16})]
+  assert parts.device_memory(devices) == {'memory/bytes_in_use': 7.0,
+                                          'memory/peak_bytes_in_use': 9.0,
+                                          'memory/bytes_limit': 16.0}
+  assert parts.device_memory([_Device(None)]) == {}  # CPUs report nothing

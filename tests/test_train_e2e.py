@@ -1,7 +1,9 @@
 """train.py end to end, as a user runs it: a stopped and resumed run equals an unbroken one."""
 
 import json
+import glob
 import os
+import struct
 import subprocess
 import sys
 
@@ -9,8 +11,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX.proto import event_pb2
 
-from tests.test_report import tensorboard_scalars
 from training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,31 @@ def saved_state(workdir, step):
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one_device),
                         checkpointer.metadata(path).item_metadata.tree)
   return checkpointer.restore(path, target)
+
+
+def tensorboard_scalars(workdir, tag: str) -> list[tuple[int, float]]:
+  """(step, value) of `tag` as TensorBoard shows them, in the order written: event files read
+  in name order, and a session START at step s purging every point at step >= s before it
+  (what TensorBoard does with a writer's `purge_step`)."""
+  points = []
+  for path in sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))):
+    for event in _events(path):
+      if event.session_log.status == event_pb2.SessionLog.START:
+        points = [(s, v) for s, v in points if s < event.step]
+      points += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+  return points
+
+
+def _events(path):
+  """The Event protos of one TFRecord file (length, its CRC, the record, its CRC)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  offset = 0
+  while offset < len(data):
+    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    offset += 12
+    yield event_pb2.Event.FromString(data[offset:offset + length])
+    offset += length + 4
 
 
 def _losses(workdir):

@@ -71,6 +71,10 @@ def check_train(config):
            f'must be positive, got {t.loss_scale_period}')
   for key in ('eval_every', 'stop_after', 'debug_nan_at_step', 'debug_hang_at_step'):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
+  profile = tuple(t.profile_steps)
+  _require(len(profile) == 2 and all(isinstance(n, int) for n in profile) and
+           (profile == (0, 0) or min(profile) >= 1), 'train.profile_steps',
+           f'must be (first step, count), both >= 1, or (0, 0) for off; got {t.profile_steps}')
   e = config.early_stop
   _one_of(config, 'early_stop.mode', ('min', 'max'))
   _require(e.patience > 0, 'early_stop.patience', f'must be positive, got {e.patience}')

@@ -133,7 +133,7 @@ class Run:
       self.checkpointer = parts_lib.Checkpointer(self, watcher)
       self.logger = parts_lib.MetricsLogger(self, start)
       self.parts += [self.checkpointer, parts_lib.NonFinitePolicy(self), self.data_health,
-                     self.logger, *self.task.parts(self)]
+                     self.logger, parts_lib.Profiler(self, start), *self.task.parts(self)]
       state = self._steps(state, start, dog)
     if self.stop_reason:
       announce(self.stop_reason)

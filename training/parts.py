@@ -1,12 +1,13 @@
 """The parts of the training loop that are not the step (see `tasks.base.Part`).
 
 Each is small and independent: evaluation, early stopping, checkpoints (with preemption and
-save errors), the non-finite policy, metrics and throughput, data health. `default_parts` lists
+save errors), the non-finite policy, metrics and throughput, data health, profiling. `default_parts` lists
 them in the order the loop calls them; a researcher adds one (EMA weights, a custom evaluation)
 by writing a Part and a config key.
 """
 
 import contextlib
+import os
 import time
 
 import jax
@@ -238,6 +239,50 @@ class Throughput:
             'perf/mfu': flops_per_device / self._peak}
 
 
+class Profiler(Part):
+  """A JAX profiler trace of steps `train.profile_steps` = (first, count), into the TensorBoard
+  log dir (plugins/profile/), on process 0 or, with `train.profile_all_hosts`, every host."""
+
+  def __init__(self, run, start):
+    first, count = run.config.train.profile_steps
+    self.first, self.last = first, first + count - 1
+    self.directory = os.path.join(run.workdir, 'tensorboard')
+    self.tracing = False
+    self.enabled = count > 0 and (run.config.train.profile_all_hosts or
+                                  jax.process_index() == 0)
+    if self.enabled and start < self.first <= start + 1:  # the first step is the next one
+      self._start(run)
+
+  def _start(self, run):
+    jax.profiler.start_trace(self.directory)
+    self.tracing = True
+    run.announce(f'profiling steps {self.first}-{self.last} into {self.directory}')
+
+  def after_step(self, run, step, state, metrics):
+    if not self.enabled:
+      return
+    if step == self.first - 1:
+      self._start(run)
+    elif self.tracing and (step == self.last or step == run.end):
+      jax.block_until_ready(state)  # the trace ends after the step's device work does
+      self.close()
+
+  def close(self):
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
+def device_memory(devices) -> dict[str, float]:
+  """Device memory figures, each the largest over the local devices, where the backend reports
+  them (CPUs do not)."""
+  stats = [s for s in (d.memory_stats() for d in devices) if s]
+  if not stats:
+    return {}
+  return {f'memory/{key}': float(max(s.get(key, 0) for s in stats))
+          for key in ('bytes_in_use', 'peak_bytes_in_use', 'bytes_limit')}
+
+
 class MetricsLogger(Part):
   """Logged steps (every `train.log_every`, eval and health-check steps, the last) to
   metrics.jsonl, TensorBoard and the progress bar."""
@@ -256,7 +301,7 @@ class MetricsLogger(Part):
     if not (step % self.every == 0 or step == run.end or evaluated or checked):
       return
     values = {**metrics, **self.throughput.update(step, run.eval_seconds),
-              **run.data_health.figures()}
+              **run.data_health.figures(), **device_memory(jax.local_devices())}
     run.eval_seconds = 0.0
     self.writer.write(step, values)
     self.progress.update(step, values)
