@@ -148,12 +148,15 @@ def norm(cfg, rngs):
                      scale_metadata=_axes('norm'), rngs=rngs)
 
 
-def rotary(x_BxLxNxK, theta):
-  """Rotary position embedding over the last axis (halves rotated, as in GPT-NeoX/Llama)."""
+def rotary(x_BxLxNxK, theta, positions_BxL=None):
+  """Rotary position embedding over the last axis (halves rotated, as in GPT-NeoX/Llama), for
+  tokens at `positions_BxL` (default: 0 .. L-1)."""
   length, head_dim = x_BxLxNxK.shape[1], x_BxLxNxK.shape[-1]
   freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angle_LxK2 = jnp.arange(length, dtype=jnp.float32)[:, None] * freq[None, :]
-  sin, cos = jnp.sin(angle_LxK2)[:, None, :], jnp.cos(angle_LxK2)[:, None, :]
+  if positions_BxL is None:
+    positions_BxL = jnp.arange(length)[None, :]
+  angle_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * freq
+  sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxNxK.dtype)
@@ -172,8 +175,8 @@ class Attention(nnx.Module):
     self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
                      init_scale=_output_scale(cfg))
 
-  def __call__(self, x_BxLxD, kv_mask_BxL=None):
-    """`kv_mask_BxL`: keys to attend to (bool, e.g. not padding); None: all of them."""
+  def _project(self, x_BxLxD, positions_BxL=None):
+    """Queries [B, L, H, K], keys and values [B, L, G, K] of tokens at `positions_BxL`."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     k = cfg.embed_dim // cfg.num_heads
@@ -182,7 +185,16 @@ class Attention(nnx.Module):
     k_BxLxGxK = k_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     v_BxLxGxK = v_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     if cfg.position == 'rope':
-      q_BxLxHxK, k_BxLxGxK = rotary(q_BxLxHxK, cfg.rope_theta), rotary(k_BxLxGxK, cfg.rope_theta)
+      q_BxLxHxK = rotary(q_BxLxHxK, cfg.rope_theta, positions_BxL)
+      k_BxLxGxK = rotary(k_BxLxGxK, cfg.rope_theta, positions_BxL)
+    return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
+
+  def __call__(self, x_BxLxD, kv_mask_BxL=None):
+    """`kv_mask_BxL`: keys to attend to (bool, e.g. not padding); None: all of them."""
+    cfg = self.cfg
+    b, l, _ = x_BxLxD.shape
+    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._project(x_BxLxD)
+    k = q_BxLxHxK.shape[-1]
     q_BxLxHxK = constrain(checkpoint_name(q_BxLxHxK, 'query_proj'), 'batch', 'length', 'heads',
                           'kv')
     k_BxLxGxK = checkpoint_name(k_BxLxGxK, 'key_proj')
@@ -192,6 +204,22 @@ class Attention(nnx.Module):
     out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attention_context')
     out_BxLxD = self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
     return checkpoint_name(out_BxLxD, 'attention_out')
+
+  def decode(self, x_BxTxD, positions_BxT, cache):
+    """T new tokens per row at `positions_BxT`, attending causally to themselves and to the
+    earlier keys in `cache` ({'key', 'value'}: [B, C, G, K]); their keys and values go into the
+    cache at those positions. Returns (output [B, T, D], the new cache). Positions past a row's
+    tokens hold stale entries; no query sees them, as a query sees positions up to its own."""
+    b, t, _ = x_BxTxD.shape
+    q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self._project(x_BxTxD, positions_BxT)
+    rows_Bx1 = jnp.arange(b)[:, None]
+    cache = {'key': cache['key'].at[rows_Bx1, positions_BxT].set(k_BxTxGxK),
+             'value': cache['value'].at[rows_Bx1, positions_BxT].set(v_BxTxGxK)}
+    length = cache['key'].shape[1]
+    visible_BxTxC = jnp.arange(length)[None, None, :] <= positions_BxT[:, :, None]
+    out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, cache['key'], cache['value'],
+                                               mask=visible_BxTxC[:, None], implementation='xla')
+    return self.out(out_BxTxHxK.reshape(b, t, -1)), cache
 
 
 class Mlp(nnx.Module):
@@ -239,6 +267,12 @@ class Block(nnx.Module):
     x_BxLxD = x_BxLxD + branch(self.attention(self.attn_norm(x_BxLxD), kv_mask_BxL), 0)
     x_BxLxD = x_BxLxD + branch(self.mlp(self.mlp_norm(x_BxLxD)), 1)
     return constrain(x_BxLxD, 'batch', 'length', 'embed')
+
+  def decode(self, x_BxTxD, positions_BxT, cache):
+    """The block for T new tokens against a key/value cache (Attention.decode)."""
+    y_BxTxD, cache = self.attention.decode(self.attn_norm(x_BxTxD), positions_BxT, cache)
+    x_BxTxD = x_BxTxD + y_BxTxD
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
 
 
 class Embed(nnx.Embed):
@@ -318,3 +352,26 @@ class Blocks(nnx.Module):
     for i, block in enumerate(self.layers):
       x_BxLxD = apply(block, x_BxLxD, layer(keys_N, i), layer(depth_N, i))
     return x_BxLxD
+
+  def init_cache(self, batch: int, length: int) -> list:
+    """An empty key/value cache of `length` positions for `batch` rows: one {'key', 'value'}
+    per layer, or one with a leading layer axis when the blocks are scanned."""
+    cfg = self.cfg
+    shape = (batch, length, cfg.num_kv_heads, cfg.embed_dim // cfg.num_heads)
+    if cfg.scan_layers:
+      shape = (cfg.num_layers, *shape)
+    empty = lambda: {'key': jnp.zeros(shape, cfg.dtype), 'value': jnp.zeros(shape, cfg.dtype)}
+    return empty() if cfg.scan_layers else [empty() for _ in range(cfg.num_layers)]
+
+  def decode(self, x_BxTxD, positions_BxT, cache):
+    """The blocks for T new tokens against `cache` (`init_cache`): (output, the new cache)."""
+    if self.cfg.scan_layers:
+      step = lambda block, x, layer_cache: block.decode(x, positions_BxT, layer_cache)
+      scan = nnx.scan(step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata=_LAYERS)
+      return scan(self.layers, x_BxTxD, cache)
+    new_cache = []
+    for block, layer_cache in zip(self.layers, cache):
+      x_BxTxD, layer_cache = block.decode(x_BxTxD, positions_BxT, layer_cache)
+      new_cache.append(layer_cache)
+    return x_BxTxD, new_cache

@@ -87,6 +87,20 @@ class Model(nnx.Module):
     x_BxLxD = constrain(x_BxLxD, 'batch', 'length', 'embed')
     return self.final_norm(self.blocks(x_BxLxD, None if rngs is None else rngs.dropout()))
 
+  def init_cache(self, batch: int, length: int):
+    """An empty key/value cache for `decode`: `batch` rows of up to `length` positions."""
+    return self.blocks.init_cache(batch, length)
+
+  def decode(self, tokens_BxT, positions_BxT, cache):
+    """Logits [B, T, V] of T new tokens per row at `positions_BxT`, each attending to the
+    tokens before it through `cache` (filled by earlier calls), and the cache with these added.
+    Prefill a prompt with T = its length, then sample one token per call."""
+    x_BxTxD = self.embed(tokens_BxT)
+    if self.cfg.position == 'learned':
+      x_BxTxD = x_BxTxD + self.positions[positions_BxT].astype(x_BxTxD.dtype)
+    x_BxTxD, cache = self.blocks.decode(x_BxTxD, positions_BxT, cache)
+    return self.logits(self.final_norm(x_BxTxD)), cache
+
   def logits(self, x_BxLxD):
     """Hidden states [B, L, D] (any L) -> logits [B, L, V], accumulated in float32."""
     if not self.cfg.tie_embeddings:

@@ -26,7 +26,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_batches = 16  # global batches in the eval sample
   t.num_samples = 3  # text samples printed at the end of training
   t.sample_length = 160
-  t.sample_temperature = 0.8
+  t.sample_temperature = 0.8  # 0: greedy (the most likely byte each time)
+  t.sample_top_k = 0  # > 0: draw from the k most likely bytes only
+  t.sample_top_p = 1.0  # < 1: draw from the smallest set of bytes this likely (nucleus)
   t.sample_prompts = ('def ', 'import ', 'class ')
   return t
 
@@ -107,7 +109,10 @@ class Task(base.Task):
     t = self.config.task
     for key in ('eval_batches', 'num_samples', 'sample_length'):
       _require(t[key] >= 0, f'task.{key}', f'must be >= 0, got {t[key]}')
-    _require(t.sample_temperature > 0, 'task.sample_temperature', 'must be positive')
+    _require(t.sample_temperature >= 0, 'task.sample_temperature', 'must be >= 0 (0: greedy)')
+    _require(0 <= t.sample_top_k <= self.config.model.vocab_size, 'task.sample_top_k',
+             'must be in [0, model.vocab_size] (0: off)')
+    _require(0 < t.sample_top_p <= 1, 'task.sample_top_p', 'must be in (0, 1] (1: off)')
     _require(not t.num_samples or bool(t.sample_prompts), 'task.sample_prompts',
              'is empty but task.num_samples > 0')
 

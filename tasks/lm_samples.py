@@ -1,5 +1,7 @@
 """Text samples from a byte-level model: the end-of-run check that it learnt something."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,37 +22,86 @@ class Samples(base.Part):
     make_model = lambda params: run.setup.model(params, state.get('model_state'))
     texts = generate(make_model, state['params'], prompts, max_len=self.config.model.max_len,
                      new_tokens=t.sample_length, temperature=t.sample_temperature,
-                     seed=self.config.seed)
+                     top_k=t.sample_top_k, top_p=t.sample_top_p, seed=self.config.seed)
     for text in texts:
       run.announce(f'--- sample ---\n{text}')
 
 
+def choose(logits_NxV, key, *, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """The next token of each row: the most likely at temperature 0, else a draw from the
+  softmax at `temperature` over the `top_k` most likely tokens (0: all) and, of those, the
+  smallest set whose probability reaches `top_p` (nucleus sampling; 1: all)."""
+  if temperature == 0:
+    return jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+  logits_NxV = logits_NxV / temperature
+  if top_k:
+    kth_Nx1 = jax.lax.top_k(logits_NxV, top_k)[0][:, -1:]
+    logits_NxV = jnp.where(logits_NxV < kth_Nx1, -jnp.inf, logits_NxV)
+  if top_p < 1:
+    sorted_NxV = jnp.sort(logits_NxV, axis=-1)[:, ::-1]
+    probs_NxV = jax.nn.softmax(sorted_NxV, axis=-1)
+    before_NxV = jnp.cumsum(probs_NxV, axis=-1) - probs_NxV  # mass of the likelier tokens
+    floor_Nx1 = jnp.min(jnp.where(before_NxV < top_p, sorted_NxV, jnp.inf), -1, keepdims=True)
+    logits_NxV = jnp.where(logits_NxV < floor_Nx1, -jnp.inf, logits_NxV)
+  return jax.random.categorical(key, logits_NxV).astype(jnp.int32)
+
+
 def generate(make_model, params, prompts: list[str], *, max_len: int, new_tokens: int,
-             temperature: float, seed: int) -> list[str]:
-  """Continues each prompt by `new_tokens` sampled bytes (fewer if `max_len` is reached)."""
+             temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             kv_cache: bool = True) -> list[str]:
+  """Continues each prompt by `new_tokens` bytes (fewer if `max_len` is reached), chosen by
+  `choose`. With `kv_cache` the prompts are read once into a key/value cache and each step runs
+  the model on one new token per row (`Model.decode`); without, each step reruns the whole
+  sequence (the reference the cached path is tested and timed against)."""
   encoded = [p.encode('utf-8') for p in prompts]
   new_tokens = min(new_tokens, max_len - max(len(p) for p in encoded))
-  buffer = np.zeros((len(prompts), max_len), np.int32)
+  prompt_NxP = np.zeros((len(prompts), max(len(p) for p in encoded)), np.int32)
   for row, prompt in enumerate(encoded):
-    buffer[row, :len(prompt)] = np.frombuffer(prompt, np.uint8)
-  positions = np.array([len(p) for p in encoded], np.int32)
-
-  @jax.jit
-  def sample_all(params, tokens_NxL, positions_N, key):
-    rows = jnp.arange(tokens_NxL.shape[0])
-
-    def sample_one(i, carry):
-      tokens_NxL, positions_N = carry
-      logits_NxV = make_model(params)(tokens_NxL)[rows, positions_N - 1]
-      next_N = jax.random.categorical(jax.random.fold_in(key, i), logits_NxV / temperature)
-      return tokens_NxL.at[rows, positions_N].set(next_N), positions_N + 1
-
-    return jax.lax.fori_loop(0, new_tokens, sample_one, (tokens_NxL, positions_N))[0]
-
-  out = np.asarray(sample_all(params, buffer, positions, jax.random.key(seed)))
+    prompt_NxP[row, :len(prompt)] = np.frombuffer(prompt, np.uint8)
+  lengths_N = np.array([len(p) for p in encoded], np.int32)
+  sample = functools.partial(_sample_cached if kv_cache else _sample_recomputed, make_model,
+                             functools.partial(choose, temperature=temperature, top_k=top_k,
+                                               top_p=top_p), max_len, new_tokens)
+  out = np.asarray(jax.jit(sample)(params, prompt_NxP, lengths_N, jax.random.key(seed)))
   texts = []
   for row, prompt in zip(out, encoded):
-    continuation = bytes(row[len(prompt):len(prompt) + new_tokens].astype(np.uint8))
+    continuation = bytes(row.astype(np.uint8))
     document = continuation.split(bytes([DOCUMENT_SEPARATOR]))[0]  # stop where a file would end
     texts.append((prompt + document).decode('utf-8', 'replace'))
   return texts
+
+
+def _sample_cached(make_model, pick, max_len, new_tokens, params, prompt_NxP, lengths_N, key):
+  """[N, new_tokens] sampled after each row's prompt, through a key/value cache."""
+  n, p = prompt_NxP.shape
+  # Shorter prompts are padded: their padding's cache entries sit past their own tokens,
+  # where no query looks, and are overwritten by the tokens sampled there.
+  logits_NxPxV, cache = make_model(params).decode(
+      prompt_NxP, jnp.broadcast_to(jnp.arange(p), (n, p)),
+      make_model(params).init_cache(n, max_len))
+
+  def step(carry, i):
+    logits_NxV, cache, positions_N = carry
+    token_N = pick(logits_NxV, jax.random.fold_in(key, i))
+    logits_Nx1xV, cache = make_model(params).decode(token_N[:, None], positions_N[:, None],
+                                                    cache)
+    return (logits_Nx1xV[:, 0], cache, positions_N + 1), token_N
+
+  first = (logits_NxPxV[jnp.arange(n), lengths_N - 1], cache, lengths_N)
+  return jax.lax.scan(step, first, jnp.arange(new_tokens))[1].T
+
+
+def _sample_recomputed(make_model, pick, max_len, new_tokens, params, prompt_NxP, lengths_N,
+                       key):
+  """As `_sample_cached`, running the model over the whole [N, max_len] buffer every step."""
+  n, p = prompt_NxP.shape
+  rows_N = jnp.arange(n)
+  buffer_NxL = jnp.zeros((n, max_len), jnp.int32).at[:, :p].set(prompt_NxP)
+
+  def step(carry, i):
+    buffer_NxL, positions_N = carry
+    logits_NxV = make_model(params)(buffer_NxL)[rows_N, positions_N - 1]
+    token_N = pick(logits_NxV, jax.random.fold_in(key, i))
+    return (buffer_NxL.at[rows_N, positions_N].set(token_N), positions_N + 1), token_N
+
+  return jax.lax.scan(step, (buffer_NxL, lengths_N), jnp.arange(new_tokens))[1].T

@@ -1,0 +1,114 @@
+"""Samples from a trained decoder's newest (or chosen) checkpoint, and exports its decode step.
+
+python -m training.sample --workdir=DIR [--prompt='def ' ...] [--new_tokens=256]
+    [--temperature=0.8] [--top_k=0] [--top_p=1.0] [--seed=0] [--step=N] [--export=FILE]
+
+The model is rebuilt from DIR/config.json and its parameters are read from the checkpoint onto
+one device. Each prompt is continued through a key/value cache (tasks/lm_samples.py) and
+printed. `--export=FILE` also writes the one-token decode step, `(jax.tree.leaves(params),
+tokens [B, 1], positions [B, 1], cache) -> (logits [B, 1, V], cache)` for B = the number of
+prompts, as a serialized `jax.export` artefact that a server can load with
+`jax.export.deserialize` and call without this code.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from etils import epath
+from flax import nnx
+
+from models import MODELS
+from tasks import lm_samples
+from training import warm_start
+
+
+class SampleError(ValueError):
+  """The workdir holds no decoder this can sample from."""
+
+
+def load(workdir: str, step: int = 0):
+  """(config, make_model, params) of the run in `workdir` at `step` (0: the newest)."""
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    raise SampleError(f'{path} does not exist: not a train.py workdir')
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if not hasattr(MODELS[config.model.name].Model, 'decode'):
+    raise SampleError(f'model.name={config.model.name!r} is not a decoder; nothing to sample')
+  source = os.path.join(workdir, 'checkpoints', str(step)) if step else workdir
+  graphdef, template = nnx.split(nnx.eval_shape(
+      lambda: MODELS[config.model.name].Model(config.model, rngs=nnx.Rngs(params=0))), nnx.Param)
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+                          nnx.to_pure_dict(template))
+  try:
+    params = warm_start.load(source, {'params': abstract})[0]['params']
+  except warm_start.InitFromError as e:
+    raise SampleError(str(e).replace('init_from: ', '')) from e
+  missing = [p for p in jax.tree.leaves(params) if isinstance(p, jax.ShapeDtypeStruct)]
+  if missing:
+    raise SampleError(f'the checkpoint in {source} lacks {len(missing)} parameter arrays of '
+                      'this model')
+
+  def make_model(p):
+    nnx.replace_by_pure_dict(template, p)
+    return nnx.merge(graphdef, template)
+
+  return config, make_model, params
+
+
+def export_decode_step(make_model, params, batch: int, max_len: int) -> bytes:
+  """The serialized one-token decode step for `batch` rows and a cache of `max_len`. It takes
+  the parameters as the list `jax.tree.leaves(params)` (serialized trees need string keys;
+  unscanned layers are numbered)."""
+  treedef = jax.tree.structure(params)
+
+  def decode(leaves, tokens_Bx1, positions_Bx1, cache):
+    model = make_model(jax.tree.unflatten(treedef, leaves))
+    return model.decode(tokens_Bx1, positions_Bx1, cache)
+
+  cache = jax.eval_shape(lambda: make_model(params).init_cache(batch, max_len))
+  token = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+  leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(params)]
+  return jax.export.export(jax.jit(decode))(leaves, token, token, cache).serialize()
+
+
+def main(argv):
+  del argv
+  try:
+    config, make_model, params = load(_WORKDIR.value, _STEP.value)
+    for ok, flag, rule in ((_TEMPERATURE.value >= 0, 'temperature', 'must be >= 0'),
+                           (0 <= _TOP_K.value <= config.model.vocab_size, 'top_k',
+                            'must be in [0, vocab size]'),
+                           (0 < _TOP_P.value <= 1, 'top_p', 'must be in (0, 1]')):
+      if not ok:
+        raise SampleError(f'--{flag}: {rule}')
+  except SampleError as e:
+    sys.exit(f'sample: error: {e}')
+  texts = lm_samples.generate(make_model, params, _PROMPTS.value, max_len=config.model.max_len,
+                              new_tokens=_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                              top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  for text in texts:
+    print(f'--- sample ---\n{text}')
+  if _EXPORT.value:
+    serialized = export_decode_step(make_model, params, len(_PROMPTS.value), config.model.max_len)
+    epath.Path(_EXPORT.value).write_bytes(serialized)
+    print(f'decode step exported to {_EXPORT.value} ({len(serialized):,} bytes)')
+
+
+if __name__ == '__main__':
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.', required=True)
+  _PROMPTS = flags.DEFINE_multi_string('prompt', ['def ', 'import ', 'class '], 'Prompts, '
+                                       'sampled together.')
+  _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'Bytes to add (up to model.max_len).')
+  _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0: greedy.')
+  _TOP_K = flags.DEFINE_integer('top_k', 0, 'Draw among the k likeliest bytes (0: all).')
+  _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Draw from the smallest set this likely (1: all).')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  _STEP = flags.DEFINE_integer('step', 0, 'The checkpoint step (0: the newest).')
+  _EXPORT = flags.DEFINE_string('export', '', 'Also write the serialized decode step here.')
+  app.run(main)
