@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.position = 'learned'  # learned | rope
   m.rope_theta = 10000.0
   m.norm = 'layernorm'  # layernorm | rmsnorm
+  m.norm_eps = 1e-5  # added to the variance in every norm (HF: layer_norm_epsilon, rms_norm_eps)
   m.mlp = 'gelu'  # gelu (two layers, `activation` between) | swiglu
   m.activation = 'gelu'  # mlp=gelu: relu | leaky_relu | gelu (tanh-approximated) | silu | ...
   m.use_bias = True
@@ -86,7 +87,8 @@ def validate(m):
   checks.dtypes_and_dropout(m)
   checks.rate(m, 'stochastic_depth')
   checks.init(m, 'init')
-  checks.positive(m, 'num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len')
+  checks.positive(m, 'num_layers', 'num_heads', 'num_kv_heads', 'embed_dim', 'mlp_dim', 'max_len',
+                  'norm_eps')
   checks.require(m.embed_dim % m.num_heads == 0, 'model.embed_dim',
                  f'{m.embed_dim} is not divisible by model.num_heads={m.num_heads}')
   checks.require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads',
@@ -141,11 +143,11 @@ class Dense(nnx.Linear):
 
 def norm(cfg, rngs):
   if cfg.norm == 'layernorm':
-    return nnx.LayerNorm(cfg.embed_dim, epsilon=1e-5, use_bias=cfg.use_bias, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, scale_metadata=_axes('norm'),
+    return nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, use_bias=cfg.use_bias,
+                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, scale_metadata=_axes('norm'),
                          bias_metadata=_axes('norm'), rngs=rngs)
-  return nnx.RMSNorm(cfg.embed_dim, epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     scale_metadata=_axes('norm'), rngs=rngs)
+  return nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, scale_metadata=_axes('norm'), rngs=rngs)
 
 
 def rotary(x_BxLxNxK, theta, positions_BxL=None):
