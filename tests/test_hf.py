@@ -143,15 +143,13 @@ def test_import_cli_writes_a_run_that_init_from_and_export_read(tmp_path):
 
 # --- against transformers ------------------------------------------------------------------
 
-def _transformers():
-  pytest.importorskip('torch')
-  return pytest.importorskip('transformers')
+def _torch_and_transformers():
+  return pytest.importorskip('torch'), pytest.importorskip('transformers')
 
 
 def _hf_model(family, directory):
   """A small random HF model of `family`, saved to `directory`; (model, its logits)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  transformers = _transformers()
+  torch, transformers = _torch_and_transformers()
   torch.manual_seed(0)
   if family == hf.GPT2:
     config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2,
@@ -175,7 +173,7 @@ def _hf_model(family, directory):
 
 
 def _hf_logits(model, tokens):
-  import torch  # pylint: disable=import-outside-toplevel
+  torch, _ = _torch_and_transformers()
   with torch.no_grad():
     return model.eval()(torch.tensor(tokens)).logits.numpy()
 
@@ -198,8 +196,7 @@ def test_imported_weights_give_the_hf_logits(tmp_path, family, scan_layers):
 @pytest.mark.parametrize('scan_layers', [False, True])
 @pytest.mark.parametrize('family', sorted(PRESETS))
 def test_exported_weights_give_podium_logits_in_transformers(tmp_path, family, scan_layers):
-  import torch  # pylint: disable=import-outside-toplevel
-  transformers = _transformers()
+  torch, transformers = _torch_and_transformers()
   # Neither value is transformers' default, so each must be read from the written config.json.
   m = _model_config(family, scan_layers, norm_eps=1e-4, rope_theta=5000.0)
   params = _random_params(m)
