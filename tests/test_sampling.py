@@ -2,6 +2,7 @@
 and the greedy, temperature, top-k and top-p choices."""
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -132,6 +133,10 @@ def test_a_workdir_samples_as_training_did_and_its_decode_step_exports(tmp_path)
   bad = subprocess.run([sys.executable, '-m', 'training.sample',
                         f'--workdir={tmp_path / "nothing"}'], capture_output=True, text=True,
                        cwd=REPO, check=False)
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  del saved['model']['norm_eps']  # a run written before the key existed: its default
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  assert sample.load(str(tmp_path))[0].model.norm_eps == 1e-5
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
       f'sample: error: {tmp_path / "nothing" / "config.json"} does not exist: not a train.py '
       'workdir')

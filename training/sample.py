@@ -39,6 +39,10 @@ def load(workdir: str, step: int = 0):
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if not hasattr(MODELS[config.model.name].Model, 'decode'):
     raise SampleError(f'model.name={config.model.name!r} is not a decoder; nothing to sample')
+  # Keys added to the model since the run was written take their defaults.
+  model = MODELS[config.model.name].default_config()
+  model.update(config.model)
+  config.model = model
   source = os.path.join(workdir, 'checkpoints', str(step)) if step else workdir
   graphdef, template = nnx.split(nnx.eval_shape(
       lambda: MODELS[config.model.name].Model(config.model, rngs=nnx.Rngs(params=0))), nnx.Param)
