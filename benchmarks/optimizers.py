@@ -123,10 +123,10 @@ def plot(results: dict, path: str):
   for ax, (job, tuned) in zip(axes[0], results.items()):
     runs = {name: run for name, (_, _, run) in tuned.items()}
     key, _ = metric_of([rec for r in runs.values() for rec in r.records])
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items()):
       points = [(r['step'], r[key]) for r in run.records if key in r]
-      if points:
-        ax.plot(*zip(*points), marker='.', label=name)
+      if points:  # dashed once the ten default colours come round again
+        ax.plot(*zip(*points), marker='.', linestyle='-' if i < 10 else '--', label=name)
     ax.set(title=job, xlabel='step', ylabel=key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
