@@ -315,6 +315,10 @@ class MetricsLogger(Part):
   def close(self):
     self.progress.close()
     self.writer.close()
+
+  def at_end(self, run, state):
+    """The run report, once training is complete (never while a preempted run has seconds to
+    save and exit)."""
     if self.writer.enabled:
       try:
         report.write(self.workdir, metrics_lib.read_metrics(self.workdir), self.total_steps)
