@@ -129,7 +129,8 @@ class Run:
     self.end = min(config.train.steps, config.train.stop_after or config.train.steps)
     t = config.train
     with preemption.PreemptionWatcher(self.manager) as watcher, \
-        watchdog.Watchdog(t.hang_factor, t.hang_min_seconds) as dog:
+        watchdog.Watchdog(t.hang_factor, t.hang_min_seconds,
+                          self.manager.wait_until_finished) as dog:
       self.checkpointer = parts_lib.Checkpointer(self, watcher)
       self.logger = parts_lib.MetricsLogger(self, start)
       self.parts += [self.checkpointer, parts_lib.NonFinitePolicy(self), self.data_health,

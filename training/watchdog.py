@@ -15,13 +15,15 @@ import time
 EXIT_CODE = 3
 _WARMUP_BEATS = 3  # the first steps include compilation
 _RECENT = 50
+_SAVE_WAIT_SECONDS = 120
 
 
 class Watchdog:
   """Context manager running the watchdog thread while training steps."""
 
-  def __init__(self, factor: float, min_seconds: float):
-    self._factor, self._min_seconds = factor, min_seconds
+  def __init__(self, factor: float, min_seconds: float, finish_saves=None):
+    """`finish_saves`: waits for checkpoint writes in flight, so exiting keeps the newest one."""
+    self._factor, self._min_seconds, self._finish_saves = factor, min_seconds, finish_saves
     self._beats = []
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, name='hang-watchdog', daemon=True)
@@ -53,4 +55,8 @@ class Watchdog:
                          'the median step time); stacks of all threads follow.\n')
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        if self._finish_saves:  # bounded: the save itself may be what hangs
+          saving = threading.Thread(target=self._finish_saves, daemon=True)
+          saving.start()
+          saving.join(_SAVE_WAIT_SECONDS)
         os._exit(EXIT_CODE)  # pylint: disable=protected-access; the main thread is stuck
