@@ -4,7 +4,8 @@ The documents are dealt into `num_streams` streams, each shuffled, packed and ba
 a global batch is the streams' rows side by side, stream 0 first. A process reads only the
 streams it owns, so the global batches depend on the seed and the number of streams, never on
 how many processes share them. The iterator's state is small and saved with each checkpoint, so
-a resumed run sees exactly the batches it would have seen.
+a resumed run sees exactly the batches it would have seen. The state names each stream's
+position, so a run resumed on another number of processes hands each stream to its new owner.
 """
 
 import threading
@@ -75,16 +76,58 @@ def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
   """
   stats = stats or RecordStats()
   threads = max(1, worker_threads // len(streams))
-  parts = [_stream(source, stream, num_streams, seq_len=seq_len,
-                   rows=batch_size // len(streams), seed=seed, shuffle=shuffle, threads=threads,
-                   stats=stats) for stream in streams]
-  ds = parts[0]
-  if len(parts) > 1:
-    ds = grain.experimental.ZipIterDataset(parts).map(
-        lambda rows: {'tokens': np.concatenate([r['tokens'] for r in rows])})
+  ds = StreamsIterDataset({stream: _stream(
+      source, stream, num_streams, seq_len=seq_len, rows=batch_size // len(streams), seed=seed,
+      shuffle=shuffle, threads=threads, stats=stats) for stream in streams}, num_streams)
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds
+
+
+class StreamsIterDataset(grain.IterDataset):
+  """Batches of some streams of `num_streams`, their rows side by side in the order given.
+
+  The state is {'num_streams': N, 'streams': {stream: its position}}; restoring takes the
+  positions of this dataset's streams from it and ignores the others, so the state saved by
+  every process together restores on any number of processes that share the streams.
+  """
+
+  def __init__(self, streams: dict[int, grain.IterDataset], num_streams: int):
+    super().__init__(list(streams.values()))
+    self._stream_ids, self._num_streams = list(streams), num_streams
+
+  def __iter__(self):
+    return _StreamsIterator([p.__iter__() for p in self.parents], self._stream_ids,
+                            self._num_streams)
+
+
+class _StreamsIterator(grain.DatasetIterator):
+
+  def __init__(self, parents, stream_ids, num_streams):
+    super().__init__(parents)
+    self._stream_ids, self._num_streams = stream_ids, num_streams
+
+  def __next__(self):
+    rows = [next(parent) for parent in self._parents]
+    return {'tokens': np.concatenate([r['tokens'] for r in rows])}
+
+  def get_state(self):
+    return {'num_streams': self._num_streams,
+            'streams': {str(s): p.get_state() for s, p in zip(self._stream_ids, self._parents)}}
+
+  def set_state(self, state):
+    for stream, parent in zip(self._stream_ids, self._parents):
+      parent.set_state(_slices_as_tuples(state['streams'][str(stream)]))
+
+
+def _slices_as_tuples(state):
+  """Grain's packing tells "no remainder" by comparing its slices with the tuple (-1, -1), and a
+  state read back from JSON holds lists: the comparison fails and a restored stream would repeat
+  a piece of a document. Lists under `remainder_slices` become tuples again."""
+  if isinstance(state, dict):
+    return {k: ({f: tuple(v) for f, v in value.items()} if k == 'remainder_slices'
+                else _slices_as_tuples(value)) for k, value in state.items()}
+  return state
 
 
 def _stream(source, stream, num_streams, *, seq_len, rows, seed, shuffle, threads, stats):

@@ -46,8 +46,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.global_batch_size = 32
   d.shuffle_seed = 0
   # Documents are dealt into this many streams, each owned by one process (0: one per process).
-  # Fix it (to a multiple of every process count you use) to keep the same batches when the
-  # number of hosts changes.
+  # Fix it (to a multiple of every process count you use) to resume a checkpoint on another
+  # number of hosts with the same batches; a count that cannot is refused at restore.
   d.num_streams = 0
   d.max_bad_fraction = 0.01  # stop if more of the records read are unusable (checked after 100)
   d.worker_threads = 2  # threads that prefetch batches

@@ -1,10 +1,14 @@
 """The input pipeline: deterministic for a seed, resumable from its saved state, sharded."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data import pipeline, sources
+from training import checkpointing
 
 
 def _write_corpus(tmp_path, n=40):
@@ -89,6 +93,64 @@ def test_iterator_state_of_several_streams_resumes_exactly(tmp_path):
   fresh = iter(_batches(source, streams=(0, 1, 2), num_streams=3, batch_size=3))
   fresh.set_state(state)
   np.testing.assert_array_equal(_take(fresh, 4), expected)
+
+
+def _four_streams(source, streams=range(4), num_streams=4):
+  return iter(_batches(source, streams=streams, num_streams=num_streams,
+                       batch_size=2 * len(streams)))
+
+
+def _state_at_a_document_boundary(iterator):
+  """Advances until some stream's last batch ended exactly where a document did (no remainder:
+  Grain marks it with a tuple, which JSON, as in a checkpoint, turns into a list)."""
+  for _ in range(50):
+    next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    if any(s['remainder_slices']['tokens'] == [-1, -1] for s in state['streams'].values()):
+      return state
+  pytest.fail('no stream ended a batch on a document boundary')
+
+
+def test_stream_positions_restore_on_another_split_of_the_streams(tmp_path):
+  source = _write_corpus(tmp_path, n=30)
+  whole = _four_streams(source)
+  state = _state_at_a_document_boundary(whole)
+  expected = _take(whole, 3)
+  halves = [_four_streams(source, range(0, 2)), _four_streams(source, range(2, 4))]
+  for half in halves:
+    half.set_state(state)  # takes its two streams' positions, ignores the others
+  got = [np.concatenate([next(half)['tokens'] for half in halves]) for _ in range(3)]
+  np.testing.assert_array_equal(got, expected)
+
+
+def _save_as_two_processes(state, directory):
+  """The files two processes, owning streams 0-1 and 2-3, write into a checkpoint."""
+  for process, owned in enumerate((('0', '1'), ('2', '3'))):
+    part = {**state, 'streams': {k: state['streams'][k] for k in owned}}
+    (directory / f'process_{process}-of-2.json').write_text(json.dumps(part))
+
+
+def test_checkpoint_of_two_processes_restores_in_one(tmp_path):
+  source = _write_corpus(tmp_path, n=30)
+  whole = _four_streams(source)
+  state = _state_at_a_document_boundary(whole)
+  expected = _take(whole, 3)
+  _save_as_two_processes(state, epath.Path(tmp_path))
+  resumed = _four_streams(source)  # one process here: there is no process_0-of-1.json
+  checkpointing.DataIteratorHandler().restore(
+      epath.Path(tmp_path), args=checkpointing.DataIteratorRestore(resumed))
+  np.testing.assert_array_equal(_take(resumed, 3), expected)
+
+
+def test_checkpoint_read_in_other_streams_is_a_one_line_error(tmp_path):
+  source = _write_corpus(tmp_path, n=30)
+  whole = _four_streams(source)
+  _take(whole, 2)
+  _save_as_two_processes(whole.get_state(), epath.Path(tmp_path))
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match='4 streams and this run would read 2 .* --config.data.num_streams=4$'):
+    checkpointing.DataIteratorHandler().restore(epath.Path(tmp_path), args=(
+        checkpointing.DataIteratorRestore(_four_streams(source, range(2), num_streams=2))))
 
 
 def test_stdlib_corpus_split_is_deterministic_and_disjoint():

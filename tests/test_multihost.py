@@ -111,6 +111,38 @@ def test_two_processes_killed_then_resumed_match_the_unbroken_run(two_process_ru
   _assert_same_state(_state(tmp_path, 12), _state(two_process_run, 12))
 
 
+def test_resumed_on_another_number_of_processes_the_run_goes_on_unchanged(two_process_run,
+                                                                        tmp_path):
+  """The slice recreated smaller, then larger: 2 processes, then 1 (the same 8 devices), then 2.
+  Each data stream's position passes to whichever process owns it now, so the batches go on
+  exactly; only the gloo sums' order differs from the unbroken run (float32 rounding)."""
+  _finish(_start(tmp_path, '--config.train.stop_after=4'))
+  result = run_train(tmp_path, *SHARED, '--config.train.stop_after=8')
+  assert result.returncode == 0, result.stderr
+  _finish(_start(tmp_path))
+  resumed, unbroken = _losses(tmp_path), _losses(two_process_run)
+  assert [s for s, _ in resumed] == list(range(1, 13))
+  np.testing.assert_allclose([l for _, l in resumed], [l for _, l in unbroken], rtol=2e-6)
+  _assert_same_up_to_rounding(_state(tmp_path, 12), _state(two_process_run, 12))
+
+
+def test_resuming_on_processes_that_read_other_streams_is_a_one_line_error(tmp_path):
+  """data.num_streams=0 is one stream per process: one process wrote the checkpoint, two would
+  read two streams, which would change the batches. Refused, and the checkpoint left alone."""
+  result = run_train(tmp_path, *SHARED, '--config.data.num_streams=0',
+                     '--config.train.stop_after=2')
+  assert result.returncode == 0, result.stderr
+  processes = _start(tmp_path, '--config.data.num_streams=0')
+  for p in processes:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f'train.py: error: data.num_streams: the checkpoint in {tmp_path}/checkpoints/2 read the '
+        'data in 1 streams and this run would read 2 (0 means one per process); resume with '
+        '--config.data.num_streams=1, on a number of processes that divides 1')
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']
+
+
 def test_sigterm_to_every_process_saves_one_agreed_step(two_process_run, tmp_path):
   processes = _start(tmp_path, '--config.train.checkpoint_every=1000')
   _wait_for_step(tmp_path, 3, processes[0])

@@ -5,9 +5,12 @@ Saves are asynchronous: `save` copies arrays off the devices and returns while a
 thread writes them, so the next steps (which donate the state's buffers) can start at once.
 """
 
+import dataclasses
+import json
 import sys
 import time
 import traceback
+from typing import Any
 
 import grain
 import jax
@@ -25,7 +28,7 @@ def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointMana
       cleanup_tmp_directories=True,  # a write that died (crash, disk full) frees its space
       create=True)
   handlers = {'state': ocp.StandardCheckpointHandler(),
-              'data': grain.checkpoint.CheckpointHandler(),
+              'data': DataIteratorHandler(),
               'loop': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
                                item_handlers=handlers)
@@ -63,7 +66,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every:
   if step % every and not final:
     return False
   items = {'state': ocp.args.StandardSave(state),
-           'data': grain.checkpoint.CheckpointSave(data_iterator)}
+           'data': DataIteratorSave(data_iterator)}
   if loop_state:
     items['loop'] = ocp.args.JsonSave(loop_state)
   args = ocp.args.Composite(**items)
@@ -99,11 +102,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
     _check_shapes(manager, step, abstract_state)
     try:
       items = {'state': ocp.args.StandardRestore(abstract_state),
-               'data': grain.checkpoint.CheckpointRestore(data_iterator)}
+               'data': DataIteratorRestore(data_iterator)}
       if (manager.directory / str(step) / 'loop').exists():
         items['loop'] = ocp.args.JsonRestore()
       restored = manager.restore(step, args=ocp.args.Composite(**items))
       return step, restored['state'], restored['loop'] if 'loop' in items else None
+    except IncompatibleCheckpointError:
+      raise  # readable, but not by this run: the user must say how to go on
     except Exception as e:  # pylint: disable=broad-except; any failure to read means unusable
       aside = _set_aside(manager, step, 'checkpoints_unreadable')
       logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '
@@ -117,7 +122,107 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
 
 
 class IncompatibleCheckpointError(ValueError):
-  """The workdir's checkpoint was written by a differently shaped model or optimizer."""
+  """The workdir's checkpoint was written by a differently shaped model or optimizer, or its
+  data position cannot be given to this run's processes."""
+
+
+class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+  """Grain's handler (each process saves its iterator's state as `process_I-of-N.json`), made
+  elastic: a run resumed on another number of processes merges the states of all the processes
+  that saved, and each process takes its part.
+
+  Pipelines whose state is the same on every process (the classifier's and the masked LM's)
+  resume on any number of processes. The LM's names its streams ({'num_streams', 'streams'}):
+  each process takes the positions of the streams it owns now, so the global batches go on
+  exactly as before whenever the streams can be shared out (`data.num_streams` fixed and
+  divisible by the new process count).
+  """
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    item = item or args.item
+    own = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if own.exists():
+      saved = json.loads(own.read_text())
+    else:
+      files = sorted(directory.glob('process_*-of-*.json'))
+      if not files:
+        raise FileNotFoundError(f'no data iterator state in {directory}')
+      try:
+        saved = _merge_states([json.loads(f.read_text()) for f in files])
+      except ValueError:
+        raise IncompatibleCheckpointError(
+            f'the checkpoint in {directory.parent} holds a data position per process that '
+            f'this run cannot divide: resume it on {len(files)} processes') from None
+    _check_streams(saved, item.get_state(), directory.parent)
+    item.set_state(saved)
+    item.start_prefetch()  # as Grain's handler does: the first batches load while arrays do
+    return item
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+def _merge_states(states: list):
+  """One state from every process's: stream positions pooled, all else equal on every process
+  (ValueError otherwise)."""
+  first = states[0]
+  if all(s == first for s in states):
+    return first
+  if all(isinstance(s, dict) and s.keys() == first.keys() for s in states):
+    if 'num_streams' in first:
+      if any(s['num_streams'] != first['num_streams'] for s in states):
+        raise ValueError('different stream counts')
+      return {**first, 'streams': {k: v for s in states for k, v in s['streams'].items()}}
+    return {k: _merge_states([s[k] for s in states]) for k in first}
+  if all(isinstance(s, list) and len(s) == len(first) for s in states):
+    return [_merge_states(list(column)) for column in zip(*states)]
+  raise ValueError('states differ')
+
+
+def _streams_of(state):
+  """The {'num_streams', 'streams'} part of an iterator state, or None."""
+  if isinstance(state, dict):
+    if 'num_streams' in state:
+      return state
+    found = [_streams_of(v) for v in state.values()]
+  elif isinstance(state, list):
+    found = [_streams_of(v) for v in state]
+  else:
+    return None
+  return next((f for f in found if f is not None), None)
+
+
+def _check_streams(saved, current, checkpoint: epath.Path):
+  """IncompatibleCheckpointError unless `saved` has a position for each stream `current` reads."""
+  now = _streams_of(current)
+  if now is None:
+    return
+  then = _streams_of(saved)
+  if then is None:
+    raise IncompatibleCheckpointError(
+        f'the checkpoint in {checkpoint} saved its data position in an older format; resume '
+        'it with the podium version that wrote it')
+  count = then['num_streams']
+  if count != now['num_streams']:
+    hint = ('' if count % jax.process_count() == 0 else
+            f', on a number of processes that divides {count}')
+    raise IncompatibleCheckpointError(
+        f'data.num_streams: the checkpoint in {checkpoint} read the data in {count} streams and '
+        f'this run would read {now["num_streams"]} (0 means one per process); resume with '
+        f'--config.data.num_streams={count}{hint}')
+  missing = sorted(now['streams'].keys() - then['streams'].keys(), key=int)
+  if missing:
+    raise IncompatibleCheckpointError(
+        f'the checkpoint in {checkpoint} has no position for data streams {", ".join(missing)}')
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state):
