@@ -113,11 +113,13 @@ def test_two_processes_killed_then_resumed_match_the_unbroken_run(two_process_ru
 
 def test_resumed_on_another_number_of_processes_the_run_goes_on_unchanged(two_process_run,
                                                                         tmp_path):
-  """The slice recreated smaller, then larger: 2 processes, then 1 (the same 8 devices), then 2.
-  Each data stream's position passes to whichever process owns it now, so the batches go on
-  exactly; only the gloo sums' order differs from the unbroken run (float32 rounding)."""
+  """The slice recreated smaller, then larger: 2 processes (8 devices), then 1 (4 devices, so
+  FSDP over 2), then 2 again. Each data stream's position passes to whichever process owns it
+  now, so the batches go on exactly; only the order of the sums differs from the unbroken run
+  (float32 rounding)."""
   _finish(_start(tmp_path, '--config.train.stop_after=4'))
-  result = run_train(tmp_path, *SHARED, '--config.train.stop_after=8')
+  result = run_train(tmp_path, *SHARED, '--config.mesh.fsdp=2', '--config.train.stop_after=8',
+                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert result.returncode == 0, result.stderr
   _finish(_start(tmp_path))
   resumed, unbroken = _losses(tmp_path), _losses(two_process_run)
@@ -138,7 +140,7 @@ def test_resuming_on_processes_that_read_other_streams_is_a_one_line_error(tmp_p
     assert p.returncode == 2, err[-3000:]
     assert err.strip().splitlines()[-1] == (
         f'train.py: error: data.num_streams: the checkpoint in {tmp_path}/checkpoints/2 read the '
-        'data in 1 streams and this run would read 2 (0 means one per process); resume with '
+        'data in 1 stream(s) and this run would read 2 (0 means one per process); resume with '
         '--config.data.num_streams=1, on a number of processes that divides 1')
   assert os.listdir(tmp_path / 'checkpoints') == ['2']
 

@@ -216,8 +216,8 @@ def _check_streams(saved, current, checkpoint: epath.Path):
     hint = ('' if count % jax.process_count() == 0 else
             f', on a number of processes that divides {count}')
     raise IncompatibleCheckpointError(
-        f'data.num_streams: the checkpoint in {checkpoint} read the data in {count} streams and '
-        f'this run would read {now["num_streams"]} (0 means one per process); resume with '
+        f'data.num_streams: the checkpoint in {checkpoint} read the data in {count} stream(s) '
+        f'and this run would read {now["num_streams"]} (0 means one per process); resume with '
         f'--config.data.num_streams={count}{hint}')
   missing = sorted(now['streams'].keys() - then['streams'].keys(), key=int)
   if missing:
