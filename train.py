@@ -127,6 +127,7 @@ def main(argv):
   from parallel import multihost, sharding  # pylint: disable=g-import-not-at-top
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
+  from etils import epath  # pylint: disable=g-import-not-at-top
   from training import checkpointing, config_check, loop, warm_start  # pylint: disable=g-import-not-at-top
   try:
     multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -137,7 +138,7 @@ def main(argv):
     config_check.validate(config, jax.device_count(), jax.process_count(),
                           sharding.num_slices(jax.devices()), jax.default_backend(),
                           overridden=_overridden_keys())
-    compile_cache = FLAGS.compile_cache or os.path.join(FLAGS.workdir, 'compile_cache')
+    compile_cache = FLAGS.compile_cache or str(epath.Path(FLAGS.workdir) / 'compile_cache')
     loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')

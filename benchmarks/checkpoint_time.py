@@ -21,7 +21,7 @@ from absl import app, flags
 from configs import default as default_config
 from data import pipeline, sources
 from parallel import sharding
-from training import checkpointing, state as state_lib
+from training import checkpointing, metrics, state as state_lib
 
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Saves timed per mode; the median is printed.')
 _MODELS = flags.DEFINE_list('models', ['default', '100m'], 'Models to time.')
@@ -90,8 +90,7 @@ def bench_sigterm():
     run = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}',
                             '--config.train.checkpoint_every=100000'],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    metrics_path = os.path.join(workdir, 'metrics.jsonl')
-    while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)):
+    while not metrics.read_metrics(workdir):
       time.sleep(0.1)
     start = time.perf_counter()
     run.send_signal(signal.SIGTERM)

@@ -12,8 +12,8 @@ passes more train.py flags to every run. Then one line per config:
 
   accuracy   final eval/accuracy, and the best with its step;
   wall       the whole process: start-up, data, compiling, evaluation and checkpoints;
-  to target  when eval/accuracy first reached --target. metrics.jsonl has no timestamps, so
-             this script watches it while train.py runs and notes when each record appears,
+  to target  when eval/accuracy first reached --target. The metrics have no timestamps, so
+             this script watches them while train.py runs and notes when each record appears,
              in seconds since the process started: "watched". A step's record is written once
              the next step is dispatched, so this is late by about a step plus --poll seconds,
              and an eval is on the eval_every grid (once an epoch in the Fashion-MNIST
@@ -53,7 +53,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-
 
 from training import metrics as metrics_lib  # pylint: disable=wrong-import-position
 
-_RUN_FILES = ('config.json', 'metrics.jsonl', 'train.log', 'checkpoints')
+_RUN_FILES = ('config.json', 'metrics', 'train.log', 'checkpoints')
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ class Run:
   workdir: str
   returncode: int
   wall_s: float
-  records: list[dict]  # metrics.jsonl
+  records: list[dict]  # training.metrics.read_metrics
   seen_s: dict[int, float]  # step -> seconds after start when its record appeared
   others_cpus: float  # CPUs other processes used on average meanwhile (nan: unknown)
 
@@ -94,12 +94,11 @@ def fresh_workdir(path: str):
 
 def run_train(config: str, workdir: str, flags_=(), poll_s: float = 0.5) -> Run:
   """Runs `train.py --config=<config> --workdir=<workdir> <flags_>` from a fresh workdir,
-  output to WORKDIR/train.log, watching metrics.jsonl for when each record appears."""
+  output to WORKDIR/train.log, watching its metrics for when each record appears."""
   fresh_workdir(workdir)
   command = [sys.executable, os.path.join(REPO, 'train.py'), f'--config={config}',
              f'--workdir={workdir}', *flags_]
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  records, seen_s, size = [], {}, -1
+  records, seen_s = [], {}
   with open(os.path.join(workdir, 'train.log'), 'w', encoding='utf-8') as log:
     log.write(shlex.join(command) + '\n')
     log.flush()
@@ -111,12 +110,10 @@ def run_train(config: str, workdir: str, flags_=(), poll_s: float = 0.5) -> Run:
       while True:
         done = process.poll() is not None
         now = time.perf_counter() - start
-        if os.path.exists(metrics_path) and os.path.getsize(metrics_path) != size:
-          size = os.path.getsize(metrics_path)
-          records = _read_records(workdir, records)
-          steps = {r['step'] for r in records}
-          seen_s = {s: t for s, t in seen_s.items() if s in steps}  # a rollback rewrote them
-          seen_s.update({s: now for s in steps if s not in seen_s})
+        records = _read_records(workdir, records)
+        steps = {r['step'] for r in records}
+        seen_s = {s: t for s, t in seen_s.items() if s in steps}  # a rollback rewrote them
+        seen_s.update({s: now for s in steps if s not in seen_s})
         if done:
           break
         time.sleep(poll_s)
@@ -130,10 +127,10 @@ def run_train(config: str, workdir: str, flags_=(), poll_s: float = 0.5) -> Run:
 
 
 def _read_records(workdir, last_good):
-  """metrics.jsonl's records; `last_good` while a line is half written (or cut by a crash)."""
+  """The run's metrics; `last_good` if a rollback deleted a chunk as it was being read."""
   try:
     return metrics_lib.read_metrics(workdir)
-  except ValueError:
+  except FileNotFoundError:
     return last_good
 
 
@@ -266,5 +263,5 @@ if __name__ == '__main__':
   _TARGET = flags.DEFINE_float('target', 0.92, 'The eval accuracy to time.')
   _EXTRA = flags.DEFINE_multi_string('extra', [], 'More train.py flags for every run, split '
                                      "like a shell line, e.g. '--config.train.log_every=10'.")
-  _POLL = flags.DEFINE_float('poll', 0.5, 'Seconds between looks at metrics.jsonl.')
+  _POLL = flags.DEFINE_float('poll', 0.5, "Seconds between looks at the run's metrics.")
   app.run(main)

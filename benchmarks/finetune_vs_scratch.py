@@ -41,7 +41,7 @@ _FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 1000, 'Classification s
                                        "the fine-tuned and the scratch run (0: the config's).")
 _PRESETS = flags.DEFINE_string('presets', '', 'Presets for both configs, e.g. tiny.')
 _EXTRA = flags.DEFINE_multi_string('extra', [], 'More train.py flags for all three runs.')
-_POLL = flags.DEFINE_float('poll', 0.5, 'Seconds between looks at metrics.jsonl.')
+_POLL = flags.DEFINE_float('poll', 0.5, "Seconds between looks at the runs' metrics.")
 
 _CLASSIFY_KEYS = {'eval/accuracy': 'max', 'eval/loss': 'min', 'eval/macro_f1': 'max'}
 

@@ -5,12 +5,13 @@ Each is a random-access source of {'inputs': uint8 [H, W, C], 'label': int} with
 """
 
 import gzip
-import os
+import io
 import struct
 import zlib
 
 import grain
 import numpy as np
+from etils import epath
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
@@ -34,8 +35,9 @@ def resize(image: np.ndarray, size) -> np.ndarray:
 def read_idx(path: str, ndim: int) -> np.ndarray:
   """An IDX file of unsigned bytes with `ndim` dimensions (gzipped if it ends in .gz)."""
   try:
-    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-      data = f.read()
+    data = epath.Path(path).read_bytes()
+    if path.endswith('.gz'):
+      data = gzip.decompress(data)
   except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
     raise ValueError(f'{path}: cannot read it ({type(e).__name__}: {e})') from None
   header = 4 + 4 * ndim
@@ -54,9 +56,9 @@ def find_idx(directory: str, prefix: str, what: str, ndim: int) -> str:
   """The path of e.g. `train-images-idx3-ubyte`, plain or .gz, with '-' or '.' before 'idx'."""
   for sep in ('-', '.'):
     for ext in ('', '.gz'):
-      path = os.path.join(directory, f'{prefix}-{what}{sep}idx{ndim}-ubyte{ext}')
-      if os.path.exists(path):
-        return path
+      path = epath.Path(directory) / f'{prefix}-{what}{sep}idx{ndim}-ubyte{ext}'
+      if path.exists():
+        return str(path)
   raise ValueError(f'data.path: no {prefix}-{what}-idx{ndim}-ubyte[.gz] in {directory}')
 
 
@@ -173,7 +175,7 @@ class FolderSource(grain.sources.RandomAccessDataSource):
 
   def _decode(self, index) -> np.ndarray:
     from PIL import Image  # pylint: disable=g-import-not-at-top; only this source needs it
-    with Image.open(self._files[index]) as image:
+    with Image.open(io.BytesIO(epath.Path(self._files[index]).read_bytes())) as image:
       array = np.asarray(image.convert(self._mode))
     return resize(array.reshape(*array.shape[:2], -1), self._size)
 
@@ -205,18 +207,18 @@ class FolderSource(grain.sources.RandomAccessDataSource):
 def _images_by_class(root: str, class_names) -> tuple[list[str], list[int]]:
   files, labels = [], []
   for label, name in enumerate(class_names):
-    directory = os.path.join(root, name)
-    if not os.path.isdir(directory):  # a class with no examples in this split
+    directory = epath.Path(root) / name
+    if not directory.is_dir():  # a class with no examples in this split
       continue
-    found = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
-    files += [os.path.join(directory, f) for f in found]
+    found = sorted(p.name for p in directory.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
+    files += [str(directory / f) for f in found]
     labels += [label] * len(found)
   return files, labels
 
 
 def _subfolders(root: str) -> list[str]:
-  return sorted(f for f in os.listdir(root)
-                if not f.startswith('.') and os.path.isdir(os.path.join(root, f)))
+  return sorted(p.name for p in epath.Path(root).iterdir()
+                if not p.name.startswith('.') and p.is_dir())
 
 
 def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
@@ -226,15 +228,15 @@ def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
 
   Classes are the training folder's subfolders, sorted by name.
   """
-  if not os.path.isdir(root):
+  if not epath.Path(root).is_dir():
     raise ValueError(f'data.path: {root!r} is not a folder')
-  split_folders = all(os.path.isdir(os.path.join(root, s)) for s in (train_split, eval_split))
-  class_root = os.path.join(root, train_split) if split_folders else root
+  split_folders = all((epath.Path(root) / s).is_dir() for s in (train_split, eval_split))
+  class_root = str(epath.Path(root) / train_split) if split_folders else root
   class_names = _subfolders(class_root)
   if not class_names:
     raise ValueError(f'data.path: no class subfolders in {class_root}')
   if split_folders:
-    split_root = os.path.join(root, train_split if split == 'train' else eval_split)
+    split_root = str(epath.Path(root) / (train_split if split == 'train' else eval_split))
     unknown = sorted(set(_subfolders(split_root)) - set(class_names))
     if unknown:
       raise ValueError(f'data.path: {split_root} has classes {unknown} that '
@@ -242,7 +244,8 @@ def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
     files, labels = _images_by_class(split_root, class_names)
   else:
     files, labels = _images_by_class(root, class_names)
-    keep = [_is_eval(os.path.relpath(f, root), eval_percent) == (split == 'eval') for f in files]
+    keep = [_is_eval(str(epath.Path(f).relative_to(root)), eval_percent) == (split == 'eval')
+            for f in files]
     files = [f for f, k in zip(files, keep) if k]
     labels = [l for l, k in zip(labels, keep) if k]
   if not files:
@@ -251,7 +254,7 @@ def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
 
 
 def _is_eval(relative_path: str, eval_percent: int) -> bool:
-  return zlib.crc32(relative_path.replace(os.sep, '/').encode()) % 100 < eval_percent
+  return zlib.crc32(relative_path.encode()) % 100 < eval_percent
 
 
 # ---------------------------------------------------------------------------------------------

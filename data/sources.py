@@ -9,6 +9,7 @@ import sysconfig
 import zlib
 
 import grain
+from etils import epath
 
 SPLITS = ('train', 'eval')
 
@@ -22,6 +23,17 @@ def stdlib_files() -> list[str]:
   files = glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
   return sorted(f for f in files if 'site-packages' not in os.path.relpath(f, root).split(os.sep)
                 and not os.path.basename(f).startswith('_sysconfigdata') and os.path.getsize(f))
+
+
+def glob_files(pattern: str) -> list[str]:
+  """The files matching `pattern` (`*`, `?`, `[...]`, and `**` for any depth of folders), sorted,
+  on local disk or in a bucket (gs://...)."""
+  if '://' not in pattern:  # what epath does on a local disk, plus `**`
+    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  # epath's own glob refuses `**`; the filesystem it uses for buckets (fsspec) takes it.
+  protocol = pattern.split('://')[0] + '://'
+  found = epath.backend.fsspec_backend.fs(pattern).glob(pattern, detail=True)
+  return sorted(protocol + p for p, info in found.items() if info['type'] == 'file')
 
 
 def split_files(files: list[str], split: str, eval_percent: int) -> list[str]:
@@ -42,8 +54,7 @@ class FileSource(grain.sources.RandomAccessDataSource):
     return len(self._paths)
 
   def __getitem__(self, index):
-    with open(self._paths[index], 'rb') as f:
-      return f.read()
+    return epath.Path(self._paths[index]).read_bytes()
 
   def record_name(self, index) -> str:
     return self._paths[index]
@@ -82,7 +93,7 @@ def make_source(data_config, split: str) -> grain.sources.RandomAccessDataSource
   if data_config.source == 'stdlib':
     files = stdlib_files()
   else:
-    files = sorted(glob.glob(data_config.files, recursive=True))
+    files = glob_files(data_config.files)
   files = split_files(files, split, data_config.eval_percent)
   if not files:
     raise ValueError(f'data: no {split} files for source={data_config.source!r} '

@@ -40,6 +40,7 @@ Masked-language-model batches for pretraining are in data/mlm.py.
 
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -49,8 +50,9 @@ import zlib
 import grain
 import numpy as np
 from absl import logging
+from etils import epath
 
-from data import pipeline
+from data import pipeline, sources
 from models import encoder
 from models.encoder import CLS_ID, MASK_ID, PAD_ID, SEP_ID  # pylint: disable=unused-import
 
@@ -207,11 +209,11 @@ def _check_keys(path, keys, text_key, label_key, what):
 def _read_csv(path, text_key, label_key, stats):
   reader = None
   try:
-    with open(path, newline='', encoding='utf-8-sig') as f:
-      reader = csv.DictReader(f)
-      _check_keys(path, reader.fieldnames or [], text_key, label_key, 'column')
-      return [r for row in reader if (r := _record(
-          row[text_key], row[label_key], f'{path}:{reader.line_num}', stats))]
+    text = epath.Path(path).read_bytes().decode('utf-8-sig')
+    reader = csv.DictReader(io.StringIO(text, newline=''))
+    _check_keys(path, reader.fieldnames or [], text_key, label_key, 'column')
+    return [r for row in reader if (r := _record(
+        row[text_key], row[label_key], f'{path}:{reader.line_num}', stats))]
   except OSError as e:
     raise ValueError(f'data.path: cannot read {path}: {e.strerror or e}') from None
   except UnicodeDecodeError:
@@ -224,7 +226,7 @@ def _read_csv(path, text_key, label_key, stats):
 def _read_jsonl(path, text_key, label_key, stats):
   records, keys = [], set()
   try:
-    with open(path, 'rb') as f:
+    with epath.Path(path).open('rb') as f:
       for number, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -247,7 +249,7 @@ def _read_jsonl(path, text_key, label_key, stats):
 
 
 def _read_files(cfg, pattern, which, stats):
-  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  paths = sources.glob_files(pattern)
   if not paths:
     raise ValueError(f'data.{which}: no file matches {pattern!r}')
   read = {'csv': _read_csv, 'jsonl': _read_jsonl}[cfg.source]
@@ -268,10 +270,10 @@ def _classes(labels) -> tuple[str, ...]:
 
 def _file_source(cfg, split) -> TextClassificationSource:
   stats = pipeline.RecordStats()
-  if os.path.isdir(cfg.path):
+  if epath.Path(cfg.path).is_dir():
     if not (cfg.train_split and cfg.eval_split):
       raise ValueError(f'data.train_split, data.eval_split: name the files in {cfg.path}')
-    files = lambda name: os.path.join(cfg.path, f'{name}*.{cfg.source}')
+    files = lambda name: str(epath.Path(cfg.path) / f'{name}*.{cfg.source}')
     train = _read_files(cfg, files(cfg.train_split), 'train_split',
                         stats if split == 'train' else pipeline.RecordStats())
     class_names = _classes([label for _, label, _ in train])

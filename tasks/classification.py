@@ -6,7 +6,7 @@ carry 'mask' (1 for a real example, 0 for padding), so the whole eval split coun
 once. The model is called as `model(inputs, train=..., rngs=...)` and returns logits [B, C].
 
 Eval figures: loss, accuracy, top-k accuracy (k = `task.top_k`, when there are more classes), and
-macro-F1 in metrics.jsonl; per-class precision, recall and F1 and the confusion matrix in
+macro-F1 in the metrics files; per-class precision, recall and F1 and the confusion matrix in
 WORKDIR/confusion_matrix.json and .png after every evaluation.
 """
 

@@ -1,9 +1,10 @@
 """Reports written to the workdir after evaluations: the confusion matrix as JSON and PNG."""
 
+import io
 import json
-import os
 
 import jax
+from etils import epath
 import numpy as np
 
 from tasks import base
@@ -25,14 +26,14 @@ class ConfusionMatrix(base.Part):
     report = {'step': step, 'classes': self.class_names, 'confusion': confusion.tolist(),
               'rows': 'true class', 'columns': 'predicted class',
               **{k: v.tolist() for k, v in scores.items()}}
-    os.makedirs(run.workdir, exist_ok=True)
-    with open(os.path.join(run.workdir, 'confusion_matrix.json'), 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=1)
-    _plot(confusion, self.class_names, step, os.path.join(run.workdir, 'confusion_matrix.png'))
+    workdir = epath.Path(run.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'confusion_matrix.json').write_text(json.dumps(report, indent=1))
+    (workdir / 'confusion_matrix.png').write_bytes(_plot(confusion, self.class_names, step))
     return None
 
 
-def _plot(confusion, class_names, step, path):
+def _plot(confusion, class_names, step) -> bytes:
   import matplotlib  # pylint: disable=g-import-not-at-top; only when a report is written
   matplotlib.use('Agg')
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
@@ -49,5 +50,7 @@ def _plot(confusion, class_names, step, path):
   axes.set_ylabel('true class')
   axes.set_title(f'confusion matrix at step {step}')
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  png = io.BytesIO()
+  figure.savefig(png, format='png', dpi=100)
   pyplot.close(figure)
+  return png.getvalue()

@@ -32,16 +32,13 @@ def _losses(workdir):
 
 
 def _last_step(workdir):
-  if not (workdir / 'metrics.jsonl').exists():
-    return 0
   return max((r['step'] for r in metrics.read_metrics(workdir)), default=0)
 
 
 def _wait_for_step(workdir, step, process, timeout=300):
-  path = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + timeout
   while time.time() < deadline and process.poll() is None:
-    if os.path.exists(path) and any(r['step'] >= step for r in metrics.read_metrics(workdir)):
+    if any(r['step'] >= step for r in metrics.read_metrics(workdir)):
       return
     time.sleep(0.05)
   raise AssertionError(f'run did not reach step {step}')

@@ -4,11 +4,11 @@ The loop only runs steps; everything else (evaluation, checkpoints, the non-fini
 metrics, early stopping, samples) is a part (`training/parts.py`, `tasks.base.Part`).
 """
 
-import os
 import sys
 import time
 
 import jax
+from etils import epath
 import numpy as np
 import tqdm
 
@@ -189,9 +189,9 @@ class Run:
 
 def _write_config(workdir, config):
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
 
 def use_compile_cache(directory: str):

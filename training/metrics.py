@@ -1,11 +1,21 @@
-"""Where metrics go: `metrics.jsonl`, TensorBoard event files, and the progress bar."""
+"""Where metrics go: WORKDIR/metrics/ (JSON lines), TensorBoard event files, and the progress bar.
+
+Object stores (gs://) cannot append, so the records are kept in chunks, `metrics/00000.jsonl`,
+`00001.jsonl`, ...: each record rewrites its chunk whole, and a new chunk starts every
+RECORDS_PER_CHUNK records, so a rewrite stays small and the objects few.
+"""
 
 import json
 import os
+import re
 
+from etils import epath
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+RECORDS_PER_CHUNK = 256
+_CHUNK_NAME = re.compile(r'(\d+)\.jsonl')
 
 
 class MetricsWriter:
@@ -13,13 +23,13 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, resumed_step: int):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.directory = _metrics_dir(workdir)
     if not self.enabled:
       return
-    self._tensorboard_dir = os.path.join(workdir, 'tensorboard')
+    self._tensorboard_dir = str(epath.Path(workdir) / 'tensorboard')
     self._writers_opened = 0
-    _truncate_after(self.path, resumed_step)
-    self._jsonl = open(self.path, 'a', encoding='utf-8')
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self._chunk, self._lines = _drop_records_after(self.directory, resumed_step)
     self._tensorboard = self._open_tensorboard(resumed_step)
 
   def _open_tensorboard(self, step: int) -> SummaryWriter:
@@ -33,9 +43,7 @@ class MetricsWriter:
   def rewind(self, step: int):
     """Forgets records after `step`, as when training rolls back to it."""
     if self.enabled:
-      self._jsonl.close()
-      _truncate_after(self.path, step)
-      self._jsonl = open(self.path, 'a', encoding='utf-8')
+      self._chunk, self._lines = _drop_records_after(self.directory, step)
       self._tensorboard.close()
       self._tensorboard = self._open_tensorboard(step)
 
@@ -43,43 +51,71 @@ class MetricsWriter:
     if not self.enabled:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    self._jsonl.flush()
+    if len(self._lines) >= RECORDS_PER_CHUNK:
+      self._chunk, self._lines = self._chunk + 1, []
+    self._lines.append(json.dumps({'step': step, **metrics}) + '\n')
+    _write_whole(_chunk_path(self.directory, self._chunk), ''.join(self._lines))
     for name, value in metrics.items():
       self._tensorboard.add_scalar(name, value, step)
 
   def histogram(self, step: int, name: str, values):
-    """A TensorBoard histogram (not in metrics.jsonl); nothing for no values."""
+    """A TensorBoard histogram (not in the metrics files); nothing for no values."""
     if self.enabled and len(values):
       self._tensorboard.add_histogram(name, values, step)
 
   def close(self):
     if self.enabled:
-      self._jsonl.close()
       self._tensorboard.close()
 
 
-def _truncate_after(path: str, step: int):
-  """Drops records past `step`: a resumed run rewrites them, so the file keeps one history."""
-  if not os.path.exists(path):
+def _metrics_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / 'metrics'
+
+
+def _chunk_path(directory: epath.Path, chunk: int) -> epath.Path:
+  return directory / f'{chunk:05d}.jsonl'
+
+
+def _chunk_numbers(directory: epath.Path) -> list[int]:
+  """The chunks in `directory`, in order (none if it does not exist)."""
+  if not directory.exists():
+    return []
+  names = (_CHUNK_NAME.fullmatch(p.name) for p in directory.iterdir())
+  return sorted(int(m.group(1)) for m in names if m)
+
+
+def _write_whole(path: epath.Path, text: str):
+  """Replaces the file at once, so a crash never leaves half of it: an object store publishes an
+  object only once it is whole; on a disk, a temporary file is renamed over it."""
+  if '://' in str(path):
+    path.write_text(text)
     return
-  with open(path, encoding='utf-8') as f:
-    kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
-  with open(path, 'w', encoding='utf-8') as f:
-    f.writelines(kept)
+  temporary = path.with_name(f'.{path.name}.tmp')
+  temporary.write_text(text)
+  temporary.replace(path)
 
 
-def _step_of(line: str):
-  """The record's step, or None for a line cut short by a crash."""
-  try:
-    return json.loads(line)['step']
-  except (ValueError, KeyError):
-    return None
+def _drop_records_after(directory: epath.Path, step: int) -> tuple[int, list[str]]:
+  """Deletes the records after `step` (a resumed run rewrites them, so the files keep one
+  history) and returns the last chunk's number and lines. Newest chunk first: a reader
+  meanwhile sees the history cut shorter, never a gap in it."""
+  for chunk in reversed(_chunk_numbers(directory)):
+    path = _chunk_path(directory, chunk)
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)['step'] <= step]
+    if kept and len(kept) < len(lines):
+      _write_whole(path, ''.join(kept))
+    if kept:
+      return chunk, kept
+    path.unlink()
+  return 0, []
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """Every record of the run in `workdir`, in order; none if it has logged nothing."""
+  directory = _metrics_dir(workdir)
+  return [json.loads(line) for chunk in _chunk_numbers(directory)
+          for line in _chunk_path(directory, chunk).read_text().splitlines()]
 
 
 class Progress:

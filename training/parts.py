@@ -7,7 +7,6 @@ by writing a Part and a config key.
 """
 
 import contextlib
-import os
 import time
 
 import jax
@@ -246,7 +245,7 @@ class Profiler(Part):
   def __init__(self, run, start):
     first, count = run.config.train.profile_steps
     self.first, self.last = first, first + count - 1
-    self.directory = os.path.join(run.workdir, 'tensorboard')
+    self.directory = str(epath.Path(run.workdir) / 'tensorboard')
     self.tracing = False
     self.enabled = count > 0 and (run.config.train.profile_all_hosts or
                                   jax.process_index() == 0)
@@ -285,7 +284,7 @@ def device_memory(devices) -> dict[str, float]:
 
 class MetricsLogger(Part):
   """Logged steps (every `train.log_every`, eval and health-check steps, the last) to
-  metrics.jsonl, TensorBoard and the progress bar."""
+  WORKDIR/metrics/, TensorBoard and the progress bar."""
 
   def __init__(self, run, start):
     self.every = run.config.train.log_every

@@ -1,4 +1,4 @@
-"""The run report, written from metrics.jsonl when training is complete: `summary.json`
+"""The run report, written from the metrics files when training is complete: `summary.json`
 (where the run got to, every metric's last value, each eval metric's best and its step, median
 throughput) and `report.png` (loss, eval metrics, learning rate and throughput against step)."""
 

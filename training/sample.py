@@ -12,7 +12,6 @@ prompts, as a serialized `jax.export` artefact that a server can load with
 """
 
 import json
-import os
 import sys
 
 import jax
@@ -43,7 +42,7 @@ def load(workdir: str, step: int = 0):
   model = MODELS[config.model.name].default_config()
   model.update(config.model)
   config.model = model
-  source = os.path.join(workdir, 'checkpoints', str(step)) if step else workdir
+  source = str(epath.Path(workdir) / 'checkpoints' / str(step)) if step else workdir
   graphdef, template = nnx.split(nnx.eval_shape(
       lambda: MODELS[config.model.name].Model(config.model, rngs=nnx.Rngs(params=0))), nnx.Param)
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
