@@ -91,13 +91,6 @@ def _assert_same_up_to_rounding(a, b):
     assert difference <= bound, f'{name}: differs by {difference:.3g} > {bound:.3g}'
 
 
-def test_two_processes_stopped_and_resumed_match_the_unbroken_run(two_process_run, tmp_path):
-  _finish(_start(tmp_path, '--config.train.stop_after=5'))
-  _finish(_start(tmp_path))
-  assert _losses(tmp_path) == _losses(two_process_run)
-  _assert_same_state(_state(tmp_path, 12), _state(two_process_run, 12))
-
-
 def test_two_processes_killed_then_resumed_match_the_unbroken_run(two_process_run, tmp_path):
   """SIGKILL to both (a host lost, the job rescheduled), twice, mid-run and mid-save."""
   for kill_at in (3, 7):
