@@ -1,12 +1,12 @@
 """Hugging Face weights in and out: GPT-2 and Llama checkpoints <-> the decoder (transformer.py).
 
-python -m models.hf import --hf_dir=DIR --workdir=W [--config=configs/default.py:llama ...]
+python -m training.hf import --hf_dir=DIR --workdir=W [--config=configs/default.py:llama ...]
     reads DIR/config.json and DIR's safetensors (one file or an index of shards), and writes W/
     as a params-only run: W/config.json (the given config with the checkpoint's shape) and an
     Orbax checkpoint W/state. It prints the `--config.model.*` overrides that, with the same
     --config, build this shape; train from the weights with `--config.init_from=W`, or sample
     them with `python -m training.sample --workdir=W`.
-python -m models.hf export --workdir=W --out=DIR [--step=N]
+python -m training.hf export --workdir=W --out=DIR [--step=N]
     writes a run's newest (or step N's) parameters as DIR/config.json + DIR/model.safetensors,
     which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads.
 
@@ -299,7 +299,7 @@ def main(argv):
   command = ' '.join(argv[1:])
   needed = {'import': ('hf_dir', 'workdir'), 'export': ('workdir', 'out')}
   if command not in needed:
-    sys.exit(f'usage: python -m models.hf import|export [flags]; got {command!r}')
+    sys.exit(f'usage: python -m training.hf import|export [flags]; got {command!r}')
   try:
     missing = [f'--{name}' for name in needed[command] if not flags.FLAGS[name].value]
     _require(not missing, f'{command} needs {" and ".join(missing)}')
@@ -311,7 +311,7 @@ def main(argv):
       export_run(_WORKDIR.value, _STEP.value, _OUT.value)
       print(f'Wrote {_OUT.value}/config.json and model.safetensors')
   except (ValueError, OSError) as e:
-    sys.exit(f'models.hf: error: {e}')
+    sys.exit(f'training.hf: error: {e}')
 
 
 if __name__ == '__main__':
