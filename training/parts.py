@@ -39,7 +39,7 @@ class Evaluator(Part):
     started, sums = time.perf_counter(), None
     for batch in self.batches:
       # Added up on the host: the sums are small, and an add on the devices is one more
-      # multi-device program per batch (on XLA:CPU it gathered across them, and hung once).
+      # multi-device program per batch (on XLA:CPU it gathered across them, and once stalled).
       batch_sums = jax.device_get(run.eval_step(state['params'], state.get('model_state'), batch))
       sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
     run.last_eval_sums = sums
