@@ -57,6 +57,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.worker_threads = 2  # threads that read and decode examples
   d.prefetch_batches = 4
   d.max_bad_fraction = 0.01  # the trainer stops when more of the records read are unusable
+  d.warn_wait_share = 0.05  # warn when training waits for data more of the time than this
   return d
 
 

@@ -9,6 +9,7 @@ position, so a run resumed on another number of processes hands each stream to i
 """
 
 import threading
+import time
 from collections.abc import Sequence
 
 import grain
@@ -24,14 +25,20 @@ def tokenize(document: bytes) -> dict[str, np.ndarray]:
 
 
 class RecordStats:
-  """Counts records read and records skipped as unusable, keeping a few examples of the latter.
+  """Counts records read and records skipped as unusable, keeping a few examples of the latter,
+  and the time the pipeline spent making batches.
 
   Counts cover this process since it started (prefetching reads a little ahead of training).
+  `batches` and `batch_seconds` say how fast the pipeline makes batches when it works: seconds
+  of work per batch, over the number of threads doing that work side by side (pipelines call
+  `add_batch_work`), so batches / batch_seconds is the pipeline's rate alone, without waits for
+  a full prefetch buffer or for training.
   """
 
   def __init__(self, max_examples: int = 3):
     self._lock = threading.Lock()
-    self.seen = self.bad = 0
+    self.seen = self.bad = self.batches = 0
+    self.batch_seconds = 0.0
     self.examples = []
     self._max_examples = max_examples
 
@@ -43,9 +50,50 @@ class RecordStats:
         if len(self.examples) < self._max_examples:
           self.examples.append(problem)
 
+  def add_batch_work(self, seconds: float, batches: int = 1, threads: int = 1):
+    with self._lock:
+      self.batches += batches
+      self.batch_seconds += seconds / threads
+
   @property
   def bad_fraction(self) -> float:
     return self.bad / max(self.seen, 1)
+
+
+def timed(ds: grain.IterDataset, stats: RecordStats) -> grain.IterDataset:
+  """`ds`, adding the time each batch takes to come out of it to `stats` (see RecordStats):
+  for the part of a pipeline that one thread runs, under its prefetching."""
+  return _TimedIterDataset(ds, stats)
+
+
+class _TimedIterDataset(grain.IterDataset):
+
+  def __init__(self, parent, stats):
+    super().__init__(parent)
+    self._record_stats = stats
+
+  def __iter__(self):
+    return _TimedIterator(self._parent.__iter__(), self._record_stats)
+
+
+class _TimedIterator(grain.DatasetIterator):
+  """Its parent's batches and state, unchanged: a checkpoint does not know it is there."""
+
+  def __init__(self, parent, stats):
+    super().__init__(parent)
+    self._record_stats = stats
+
+  def __next__(self):
+    started = time.perf_counter()
+    batch = next(self._parent)
+    self._record_stats.add_batch_work(time.perf_counter() - started)
+    return batch
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
 def _load(source, stats: RecordStats):  # source: a data.sources class
@@ -79,6 +127,7 @@ def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
   ds = StreamsIterDataset({stream: _stream(
       source, stream, num_streams, seq_len=seq_len, rows=batch_size // len(streams), seed=seed,
       shuffle=shuffle, threads=threads, stats=stats) for stream in streams}, num_streams)
+  ds = timed(ds, stats)
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds

@@ -50,6 +50,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # number of hosts with the same batches; a count that cannot is refused at restore.
   d.num_streams = 0
   d.max_bad_fraction = 0.01  # stop if more of the records read are unusable (checked after 100)
+  d.warn_wait_share = 0.05  # warn when training waits for data more of the time than this
   d.worker_threads = 2  # threads that prefetch batches
   d.prefetch_batches = 4
   return d

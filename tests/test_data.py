@@ -35,6 +35,18 @@ def test_batches_have_shape_and_carry_the_text(tmp_path):
   assert set(text) <= set(b'0123456789 alphbetgmd')
 
 
+def test_pipeline_times_its_batches_and_keeps_its_state(tmp_path):
+  source, stats = _write_corpus(tmp_path), pipeline.RecordStats()
+  iterator = iter(_batches(source, stats=stats, prefetch_batches=0))
+  next(iterator)
+  state = iterator.get_state()
+  expected = _take(iterator, 3)
+  assert stats.batches == 4 and stats.batch_seconds > 0  # data/pipeline_tokens_per_second
+  restored = iter(_batches(source, prefetch_batches=0))
+  restored.set_state(state)  # the timing adds nothing to the state
+  np.testing.assert_array_equal(_take(restored, 3), expected)
+
+
 def test_same_seed_same_order_other_seed_other_order(tmp_path):
   source = _write_corpus(tmp_path)
   first = _take(iter(_batches(source, seed=1)), 5)

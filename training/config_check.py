@@ -35,6 +35,7 @@ def check_task(config):
   d = config.data
   _require(d.global_batch_size > 0, 'data.global_batch_size', 'must be positive')
   _require(0 <= d.max_bad_fraction <= 1, 'data.max_bad_fraction', 'must be in [0, 1]')
+  _require(0 < d.warn_wait_share <= 1, 'data.warn_wait_share', 'must be in (0, 1]')
   task = TASKS[config.task.name].Task(config, MODELS[config.model.name])
   _from_value_error(task.validate)
 

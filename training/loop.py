@@ -160,7 +160,8 @@ class Run:
         step += 1
         if step == self.config.train.debug_hang_at_step:  # fault injection, for the watchdog
           time.sleep(1e6)
-        state, device_metrics = self.train_step(state, self.place_train(next(self.train_iter)))
+        batch = self.data_health.next_batch(self.train_iter)
+        state, device_metrics = self.train_step(state, self.place_train(batch))
         current = (step, device_metrics)
       self.step, self.state = step, state
       if previous:
