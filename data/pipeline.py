@@ -6,6 +6,7 @@ streams it owns, so the global batches depend on the seed and the number of stre
 how many processes share them. The iterator's state is small and saved with each checkpoint, so
 a resumed run sees exactly the batches it would have seen. The state names each stream's
 position, so a run resumed on another number of processes hands each stream to its new owner.
+A mixture of sources is mixed within each stream, so all of this holds for mixtures too.
 """
 
 import threading

@@ -190,7 +190,10 @@ def tokenizer_spec(data_config) -> str:
 
 def _tokenizer_identity(dataset: PreparedDataset):
   spec = dataset.tokenizer_spec
-  contents = b'' if spec == 'bytes' else epath.Path(spec).read_bytes()
+  try:
+    contents = b'' if spec == 'bytes' else epath.Path(spec).read_bytes()
+  except OSError as e:
+    raise ValueError(f'data.mixture: cannot read {spec}: {e.strerror or e}') from None
   return dataset.info['vocab_size'], dataset.info['eos_id'], contents
 
 

@@ -15,9 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
-
 import numpy as np
+import optax
 
 from data import pipeline, sources, tokenizers
 from parallel import sharding
