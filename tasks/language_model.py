@@ -115,8 +115,9 @@ class Task(base.Task):
              "is empty but data.source='tfds'")
     _require(d.source != 'arrayrecord' or bool(d.path) != bool(d.mixture), 'data.path',
              "set data.path or data.mixture (one of them) for data.source='arrayrecord'")
-    _require(not d.mixture or d.source == 'arrayrecord', 'data.mixture',
-             "mixes prepared datasets: it needs data.source='arrayrecord'")
+    for key in ('path', 'mixture'):
+      _require(not d[key] or d.source == 'arrayrecord', f'data.{key}',
+               "names prepared datasets: it needs data.source='arrayrecord'")
     vocab_size = self.tokenizer.vocab_size  # ValueError: no dataset.json, no tokenizer
     _require(self.config.model.vocab_size >= vocab_size, 'model.vocab_size',
              f'{self.config.model.vocab_size} is smaller than the tokenizer\'s {vocab_size} '
