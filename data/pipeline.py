@@ -17,8 +17,6 @@ import numpy as np
 
 from data import sources, tokenizers
 
-DOCUMENT_SEPARATOR = 0  # the byte tokenizer's eos: a byte that never occurs in text
-
 
 def tokenize(document, tokenizer=None) -> dict[str, np.ndarray]:
   """A document -> its token ids with the tokenizer's eos appended. Text (UTF-8 bytes) is encoded
@@ -64,6 +62,7 @@ class RecordStats:
 def _load(source, stats: RecordStats, tokenizer=None):  # source: a data.sources class
   """Index -> tokens, or None (counted) for a record that cannot be read, is empty, is not text,
   or holds ids outside the tokenizer's vocabulary."""
+  tokenizer = tokenizer or tokenizers.load('')
 
   def load(index):
     tokens = None
