@@ -6,6 +6,7 @@ streams it owns, so the global batches depend on the seed and the number of stre
 how many processes share them. The iterator's state is small and saved with each checkpoint, so
 a resumed run sees exactly the batches it would have seen. The state names each stream's
 position, so a run resumed on another number of processes hands each stream to its new owner.
+A mixture of sources is mixed within each stream, so all of this holds for mixtures too.
 """
 
 import threading
@@ -15,13 +16,23 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-DOCUMENT_SEPARATOR = 0  # a byte that never occurs in text; ends every document
+from data import sources, tokenizers
 
 
-def tokenize(document: bytes) -> dict[str, np.ndarray]:
-  """Bytes -> token ids 0..255, with the separator appended."""
-  tokens = np.frombuffer(document, dtype=np.uint8).astype(np.int32)
-  return {'tokens': np.append(tokens, np.int32(DOCUMENT_SEPARATOR))}
+def tokenize(document, tokenizer=None) -> dict[str, np.ndarray]:
+  """A document -> its token ids with the tokenizer's eos appended. Text (UTF-8 bytes) is encoded
+  with `tokenizer` (default: bytes, ids 0..255); a prepared document (uint32 ids) is taken as
+  is, after checking its ids are the tokenizer's. Raises on text that is not UTF-8."""
+  tokenizer = tokenizer or tokenizers.load('')
+  if isinstance(document, bytes):
+    document.decode('utf-8')
+    ids = tokenizer.encode(document)
+  else:
+    ids = np.asarray(document)
+    if ids.size and int(ids.max()) >= tokenizer.vocab_size:
+      raise ValueError(f'token id {int(ids.max())} is not below the vocab size '
+                       f'{tokenizer.vocab_size}')
+  return {'tokens': np.append(ids.astype(np.int32), np.int32(tokenizer.eos_id))}
 
 
 class RecordStats:
@@ -96,37 +107,44 @@ class _TimedIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
-def _load(source, stats: RecordStats):  # source: a data.sources class
-  """Index -> tokens, or None (counted) for a record that cannot be read or is not text."""
+def _load(source, stats: RecordStats, tokenizer=None):  # source: a data.sources class
+  """Index -> tokens, or None (counted) for a record that cannot be read, is empty, is not text,
+  or holds ids outside the tokenizer's vocabulary."""
+  tokenizer = tokenizer or tokenizers.load('')
 
   def load(index):
+    tokens = None
     try:
       document = source[index]
-      problem = None if document else 'empty'
-      document.decode('utf-8')
+      problem = None if len(document) else 'empty'
+      tokens = tokenize(document, tokenizer)
     except UnicodeDecodeError as e:
       problem = f'invalid UTF-8 at byte {e.start}'
     except Exception as e:  # pylint: disable=broad-except; a bad record must not stop training
       problem = f'{type(e).__name__}: {e}'
     stats.count(problem and f'{source.record_name(index)}: {problem}')
-    return None if problem else tokenize(document)
+    return None if problem else tokens
 
   return load
 
 
 def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
             streams: Sequence[int] = (0,), num_streams: int = 1, worker_threads: int = 2,
-            prefetch_batches: int = 4, stats: RecordStats | None = None) -> grain.IterDataset:
+            prefetch_batches: int = 4, stats: RecordStats | None = None,
+            tokenizer=None) -> grain.IterDataset:
   """Endless batches {'tokens': int32[batch_size, seq_len + 1]} (inputs and shifted targets).
 
-  `batch_size` rows are shared equally by `streams`, this process's streams out of
-  `num_streams`. Unusable records are skipped and counted in `stats`.
+  `source`: a data.sources source, or a sources.Mixture of them (each stream then mixes its
+  share of every component's documents in the mixture's proportions). `batch_size` rows are
+  shared equally by `streams`, this process's streams out of `num_streams`. Text is encoded
+  with `tokenizer` (default: bytes). Unusable records are skipped and counted in `stats`.
   """
   stats = stats or RecordStats()
   threads = max(1, worker_threads // len(streams))
+  load = lambda s: _load(s, stats, tokenizer)
   ds = StreamsIterDataset({stream: _stream(
       source, stream, num_streams, seq_len=seq_len, rows=batch_size // len(streams), seed=seed,
-      shuffle=shuffle, threads=threads, stats=stats) for stream in streams}, num_streams)
+      shuffle=shuffle, threads=threads, load=load) for stream in streams}, num_streams)
   ds = timed(ds, stats)
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
@@ -179,12 +197,29 @@ def _slices_as_tuples(state):
   return state
 
 
-def _stream(source, stream, num_streams, *, seq_len, rows, seed, shuffle, threads, stats):
-  """Batches of `rows` packed sequences from every `num_streams`-th document, from `stream`."""
+def _documents(source, stream, num_streams, *, seed, shuffle, load):
+  """Every `num_streams`-th document of `source` from `stream`, endlessly, shuffled each epoch.
+  `seed` is a list of ints."""
   docs = grain.MapDataset.range(len(source))[stream::num_streams]
+  if not len(docs):
+    raise ValueError(f'data: {source!r} has fewer documents than the {num_streams} streams')
   if shuffle:
-    docs = docs.shuffle(seed=int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
-  docs = docs.repeat().map(_load(source, stats)).filter(lambda x: x is not None)
+    docs = docs.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
+  return docs.repeat().map(load(source))
+
+
+def _stream(source, stream, num_streams, *, seq_len, rows, seed, shuffle, threads, load):
+  """Batches of `rows` packed sequences from every `num_streams`-th document, from `stream`.
+  A mixture's documents are interleaved by Grain's `MapDataset.mix` (a fixed pattern in the
+  weights' proportions), so the stream's state stays one position."""
+  if isinstance(source, sources.Mixture):
+    docs = grain.MapDataset.mix([
+        _documents(s, stream, num_streams, seed=[seed, stream, i], shuffle=shuffle, load=load)
+        for i, (s, _) in enumerate(source.components)], [w for _, w in source.components])
+  else:
+    docs = _documents(source, stream, num_streams, seed=[seed, stream], shuffle=shuffle,
+                      load=load)
+  docs = docs.filter(lambda x: x is not None)
   read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
   sequences = grain.experimental.ConcatThenSplitIterDataset(
       docs.to_iter_dataset(read_options), length_struct={'tokens': seq_len + 1})

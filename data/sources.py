@@ -1,17 +1,21 @@
-"""Random-access text sources. Each item is one document as UTF-8 bytes.
+"""Random-access document sources: raw text (each item one document as UTF-8 bytes) or a
+prepared dataset (each item one document's token ids), and weighted mixtures of them.
 
 Sources only say where documents come from; `data/pipeline.py` does everything after that.
 """
 
 import glob
+import json
 import os
 import sysconfig
 import zlib
 
 import grain
+import numpy as np
 from etils import epath
 
 SPLITS = ('train', 'eval')
+PREPARED_FORMAT = 'podium-prepared-v1'
 
 
 def stdlib_files() -> list[str]:
@@ -85,8 +89,122 @@ class TfdsTextSource(grain.sources.RandomAccessDataSource):
     return text.encode('utf-8') if isinstance(text, str) else bytes(text)
 
 
-def make_source(data_config, split: str) -> grain.sources.RandomAccessDataSource:
-  """The documents of `split` ('train' or 'eval') for the configured source."""
+class PreparedDataset:
+  """A directory written by `python -m data.prepare`, as its dataset.json describes it."""
+
+  def __init__(self, path: str, key: str = 'data.path'):
+    self.path, self._key = str(path).rstrip('/'), key
+    meta = epath.Path(self.path) / 'dataset.json'
+    try:
+      self.info = json.loads(meta.read_text())
+      ok = self.info.get('format') == PREPARED_FORMAT and all(
+          k in self.info for k in ('tokenizer', 'vocab_size', 'eos_id', 'splits'))
+    except (OSError, ValueError, AttributeError) as e:
+      raise ValueError(f'{key}: cannot read {meta}: {type(e).__name__}') from None
+    if not ok:
+      raise ValueError(f'{key}: {meta} is not a {PREPARED_FORMAT} description')
+
+  @property
+  def tokenizer_spec(self) -> str:
+    """What data.tokenizers.load takes: 'bytes', or the tokenizer file beside the records."""
+    name = self.info['tokenizer']
+    return 'bytes' if name == 'bytes' else str(epath.Path(self.path) / name)
+
+  def source(self, split: str) -> 'PreparedSource':
+    files = self.info['splits'].get(split, {}).get('files')
+    if not files:
+      raise ValueError(f'{self._key}: {self.path}/dataset.json lists no {split} files')
+    return PreparedSource([str(epath.Path(self.path) / f) for f in files], f'{self.path}[{split}]')
+
+
+class PreparedSource(grain.sources.RandomAccessDataSource):
+  """Documents as token ids (uint32): each ArrayRecord record is one document's ids, '<u4'."""
+
+  def __init__(self, paths: list[str], name: str):
+    self._records, self._name = grain.sources.ArrayRecordDataSource(paths), name
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, index):
+    return np.frombuffer(self._records[index], '<u4')
+
+  def record_name(self, index) -> str:
+    return f'{self._name} record {index}'
+
+  def __repr__(self):
+    return f'PreparedSource({self._name}, {len(self)} documents)'
+
+
+class Mixture:
+  """Sources drawn from document by document in proportion to their weights (normalised)."""
+
+  def __init__(self, components):  # [(source, weight > 0)]
+    total = sum(w for _, w in components)
+    self.components = [(source, w / total) for source, w in components]
+
+  def __repr__(self):
+    return 'Mixture(' + ', '.join(f'{s!r}: {w:.3g}' for s, w in self.components) + ')'
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+  """'dir:weight,dir:weight' (dirs local or gs://) -> [(dir, weight)]; '' -> []."""
+  parts = []
+  for item in filter(None, (i.strip() for i in spec.split(','))):
+    path, _, weight = item.rpartition(':')
+    try:
+      ok = bool(path) and float(weight) > 0 and np.isfinite(float(weight))
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f'data.mixture: {item!r} is not <prepared dir>:<positive weight>')
+    parts.append((path, float(weight)))
+  return parts
+
+
+def prepared_datasets(data_config) -> list[tuple[PreparedDataset, float]]:
+  """The prepared datasets of data.path or data.mixture, with their weights; [] for raw text."""
+  if data_config.source != 'arrayrecord':
+    return []
+  if data_config.mixture:
+    return [(PreparedDataset(p, 'data.mixture'), w) for p, w in parse_mixture(data_config.mixture)]
+  return [(PreparedDataset(data_config.path), 1.0)]
+
+
+def tokenizer_spec(data_config) -> str:
+  """The run's tokenizer as data.tokenizers.load takes it: data.tokenizer for raw text ('' is
+  bytes), the prepared datasets' own for arrayrecord (all of a mixture's must be the same)."""
+  datasets = [d for d, _ in prepared_datasets(data_config)]
+  if not datasets:
+    return data_config.tokenizer or 'bytes'
+  if data_config.tokenizer:
+    raise ValueError('data.tokenizer: must be empty for data.source=arrayrecord: a prepared '
+                     'dataset is read with the tokenizer it was prepared with')
+  first = datasets[0]
+  for other in datasets[1:]:
+    if _tokenizer_identity(other) != _tokenizer_identity(first):
+      raise ValueError(f'data.mixture: {other.path} was tokenised with another tokenizer than '
+                       f'{first.path}; a mixture needs one tokenizer')
+  return first.tokenizer_spec
+
+
+def _tokenizer_identity(dataset: PreparedDataset):
+  spec = dataset.tokenizer_spec
+  try:
+    contents = b'' if spec == 'bytes' else epath.Path(spec).read_bytes()
+  except OSError as e:
+    raise ValueError(f'data.mixture: cannot read {spec}: {e.strerror or e}') from None
+  return dataset.info['vocab_size'], dataset.info['eos_id'], contents
+
+
+def make_source(data_config, split: str):
+  """The documents of `split` ('train' or 'eval') for the configured source: a source, or a
+  Mixture of the prepared datasets' `split`s."""
+  if data_config.source == 'arrayrecord':
+    datasets = prepared_datasets(data_config)
+    if len(datasets) == 1:
+      return datasets[0][0].source(split)
+    return Mixture([(dataset.source(split), w) for dataset, w in datasets])
   if data_config.source == 'tfds':
     tfds_split = data_config.tfds_train_split if split == 'train' else data_config.tfds_eval_split
     return TfdsTextSource(data_config.tfds_name, tfds_split, data_config.tfds_text_key)

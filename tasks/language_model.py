@@ -1,19 +1,24 @@
 """Causal language modelling: predict each next token of packed documents (task.name='lm').
 
 Batches are {'tokens': int32 [B, L + 1]}: inputs are tokens[:, :-1], targets tokens[:, 1:].
+Tokens are bytes by default, or those of `data.tokenizer` or of the prepared dataset
+(`data.source=arrayrecord`); the tokenizer's eos ends each document.
 Evaluation is a fixed, seeded sample of packed sequences drawn from every eval document
-(`task.eval_batches` global batches), reported as loss per token and bits per byte: the
-default tokens are bytes, so a token is a byte.
+(`task.eval_batches` global batches; for a mixture, from the components' eval splits mixed in
+the training weights), reported as loss per token and bits per byte: each target token counts
+the UTF-8 bytes it stands for (1 for every byte token; eos counts 1, as the byte separator did).
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from data import pipeline, sources
+from data import pipeline, sources, tokenizers
 from parallel import sharding
 from tasks import base
 
@@ -35,8 +40,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 def default_data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = 'stdlib'  # stdlib | files | tfds
+  d.source = 'stdlib'  # stdlib | files | tfds | arrayrecord
   d.files = ''  # glob for source=files, e.g. '/data/books/**/*.txt'
+  d.path = ''  # for source=arrayrecord: a prepared dataset directory (python -m data.prepare)
+  # For source=arrayrecord instead of path: prepared directories drawn from in proportion to
+  # their weights (normalised), e.g. '/data/web:0.7,gs://b/code:0.3'. One tokenizer for all.
+  d.mixture = ''
+  # Raw text's tokenizer: '' (bytes) or a SentencePiece .model or Hugging Face tokenizer.json
+  # (local or gs://). Empty for arrayrecord, which uses the prepared dataset's own.
+  d.tokenizer = ''
   d.eval_percent = 2  # files whose path hashes below this percentage form the validation split
   d.tfds_name = ''  # for source=tfds, e.g. 'lm1b'
   d.tfds_train_split = 'train'
@@ -97,13 +109,20 @@ class Task(base.Task):
 
   def validate(self):
     d = self.config.data
-    _require(d.source in ('stdlib', 'files', 'tfds'), 'data.source',
-             f'{d.source!r} is not one of stdlib, files, tfds')
+    _require(d.source in ('stdlib', 'files', 'tfds', 'arrayrecord'), 'data.source',
+             f'{d.source!r} is not one of stdlib, files, tfds, arrayrecord')
     _require(d.source != 'files' or bool(d.files), 'data.files', "is empty but data.source='files'")
     _require(d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name',
              "is empty but data.source='tfds'")
-    _require(self.config.model.vocab_size >= 256, 'model.vocab_size',
-             f'{self.config.model.vocab_size} is too small for byte tokens (needs 256)')
+    _require(d.source != 'arrayrecord' or bool(d.path) != bool(d.mixture), 'data.path',
+             "set data.path or data.mixture (one of them) for data.source='arrayrecord'")
+    for key in ('path', 'mixture'):
+      _require(not d[key] or d.source == 'arrayrecord', f'data.{key}',
+               "names prepared datasets: it needs data.source='arrayrecord'")
+    vocab_size = self.tokenizer.vocab_size  # ValueError: no dataset.json, no tokenizer
+    _require(self.config.model.vocab_size >= vocab_size, 'model.vocab_size',
+             f'{self.config.model.vocab_size} is smaller than the tokenizer\'s {vocab_size} '
+             f'tokens ({self.tokenizer.spec})')
     _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}')
     _require(0 <= d.eval_percent < 100, 'data.eval_percent',
              f'must be in [0, 100), got {d.eval_percent}')
@@ -128,32 +147,51 @@ class Task(base.Task):
   def loss(self, model, batch, rngs):
     return next_token_loss(model, batch['tokens'], rngs), {}
 
+  @functools.cached_property
+  def tokenizer(self):
+    """The run's tokenizer (data.tokenizer, or the prepared dataset's own)."""
+    return load_tokenizer(self.config.data)
+
+  @functools.cached_property
+  def _bytes_per_token(self):
+    """float32[model.vocab_size]: the UTF-8 bytes each token id stands for (eos: 1)."""
+    table = np.zeros(self.config.model.vocab_size, np.float32)
+    table[:self.tokenizer.vocab_size] = token_byte_lengths(self.tokenizer)
+    return table
+
   def eval_sums(self, model, batch):
     losses_BxL = next_token_loss(model, batch['tokens'], per_token=True)
-    return {'loss_sum': losses_BxL.sum(), 'tokens': jnp.asarray(losses_BxL.size, jnp.float32)}
+    bytes_BxL = jnp.asarray(self._bytes_per_token)[batch['tokens'][:, 1:]]
+    return {'loss_sum': losses_BxL.sum(), 'tokens': jnp.asarray(losses_BxL.size, jnp.float32),
+            'bytes': bytes_BxL.sum()}
 
   def eval_metrics(self, sums):
-    loss = float(sums['loss_sum']) / max(float(sums['tokens']), 1.0)
-    return {'loss': loss, 'bits_per_byte': loss / math.log(2)}
+    tokens = max(float(sums['tokens']), 1.0)
+    loss = float(sums['loss_sum']) / tokens
+    return {'loss': loss,
+            'bits_per_byte': loss / math.log(2) * (tokens / max(float(sums['bytes']), 1.0))}
 
   def train_batches(self, stats):
     source = sources.make_source(self.config.data, 'train')  # ValueError: no files, no dataset
     return _batches(self.config.data, source, shuffle=True, seed=self.config.data.shuffle_seed,
-                    stats=stats)
+                    stats=stats, tokenizer=self.tokenizer)
 
   def eval_batches(self):
     """A fixed sample: eval documents shuffled with a fixed seed, packed, the first batches."""
     if not (self.config.train.eval_every and self.config.task.eval_batches):
       return []
     source = sources.make_source(self.config.data, 'eval')
-    iterator = iter(_batches(self.config.data, source, shuffle=True, seed=_EVAL_SEED))
+    iterator = iter(_batches(self.config.data, source, shuffle=True, seed=_EVAL_SEED,
+                             tokenizer=self.tokenizer))
     out = [next(iterator) for _ in range(self.config.task.eval_batches)]
     iterator.close()
     return out
 
   def parts(self, run):
     from tasks import lm_samples  # pylint: disable=g-import-not-at-top
-    return [lm_samples.Samples(self.config)] if self.config.task.num_samples else []
+    if not self.config.task.num_samples:
+      return []
+    return [lm_samples.Samples(self.config, self.tokenizer)]
 
 
 def _require(ok, key, message):
@@ -161,7 +199,36 @@ def _require(ok, key, message):
     raise ValueError(f'{key}: {message}')
 
 
-def _batches(d, source, *, shuffle, seed, stats=None):
+def load_tokenizer(d):
+  """The tokenizer of data config `d`: data.tokenizer, or the prepared datasets' own."""
+  spec = sources.tokenizer_spec(d)  # ValueError naming the key
+  try:
+    return tokenizers.load(spec)
+  except ValueError as e:  # 'data.tokenizer: ...'; name the key the spec came from
+    if d.tokenizer:
+      raise
+    key = 'data.mixture' if d.mixture else 'data.path'
+    raise ValueError(f'{key}: the dataset\'s tokenizer: {str(e).split(": ", 1)[-1]}') from None
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+  """float32[vocab_size]: the UTF-8 bytes each token id stands for, eos counted as 1. Read from
+  what decoding adds after a plain token, so a leading space counts; a piece of a multi-byte
+  character (decoded alone as U+FFFD) counts as one byte; special tokens other than eos as 0."""
+  if isinstance(tokenizer, tokenizers.ByteTokenizer):
+    return np.ones(tokenizer.vocab_size, np.float32)
+  prefix = [int(i) for i in tokenizer.encode('a')]
+  base = tokenizer.decode(prefix)
+  lengths = np.zeros(tokenizer.vocab_size, np.float32)
+  for i in range(tokenizer.vocab_size):
+    text = tokenizer.decode(prefix + [i])
+    pieces = text.count('\ufffd') - base.count('\ufffd')
+    lengths[i] = len(text.encode()) - len(base.encode()) - 2 * pieces
+  lengths[tokenizer.eos_id] = 1
+  return lengths
+
+
+def _batches(d, source, *, shuffle, seed, stats=None, tokenizer=None):
   """This process's rows of each global batch: those of the data streams it owns."""
   num_streams = d.num_streams or jax.process_count()
   per_process = num_streams // jax.process_count()
@@ -170,4 +237,4 @@ def _batches(d, source, *, shuffle, seed, stats=None):
       source, seq_len=d.seq_len, batch_size=d.global_batch_size // jax.process_count(),
       seed=seed, shuffle=shuffle, streams=range(first, first + per_process),
       num_streams=num_streams, worker_threads=d.worker_threads,
-      prefetch_batches=d.prefetch_batches, stats=stats)
+      prefetch_batches=d.prefetch_batches, stats=stats, tokenizer=tokenizer)

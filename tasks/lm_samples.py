@@ -1,4 +1,5 @@
-"""Text samples from a byte-level model: the end-of-run check that it learnt something."""
+"""Text samples from a decoder: the end-of-run check that it learnt something. Prompts are
+encoded and samples decoded with the run's tokenizer (bytes by default)."""
 
 import functools
 
@@ -6,15 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.pipeline import DOCUMENT_SEPARATOR
+from data import tokenizers
 from tasks import base
 
 
 class Samples(base.Part):
   """At the end of training, prints `task.num_samples` continuations of the prompts."""
 
-  def __init__(self, config):
-    self.config = config
+  def __init__(self, config, tokenizer=None):
+    self.config, self.tokenizer = config, tokenizer
 
   def at_end(self, run, state):
     t = self.config.task
@@ -22,7 +23,8 @@ class Samples(base.Part):
     make_model = lambda params: run.setup.model(params, state.get('model_state'))
     texts = generate(make_model, state['params'], prompts, max_len=self.config.model.max_len,
                      new_tokens=t.sample_length, temperature=t.sample_temperature,
-                     top_k=t.sample_top_k, top_p=t.sample_top_p, seed=self.config.seed)
+                     top_k=t.sample_top_k, top_p=t.sample_top_p, seed=self.config.seed,
+                     tokenizer=self.tokenizer)
     for text in texts:
       run.announce(f'--- sample ---\n{text}')
 
@@ -48,16 +50,18 @@ def choose(logits_NxV, key, *, temperature: float, top_k: int = 0, top_p: float 
 
 def generate(make_model, params, prompts: list[str], *, max_len: int, new_tokens: int,
              temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             kv_cache: bool = True) -> list[str]:
-  """Continues each prompt by `new_tokens` bytes (fewer if `max_len` is reached), chosen by
-  `choose`. With `kv_cache` the prompts are read once into a key/value cache and each step runs
-  the model on one new token per row (`Model.decode`); without, each step reruns the whole
-  sequence (the reference the cached path is tested and timed against)."""
-  encoded = [p.encode('utf-8') for p in prompts]
+             kv_cache: bool = True, tokenizer=None) -> list[str]:
+  """Continues each prompt by `new_tokens` tokens (fewer if `max_len` is reached), chosen by
+  `choose`, and returns the texts up to the first eos. `tokenizer` (default: bytes) encodes the
+  prompts and decodes the samples. With `kv_cache` the prompts are read once into a key/value
+  cache and each step runs the model on one new token per row (`Model.decode`); without, each
+  step reruns the whole sequence (the reference the cached path is tested and timed against)."""
+  tokenizer = tokenizer or tokenizers.load('')
+  encoded = [tokenizer.encode(p) for p in prompts]
   new_tokens = min(new_tokens, max_len - max(len(p) for p in encoded))
   prompt_NxP = np.zeros((len(prompts), max(len(p) for p in encoded)), np.int32)
   for row, prompt in enumerate(encoded):
-    prompt_NxP[row, :len(prompt)] = np.frombuffer(prompt, np.uint8)
+    prompt_NxP[row, :len(prompt)] = prompt
   lengths_N = np.array([len(p) for p in encoded], np.int32)
   sample = functools.partial(_sample_cached if kv_cache else _sample_recomputed, make_model,
                              functools.partial(choose, temperature=temperature, top_k=top_k,
@@ -65,9 +69,10 @@ def generate(make_model, params, prompts: list[str], *, max_len: int, new_tokens
   out = np.asarray(jax.jit(sample)(params, prompt_NxP, lengths_N, jax.random.key(seed)))
   texts = []
   for row, prompt in zip(out, encoded):
-    continuation = bytes(row.astype(np.uint8))
-    document = continuation.split(bytes([DOCUMENT_SEPARATOR]))[0]  # stop where a file would end
-    texts.append((prompt + document).decode('utf-8', 'replace'))
+    ends = np.flatnonzero(row == tokenizer.eos_id)  # stop where a document would end
+    row = row[:ends[0]] if ends.size else row
+    row = row[row < tokenizer.vocab_size]  # the model's padding ids stand for no text
+    texts.append(tokenizer.decode(np.concatenate([prompt, row])))
   return texts
 
 

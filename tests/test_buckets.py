@@ -15,8 +15,9 @@ import urllib.request
 
 import pytest
 
-from data import sources
+from data import sources, tokenizers
 from tests.test_faults import _assert_same_state, _losses
+from tests.test_prepared_data import write_prepared
 from tests.test_train_e2e import CACHE_ALL, REPO, TINY, run_train
 from tests.test_train_e2e import saved_state as _state
 
@@ -42,6 +43,7 @@ def _free_port() -> int:
 def _emulator_env(url: str) -> dict:
   return {'STORAGE_EMULATOR_HOST': url,  # gcsfs (epath) and google-cloud-storage (tensorboardX)
           'TENSORSTORE_GCS_HTTP_URL': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',  # Orbax
+          'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,  # ArrayRecord's reader (google-cloud-cpp)
           # Otherwise google-auth looks for a GCE metadata server, and stalls each access.
           'NO_GCE_CHECK': 'True', 'GCE_METADATA_HOST': '127.0.0.1:9',
           # Otherwise gcsfs asks the bucket's layout of a gRPC API the emulator lacks, waiting
@@ -159,3 +161,22 @@ def test_a_pattern_that_matches_nothing_in_the_bucket_exits_2_with_one_line(buck
   assert result.stderr.strip().splitlines()[-1] == (
       f"train.py: error: config data: no train files for source='files' "
       f"files='gs://{BUCKET}/nothing/*.txt' eval_percent=2")
+
+
+def test_a_prepared_dataset_in_a_bucket_is_read_with_its_tokenizer(bucket, tmp_path):
+  client, env = bucket
+  tokenizer = tokenizers.train(['the quick brown fox jumps over the lazy dog'] * 20, 'bpe', 280,
+                               str(tmp_path / 'tokenizer'))
+  documents = [[1, 2, 3], [270, 5]]
+  write_prepared(tmp_path / 'prepared', {'train': documents, 'eval': documents[:1]}, tokenizer,
+                 vocab_size=280)
+  client.put(str(tmp_path / 'prepared'), f'{BUCKET}/prepared', recursive=True)
+  read = ('from data import sources; from tasks import language_model as lm; '
+          'd = lm.default_data_config(); d.update(source="arrayrecord", path=sys.argv[1]); '
+          'print(lm.load_tokenizer(d).spec, [sources.make_source(d, "train")[i].tolist() '
+          'for i in range(2)])')
+  result = subprocess.run([sys.executable, '-c', f'import sys; {read}', f'gs://{BUCKET}/prepared'],
+                          cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == f'gs://{BUCKET}/prepared/tokenizer.json {documents}'

@@ -29,6 +29,8 @@ CASES = {
                              'data.tfds_name'),
     'no files match': (['--config.data.source=files', '--config.data.files=/nonexistent/*.txt'],
                        'no train files'),
+    'no prepared dataset': (['--config.data.source=arrayrecord', '--config.data.path=/nonexistent'],
+                            'data.path: cannot read /nonexistent/dataset.json'),
 }
 
 

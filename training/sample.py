@@ -4,11 +4,13 @@ python -m training.sample --workdir=DIR [--prompt='def ' ...] [--new_tokens=256]
     [--temperature=0.8] [--top_k=0] [--top_p=1.0] [--seed=0] [--step=N] [--export=FILE]
 
 The model is rebuilt from DIR/config.json and its parameters are read from the checkpoint onto
-one device. Each prompt is continued through a key/value cache (tasks/lm_samples.py) and
-printed. `--export=FILE` also writes the one-token decode step, `(jax.tree.leaves(params),
-tokens [B, 1], positions [B, 1], cache) -> (logits [B, 1, V], cache)` for B = the number of
-prompts, as a serialized `jax.export` artefact that a server can load with
-`jax.export.deserialize` and call without this code.
+one device. Each prompt is encoded with the run's tokenizer (its data.tokenizer, or its
+prepared dataset's, which must still be where the run read it), continued through a key/value
+cache (tasks/lm_samples.py) up to the first eos, decoded and printed. `--export=FILE` also
+writes the one-token decode step, `(jax.tree.leaves(params), tokens [B, 1], positions [B, 1],
+cache) -> (logits [B, 1, V], cache)` for B = the number of prompts, as a serialized
+`jax.export` artefact that a server can load with `jax.export.deserialize` and call without
+this code.
 """
 
 import json
@@ -22,7 +24,7 @@ from etils import epath
 from flax import nnx
 
 from models import MODELS
-from tasks import lm_samples
+from tasks import language_model, lm_samples
 from training import warm_start
 
 
@@ -39,9 +41,10 @@ def load(workdir: str, step: int = 0):
   if not hasattr(MODELS[config.model.name].Model, 'decode'):
     raise SampleError(f'model.name={config.model.name!r} is not a decoder; nothing to sample')
   # Keys added to the model since the run was written take their defaults.
-  model = MODELS[config.model.name].default_config()
+  model, data = MODELS[config.model.name].default_config(), language_model.default_data_config()
   model.update(config.model)
-  config.model = model
+  data.update(config.data)
+  config.model, config.data = model, data
   source = str(epath.Path(workdir) / 'checkpoints' / str(step)) if step else workdir
   graphdef, template = nnx.split(nnx.eval_shape(
       lambda: MODELS[config.model.name].Model(config.model, rngs=nnx.Rngs(params=0))), nnx.Param)
@@ -64,6 +67,14 @@ def load(workdir: str, step: int = 0):
   return config, make_model, params
 
 
+def load_tokenizer(config):
+  """The tokenizer the run in `config` trained with."""
+  try:
+    return language_model.load_tokenizer(config.data)
+  except ValueError as e:
+    raise SampleError(str(e)) from None
+
+
 def export_decode_step(make_model, params, batch: int, max_len: int) -> bytes:
   """The serialized one-token decode step for `batch` rows and a cache of `max_len`. It takes
   the parameters as the list `jax.tree.leaves(params)` (serialized trees need string keys;
@@ -84,6 +95,7 @@ def main(argv):
   del argv
   try:
     config, make_model, params = load(_WORKDIR.value, _STEP.value)
+    tokenizer = load_tokenizer(config)
     for ok, flag, rule in ((_TEMPERATURE.value >= 0, 'temperature', 'must be >= 0'),
                            (0 <= _TOP_K.value <= config.model.vocab_size, 'top_k',
                             'must be in [0, vocab size]'),
@@ -94,7 +106,8 @@ def main(argv):
     sys.exit(f'sample: error: {e}')
   texts = lm_samples.generate(make_model, params, _PROMPTS.value, max_len=config.model.max_len,
                               new_tokens=_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                              top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+                              top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                              tokenizer=tokenizer)
   for text in texts:
     print(f'--- sample ---\n{text}')
   if _EXPORT.value:
@@ -107,9 +120,9 @@ if __name__ == '__main__':
   _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.', required=True)
   _PROMPTS = flags.DEFINE_multi_string('prompt', ['def ', 'import ', 'class '], 'Prompts, '
                                        'sampled together.')
-  _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'Bytes to add (up to model.max_len).')
+  _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'Tokens to add (up to model.max_len).')
   _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0: greedy.')
-  _TOP_K = flags.DEFINE_integer('top_k', 0, 'Draw among the k likeliest bytes (0: all).')
+  _TOP_K = flags.DEFINE_integer('top_k', 0, 'Draw among the k likeliest tokens (0: all).')
   _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Draw from the smallest set this likely (1: all).')
   _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   _STEP = flags.DEFINE_integer('step', 0, 'The checkpoint step (0: the newest).')
