@@ -39,16 +39,16 @@ class _BandKeys(beam.DoFn):
   def __init__(self, num_perm: int, bands: int, rows: int, shingle_words: int):
     self._num_perm, self._bands, self._rows = num_perm, bands, rows
     self._shingle_words = shingle_words
-    self._permutations = None
+    self._template = None
 
   def setup(self):
-    self._permutations = datasketch.MinHash(self._num_perm, seed=_SEED).permutations
+    self._template = datasketch.MinHash(self._num_perm, seed=_SEED)
 
   def process(self, element):
     key, text = element
-    minhash = datasketch.MinHash(self._num_perm, seed=_SEED, permutations=self._permutations)
+    minhash = self._template.copy()  # reuses the permutations instead of drawing them again
     minhash.update_batch(list(shingles(text, self._shingle_words)))
-    signature = minhash.hashvalues.astype(np.uint32)  # values are below 2**32 by construction
+    signature = minhash.hashvalues
     for band in range(self._bands):
       rows = signature[band * self._rows:(band + 1) * self._rows].tobytes()
       yield hashlib.blake2b(rows, digest_size=12, person=band.to_bytes(4, 'little')).digest(), (
