@@ -4,6 +4,7 @@ document, so the Beam pipeline can run them anywhere."""
 import collections
 import dataclasses
 import html
+import ipaddress
 import re
 import unicodedata
 
@@ -15,9 +16,8 @@ _TRAILING = re.compile(r'[ \t]+\n')
 _BLANK_LINES = re.compile(r'\n{3,}')
 _EMAIL = re.compile(r'\b[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b')
 _IPV4 = re.compile(r'\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b')
-# Full and `::`-compressed IPv6 forms with at least three groups, so `a::b` in code is left alone.
-_IPV6 = re.compile(r'(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}(?::|:?[0-9A-Fa-f]{1,4})'
-                   r'(?:(?::[0-9A-Fa-f]{1,4}){0,5})(?![\w:])')
+# IPv6 candidates: hex groups joined by at least two colons; `ipaddress` decides which are real.
+_IPV6 = re.compile(r'(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])')
 PII_PLACEHOLDERS = {'email': '<EMAIL>', 'ip': '<IP_ADDRESS>'}
 
 
@@ -35,11 +35,23 @@ def normalise(text: str) -> str:
 
 def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
   """E-mail and IP addresses replaced by placeholders, and how many of each were replaced."""
-  counts = {}
-  for kind, pattern in (('email', _EMAIL), ('ip', _IPV4), ('ip', _IPV6)):
-    text, n = pattern.subn(PII_PLACEHOLDERS[kind], text)
-    counts[kind] = counts.get(kind, 0) + n
-  return text, counts
+  text, emails = _EMAIL.subn(PII_PLACEHOLDERS['email'], text)
+  text, ipv4s = _IPV4.subn(PII_PLACEHOLDERS['ip'], text)
+  ipv6s = 0
+
+  def ipv6(match):
+    nonlocal ipv6s
+    if len(match[0]) < 6:  # `a::b` is a valid address but far more often code
+      return match[0]
+    try:
+      ipaddress.IPv6Address(match[0])
+    except ValueError:
+      return match[0]
+    ipv6s += 1
+    return PII_PLACEHOLDERS['ip']
+
+  text = _IPV6.sub(ipv6, text)
+  return text, {'email': emails, 'ip': ipv4s + ipv6s}
 
 
 @dataclasses.dataclass(frozen=True)
