@@ -67,6 +67,10 @@ class Rules:
   dup_ngram_words: int = 10
 
 
+# The rules, by the names `failed_rule` gives (each a threshold field of `Rules`).
+RULE_NAMES = tuple(f.name for f in dataclasses.fields(Rules) if f.name != 'dup_ngram_words')
+
+
 def _ratios(text: str) -> tuple[float, float, float]:
   """Shares of alphabetic, digit and symbol (neither alphanumeric nor space) characters."""
   n = len(text)

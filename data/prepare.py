@@ -241,7 +241,7 @@ def prepare(input: str, output: str, pipeline_args=(), **options) -> dict:  # py
   out = epath.Path(output)
   out.mkdir(parents=True, exist_ok=True)
   beam_options = _pipeline_options(o, pipeline_args)
-  clean_args = dataclasses.asdict(o)
+  clean_args = dataclasses.asdict(o)  # the sample for the tokenizer is drawn here too
   for name in ('workers', 'tokenizer', 'vocab_size', 'eval_percent', 'num_shards',
                'num_eval_shards'):
     clean_args.pop(name)
@@ -257,8 +257,7 @@ def prepare(input: str, output: str, pipeline_args=(), **options) -> dict:  # py
   stages['shards'] = _stage(out, 'shards', shards_key,
                             lambda d: _make_shards(o, clean_dir, spec, out, d, beam_options))
   sums = report_lib.read_events(clean_dir, shards_dir)
-  rule_names = [f.name for f in dataclasses.fields(cleaning.Rules) if f.name != 'dup_ngram_words']
-  report = report_lib.build(sums, rule_names, o.near_dup_threshold)
+  report = report_lib.build(sums, cleaning.RULE_NAMES, o.near_dup_threshold)
   report['stages'] = stages
   prepare_io.write_dataset_json(out, spec, report['splits'], o, input)
   (out / 'report.json').write_text(json.dumps(report, indent=1))

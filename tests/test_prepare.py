@@ -196,6 +196,10 @@ def test_parquet_column_and_workers_give_the_same_shards(tmp_path):
     (lambda d: None, 'nothing-*.txt', "input: no files match"),
     (lambda d: pq.write_table(pa.table({'body': ['x'], 'id': [1]}), d / 'a.parquet'),
      'a.parquet', "text_key: {d}/a.parquet has no column 'text'; its columns: body, id"),
+    (lambda d: (d / 'a.parquet').write_text('not parquet'),
+     'a.parquet', 'input: {d}/a.parquet is not a Parquet file'),
+    (lambda d: (d / 'a.csv').write_text('text\nx\n'),
+     'a.csv', 'input: {d}/a.csv is not one of .txt, .jsonl, .parquet'),
     (lambda d: (d / 'a.jsonl').write_text('{"body": "x"}\n'),
      'a.jsonl', "text_key: {d}/a.jsonl has no field 'text'; its first record has: body"),
 ])
