@@ -273,7 +273,7 @@ def _define_flags():
       continue
     define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               str: flags.DEFINE_string}[type(field.default)]
-    define(field.name, field.default, field.metadata.get('help', f'quality rule: {field.name}'))
+    define(field.name, field.default, field.metadata['help'])
 
 
 def main(argv):
