@@ -68,6 +68,11 @@ class Options:
     for name, ok, what in checks + tuple(_rule_checks(self.rules)):
       if not ok:
         raise ValueError(f'{name}: {what}')
+    try:
+      dedup.lsh_bands(self.near_dup_threshold, self.num_perm)
+    except ValueError as e:  # e.g. a threshold so near 1 that one band would do
+      raise ValueError(f'near_dup_threshold: {self.near_dup_threshold} with num_perm='
+                       f'{self.num_perm} gives no LSH banding ({e})') from None
 
 
 def _rule_checks(rules):

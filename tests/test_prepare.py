@@ -5,6 +5,7 @@ import collections
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -177,6 +178,10 @@ def test_rerun_skips_done_stages_and_changed_arguments_redo(run):
   assert resharded['stages'] == {'clean': 'skipped', 'tokenizer': 'skipped', 'shards': 'ran'}
   assert len(list((root / 'out').glob('train-*.array_record'))) == 2
   assert resharded['splits'] == report['splits']
+  stricter = prepare.prepare(f'{root}/in/*', str(root / 'out'),
+                             **{**OPTIONS, 'num_shards': 2, 'near_dup_threshold': 0.97})
+  assert stricter['stages'] == {'clean': 'ran', 'tokenizer': 'ran', 'shards': 'ran'}
+  assert stricter['near_duplicates']['documents_dropped'] == 0
 
 
 def test_parquet_column_and_workers_give_the_same_shards(tmp_path):
@@ -209,6 +214,17 @@ def test_bad_input_is_a_one_line_error(tmp_path, make, pattern, message):
     prepare.prepare(str(tmp_path / pattern), str(tmp_path / 'out'))
   assert str(error.value).startswith(message.format(d=tmp_path))
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('options, message', [
+    (dict(near_dup_threshold=0.999), 'near_dup_threshold: 0.999 with num_perm=128 gives no LSH'),
+    (dict(eval_percent=100), 'eval_percent: 100 is not in [0, 100)'),
+    (dict(tokenizer='words'), "tokenizer: 'words' is not bytes, sentencepiece or bpe"),
+    (dict(rules=cleaning.Rules(max_digit_ratio=2.0)), 'max_digit_ratio: 2.0 is not in [0, 1]'),
+])
+def test_bad_options_are_one_line_errors(options, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    prepare.Options(**options).validate()
 
 
 def test_cli_exits_2_with_one_line(tmp_path):
