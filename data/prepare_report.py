@@ -141,14 +141,15 @@ def plot(report: dict, directory: str):
              'exact duplicate': report['exact_duplicates']['documents_dropped'],
              'near duplicate': report['near_duplicates']['documents_dropped'],
              'malformed': sum(v['count'] for v in report['malformed'].values())}
-  charts = {name: (f'{name} (power-of-two bins)', hist)
-            for name, hist in report['histograms'].items()}
-  charts['dropped'] = ('documents dropped, by reason', dropped)
-  for name, (title, values) in charts.items():
+  charts = {name: (f'{name.replace("_", " ")} per document', 'lower edge of a power-of-two bin',
+                   hist) for name, hist in report['histograms'].items()}
+  charts['dropped'] = ('documents dropped, by reason', '', dropped)
+  for name, (title, xlabel, values) in charts.items():
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.bar(range(len(values)), list(values.values()))
     ax.set_xticks(range(len(values)), list(values), rotation=60, ha='right', fontsize=7)
     ax.set_title(title)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel('documents')
     fig.tight_layout()
     with (out / f'{name}.png').open('wb') as f:
