@@ -14,7 +14,7 @@ def get_config(presets: str = ''):
   config = fashion_mnist_cnn.base_config('resnet')
   config.model.image_shape = (28, 28, 1)
   config.model.stage_sizes, config.model.width = (1, 2, 2, 2), 16
-  config.data.augment = 'flip_crop'
+  config.data.augment = 'flip,crop'
   config.optim.adamw.weight_decay = 5e-4
   return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
                               fashion_mnist_cnn.apply_preset)
