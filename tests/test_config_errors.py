@@ -29,6 +29,10 @@ CASES = {
                              'data.tfds_name'),
     'no files match': (['--config.data.source=files', '--config.data.files=/nonexistent/*.txt'],
                        'no train files'),
+    'image augmentation of texts': (['--config=configs/encoder_classify.py:tiny',
+                                     '--config.data.augment=flip,mixup'], 'data.augment'),
+    'unknown class balance': (['--config=configs/fashion_mnist_cnn.py:tiny',
+                               '--config.data.balance=undersample'], 'data.balance'),
 }
 
 
