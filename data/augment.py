@@ -120,11 +120,17 @@ def flip(image_HxWxC: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def crop(image_HxWxC: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
-  """A window of the image's size from the image padded by `padding` zeros a side."""
+  """A window of the image's size from the image padded by `padding` zeros a side: the image
+  shifted by up to `padding` pixels each way, zeros filling in (np.pad took 10x longer)."""
+  out = np.zeros_like(image_HxWxC)
+  shift_y, shift_x = rng.integers(0, 2 * padding + 1, size=2) - padding
   height, width = image_HxWxC.shape[:2]
-  top, left = rng.integers(0, 2 * padding + 1, size=2)
-  padded = np.pad(image_HxWxC, ((padding, padding), (padding, padding), (0, 0)))
-  return padded[top:top + height, left:left + width]
+  keep_h, keep_w = max(height - abs(shift_y), 0), max(width - abs(shift_x), 0)
+  out_y, out_x = max(-shift_y, 0), max(-shift_x, 0)
+  in_y, in_x = max(shift_y, 0), max(shift_x, 0)
+  out[out_y:out_y + keep_h, out_x:out_x + keep_w] = (
+      image_HxWxC[in_y:in_y + keep_h, in_x:in_x + keep_w])
+  return out
 
 
 def _grey(image_HxWxC: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ class Task(base.Task):
     _require(self.config.task.top_k > 0, 'task.top_k', 'must be positive')
     smoothing = self.config.task.label_smoothing
     _require(0 <= smoothing < 1, 'task.label_smoothing', f'must be in [0, 1), got {smoothing}')
-    augment.names(d, takes[:-1])
+    augment.names(d, 'image' if _is_image(self.config) else 'text')
     data_lib.check_balance(d)
 
   def batch_spec(self, split):
