@@ -58,10 +58,9 @@ def mixes(data_cfg) -> bool:
   return any(n.strip() in MIXES for n in data_cfg.augment.split(','))
 
 
-def seed(data_cfg, op: str) -> int:
-  """A seed of its own for each random op, from `data.shuffle_seed`."""
-  return int(np.random.SeedSequence([data_cfg.shuffle_seed, TRANSFORMS.index(op) + 1])
-             .generate_state(1)[0])
+def _seed(data_cfg, op: int) -> int:
+  """A seed of its own for each random op (1: distort, 2: mix), from `data.shuffle_seed`."""
+  return int(np.random.SeedSequence([data_cfg.shuffle_seed, op]).generate_state(1)[0])
 
 
 def apply(examples: grain.MapDataset, data_cfg, epoch_size: int) -> grain.MapDataset:
@@ -70,10 +69,10 @@ def apply(examples: grain.MapDataset, data_cfg, epoch_size: int) -> grain.MapDat
   d = data_cfg
   listed = names(d, 'image')
   if any(n in listed for n in ('flip', 'crop', 'jitter')):
-    examples = examples.random_map(Distort(listed, d), seed=seed(d, 'flip'))
+    examples = examples.random_map(Distort(listed, d), seed=_seed(d, 1))
   if any(n in listed for n in MIXES):
     mix = Mix(examples, epoch_size, listed, d)
-    examples = grain.MapDataset.range(len(examples)).random_map(mix, seed=seed(d, 'mixup'))
+    examples = grain.MapDataset.range(len(examples)).random_map(mix, seed=_seed(d, 2))
   return examples
 
 
