@@ -6,7 +6,8 @@ carry 'mask' (1 for a real example, 0 for padding), so the whole eval split coun
 once. Training batches carry 'label_b' and 'mix' with mixup or cutmix (the loss is
 mix * CE(label) + (1 - mix) * CE(label_b)) and 'weight' with data.balance=reweight (each
 example's loss is weighed by it); the training split's class histogram is logged at the start
-and written to summary.json as 'train_classes'. The model is called as `model(inputs, train=..., rngs=...)` and returns logits [B, C].
+and written to summary.json as 'train_classes'. The model is called as
+`model(inputs, train=..., rngs=...)` and returns logits [B, C].
 
 Eval figures: loss, accuracy, top-k accuracy (k = `task.top_k`, when there are more classes), and
 macro-F1 in the metrics files; per-class precision, recall and F1 and the confusion matrix in
