@@ -224,6 +224,10 @@ SKEWED = np.repeat([0, 1, 2], [80, 15, 5])  # 80 / 15 / 5
 def test_oversampling_makes_the_classes_near_uniform():
   source = _Images(np.random.default_rng(0).permutation(SKEWED))
   labels = _joined(_batches(source, 150, balance='oversample'), 'label')  # 12 epochs of 100
+  np.testing.assert_array_equal(  # drawn from the seed: the same again, another for another
+      labels[:200], _joined(_batches(source, 25, balance='oversample'), 'label'))
+  assert not np.array_equal(labels[:200], _joined(
+      _batches(source, 25, balance='oversample', shuffle_seed=5), 'label'))
   shares = np.bincount(labels, minlength=3) / len(labels)
   np.testing.assert_allclose(shares, 1 / 3, atol=0.01)
   epoch = labels[:100]  # every epoch is 100 examples, the classes 34 / 33 / 33
