@@ -81,8 +81,8 @@ class Distort(grain.transforms.RandomMap):
 
   def __init__(self, listed, data_cfg):
     self.listed, self.padding = listed, data_cfg.crop_padding
-    self.strengths = np.float32([data_cfg.jitter_brightness, data_cfg.jitter_contrast,
-                                 data_cfg.jitter_saturation])
+    self.strengths = (data_cfg.jitter_brightness, data_cfg.jitter_contrast,
+                      data_cfg.jitter_saturation)
 
   def random_map(self, element, rng: np.random.Generator):
     image = element['inputs']
