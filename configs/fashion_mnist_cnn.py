@@ -5,6 +5,9 @@ Debian's `dataset-fashion-mnist` package (`apt-get install dataset-fashion-mnist
 /usr/share/datasets/fashion-mnist/), or from TFDS with
 `--config.data.source=tfds --config.data.name=fashion_mnist` once it is prepared there.
 Presets: `tiny` (a short smoke run) and the parallelism ones (`dp`, `fsdp`, `fsdp_tp`).
+No augmentation by default; `--config.data.augment=flip,crop,jitter,mixup,cutmix` (any of them)
+and `--config.data.balance=reweight|oversample` apply to any image config (data/augment.py,
+data/classification.py).
 """
 
 from configs import common

@@ -6,8 +6,16 @@ Process p of P reads rows p*b .. (p+1)*b-1 of every global batch (b = global_bat
 and decodes only those, so the global batches are the same for any number of processes. A
 record that cannot be used is counted in `RecordStats` and its slot is filled by the next usable
 record of the source: dropping it would shift every later row and make the batches depend on
-how processes share them. Augmentation draws from (shuffle_seed, position in that sequence), so
-a resumed iterator repeats it bit for bit.
+how processes share them. Augmentation (data/augment.py) draws per example from (shuffle_seed,
+position in that sequence), so a resumed iterator repeats it bit for bit.
+
+Class balance (`data.balance`): `reweight` adds 'weight' (float32 [b]) to training batches,
+N / (K * count[class]) for N usable records of K present classes, so the mean weight over the
+data is 1 (a mixed example weighs mix * its class's + (1 - mix) * its partner's); `oversample`
+makes epoch e a list of N slots, each class in an equal share of them (in an order drawn from
+(seed, e)), a class's slots filled from its records in a permutation drawn from (seed, e, class)
+(repeated as often as needed), so every class is equally likely and an epoch is still N
+examples, not one pass over each record.
 
 Evaluation reads the eval split once in source order; the last global batch is padded, and
 eval batches (only they) carry 'mask': 1.0 for a real example, 0.0 for padding or an unusable
@@ -21,6 +29,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from data import augment
 from data import images
 from data.pipeline import RecordStats
 
@@ -51,7 +60,16 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.mean = ()
   d.std = ()
   d.normalize_sample = 10000  # train examples that normalize=dataset reads
-  d.augment = 'none'  # none | flip_crop (random horizontal flip, random crop after 4-pixel pad)
+  # Training images only: none, or a comma-separated list of flip, crop, jitter, mixup,
+  # cutmix (data/augment.py).
+  d.augment = 'none'
+  d.crop_padding = 4  # crop: black pixels added a side before the random crop
+  d.jitter_brightness = 0.4  # jitter: each factor is drawn from [1 - s, 1 + s]
+  d.jitter_contrast = 0.4
+  d.jitter_saturation = 0.4  # RGB only
+  d.mixup_alpha = 0.2  # mixup: the mix weight ~ Beta(alpha, alpha)
+  d.cutmix_alpha = 1.0  # cutmix: the uncut share ~ Beta(alpha, alpha)
+  d.balance = 'none'  # none | reweight | oversample (training only; see above)
   d.global_batch_size = 128
   d.shuffle_seed = 0
   d.worker_threads = 2  # threads that read and decode examples
@@ -80,25 +98,35 @@ def _is_text_tfds(data_cfg) -> bool:
 
 
 def train_batches(source, data_cfg, *, process_index: int, process_count: int,
-                  stats: RecordStats | None = None) -> grain.IterDataset:
-  """Endless {'inputs': float32 [b, H, W, C] | int32 [b, seq_len], 'label': int32 [b]}."""
+                  stats: RecordStats | None = None, labels=None) -> grain.IterDataset:
+  """Endless {'inputs': float32 [b, H, W, C] | int32 [b, seq_len], 'label': int32 [b]}, and
+  'label_b' and 'mix' with mixup or cutmix, 'weight' with balance=reweight. `labels`: the
+  source's labels (`source_labels`), if already read."""
   d = data_cfg
   rows = _rows_per_process(d, process_count)
-  if d.augment not in ('none', 'flip_crop') or (d.augment != 'none' and source.kind != 'image'):
-    raise ValueError(f'data.augment: {d.augment!r}; expected none, or flip_crop for images')
+  augment.names(d, source.kind)
+  check_balance(d)
   load = _loader(source, d, stats or RecordStats(), substitute=True)
-  records = _ShuffledEpochs(len(source), d.shuffle_seed)
+  if d.balance != 'none' and labels is None:
+    labels = source_labels(source)
+  records = (_BalancedEpochs(labels, d.shuffle_seed) if d.balance == 'oversample' else
+             _ShuffledEpochs(len(source), d.shuffle_seed))
+  examples = grain.MapDataset.range(sys.maxsize).map(lambda p: load(records(p)))
+  if source.kind == 'image':
+    examples = augment.apply(examples, d, len(source))
+  weights = class_weights(labels, source.num_classes) if d.balance == 'reweight' else None
   first = process_index * rows
 
   def read(step):  # this process's rows of global batch `step`
     positions = step * d.global_batch_size + first + np.arange(rows)
-    return _stack([load(index) for index in records(positions)])
+    batch = _stack([examples[int(p)] for p in positions])
+    if weights is not None:
+      mix = batch.get('mix', 1)
+      batch['weight'] = np.float32(mix * weights[batch['label']] +
+                                   (1 - mix) * weights[batch.get('label_b', batch['label'])])
+    return batch
 
-  batches = grain.MapDataset.range(sys.maxsize).map(read)
-  if d.augment == 'flip_crop':  # random numbers drawn per global batch, so per example
-    batches = batches.random_map(functools.partial(
-        flip_crop, global_batch_size=d.global_batch_size, first_row=first), seed=d.shuffle_seed)
-  return _finished(batches, source, d)
+  return _finished(grain.MapDataset.range(sys.maxsize).map(read), source, d)
 
 
 def eval_batches(source, data_cfg, *, process_index: int, process_count: int,
@@ -134,23 +162,86 @@ class _ShuffledEpochs:
 
   def __init__(self, size: int, seed: int):
     self._size, self._seed = size, seed
-    self._recent = {}  # epoch -> permutation; prefetching threads read a few batches ahead
+    self._recent = {}  # epoch -> record order; prefetching threads read a few batches ahead
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    permutation = self._recent.get(epoch)
-    if permutation is None:
-      permutation = np.random.default_rng([self._seed, epoch]).permutation(self._size)
-      self._recent = dict(list(self._recent.items())[-2:]) | {epoch: permutation}
-    return permutation
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self._seed, epoch]).permutation(self._size)
 
-  def __call__(self, positions: np.ndarray) -> list[int]:
-    epochs, offsets = np.divmod(positions, self._size)
-    return [int(self._permutation(int(e))[o]) for e, o in zip(epochs, offsets)]
+  def __call__(self, position: int) -> int:
+    epoch, offset = divmod(int(position), self._size)
+    order = self._recent.get(epoch)
+    if order is None:
+      order = self._order(epoch)
+      self._recent = dict(list(self._recent.items())[-2:]) | {epoch: order}
+    return int(order[offset])
+
+
+class _BalancedEpochs(_ShuffledEpochs):
+  """data.balance=oversample: epoch e is len(labels) slots, each class in an equal share of
+  them; a class's slots take its records in permutations drawn from (seed, e, class)."""
+
+  def __init__(self, labels: np.ndarray, seed: int):
+    super().__init__(len(labels), seed)
+    self._pools = [np.flatnonzero(labels == c) for c in np.unique(labels[labels >= 0])]
+    if not self._pools:
+      raise ValueError('data.balance: no training record has a usable label')
+
+  def _order(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, epoch])
+    classes = rng.permutation(np.arange(self._size) % len(self._pools))
+    order = np.empty(self._size, np.int64)
+    for c, pool in enumerate(self._pools):
+      slots = np.flatnonzero(classes == c)
+      rounds = -(-len(slots) // len(pool))
+      picks = np.concatenate([np.random.default_rng([self._seed, epoch, c, r]).permutation(pool)
+                              for r in range(rounds)])
+      order[slots] = picks[:len(slots)]
+    return order
+
+
+def source_labels(source) -> np.ndarray:
+  """int64 [len(source)]: each record's label, -1 where it cannot be read. Sources that hold
+  their labels offer `labels()`; others are read record by record."""
+  if hasattr(source, 'labels'):
+    return np.asarray(source.labels(), np.int64)
+  labels = np.full(len(source), -1, np.int64)
+  for index in range(len(source)):
+    try:
+      labels[index] = int(source[index]['label'])
+    except Exception:  # pylint: disable=broad-except; the pipeline counts unusable records
+      continue
+  return labels
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """int64 [num_classes]: records per class (unreadable ones and stray labels not counted)."""
+  usable = labels[(labels >= 0) & (labels < num_classes)]
+  return np.bincount(usable, minlength=num_classes)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """float32 [num_classes]: N / (K * count[class]) over the K classes present (0 for a class
+  with no records), so the mean weight over the N usable records is 1."""
+  counts = class_counts(labels, num_classes)
+  present = counts > 0
+  weights = np.zeros(num_classes, np.float64)
+  weights[present] = counts.sum() / (present.sum() * counts[present])
+  return np.float32(weights)
+
+
+def check_balance(data_cfg):
+  if data_cfg.balance not in ('none', 'reweight', 'oversample'):
+    raise ValueError(f'data.balance: {data_cfg.balance!r}; expected none | reweight | '
+                     'oversample')
 
 
 def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
-  return {'inputs': np.stack([e['inputs'] for e in examples]),
-          'label': np.array([e['label'] for e in examples], dtype=np.int32)}
+  """Examples -> a batch: 'inputs' stacked, labels int32, 'mix' float32."""
+  batch = {'inputs': np.stack([e['inputs'] for e in examples])}
+  for key, dtype in (('label', np.int32), ('label_b', np.int32), ('mix', np.float32)):
+    if key in examples[0]:
+      batch[key] = np.array([e[key] for e in examples], dtype=dtype)
+  return batch
 
 
 def _rows_per_process(d, process_count: int) -> int:
@@ -216,10 +307,8 @@ def _finisher(source, d):
 
   def finish(batch):
     inputs = batch['inputs']
-    out = {'inputs': inputs.astype(np.int32) if scale is None
-                     else inputs.astype(np.float32) * scale + shift,
-           'label': batch['label']}
-    return dict(out, mask=batch['mask']) if 'mask' in batch else out
+    return dict(batch, inputs=inputs.astype(np.int32) if scale is None
+                else inputs.astype(np.float32) * scale + shift)
 
   return finish
 
@@ -257,18 +346,3 @@ def _dataset_statistics(frozen_data_cfg):
   mean = total / count
   std = np.sqrt(np.maximum(squares / count - mean ** 2, 0)) + 1e-6  # a constant channel: no /0
   return np.float32(mean), np.float32(std)
-
-
-def flip_crop(batch, rng: np.random.Generator, *, global_batch_size: int, first_row: int):
-  """CIFAR-style augmentation of uint8 images: random horizontal flip, then a random crop of
-  the image padded by 4 black pixels a side. Draws for the whole global batch and uses rows
-  first_row.., so an example's augmentation does not depend on how processes share the batch."""
-  images = batch['inputs']
-  rows, height, width = images.shape[:3]
-  flips = (rng.random(global_batch_size) < 0.5)[first_row:first_row + rows]
-  tops, lefts = rng.integers(0, 9, size=(2, global_batch_size))[:, first_row:first_row + rows]
-  padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-  out = np.stack([padded[i, t:t + height, l:l + width]
-                  for i, (t, l) in enumerate(zip(tops, lefts))])
-  out[flips] = out[flips, :, ::-1]
-  return dict(batch, inputs=out)

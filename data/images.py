@@ -88,6 +88,9 @@ class IdxSource(grain.sources.RandomAccessDataSource):
   def record_name(self, index) -> str:
     return f'{self._path} image {index}'
 
+  def labels(self) -> np.ndarray:
+    return self._labels
+
   def __repr__(self):
     return f'IdxSource({self._path}, {len(self)} images)'
 
@@ -199,6 +202,9 @@ class FolderSource(grain.sources.RandomAccessDataSource):
 
   def record_name(self, index) -> str:
     return self._files[index]
+
+  def labels(self) -> list[int]:
+    return self._labels
 
   def __repr__(self):
     return f'FolderSource({len(self)} images, {self.num_classes} classes)'

@@ -100,6 +100,9 @@ class TextClassificationSource(grain.sources.RandomAccessDataSource):
   def record_name(self, index) -> str:
     return self._names[index]
 
+  def labels(self) -> np.ndarray:
+    return self._labels
+
   def class_counts(self) -> dict[str, int]:
     counts = np.bincount(self._labels, minlength=self.num_classes)
     return dict(zip(self.class_names, counts.tolist()))

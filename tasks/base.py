@@ -114,8 +114,8 @@ class Part:
   and at_end(run, state) when training reached train.steps. A part with state that must
   survive a restart returns it from `checkpoint_state()` (JSON-able) and takes it back in
   `restore(run, saved)`; it is saved with every checkpoint under the part's `name`.
-  `run` (training/loop.py `Run`) offers config, workdir, setup, task, mesh, end, stop(reason)
-  and announce(line).
+  `run` (training/loop.py `Run`) offers config, workdir, setup, task, mesh, end, stop(reason),
+  announce(line) and report_sections (name -> JSON-able: sections added to summary.json).
   """
   name = ''
 

@@ -3,7 +3,11 @@
 Batches are {'inputs', 'label'}: images float32 [B, H, W, C] (normalised; H, W, C from
 `model.image_shape`) or token ids int32 [B, L] (texts, L = `data.seq_len`); eval batches also
 carry 'mask' (1 for a real example, 0 for padding), so the whole eval split counts, each example
-once. The model is called as `model(inputs, train=..., rngs=...)` and returns logits [B, C].
+once. Training batches carry 'label_b' and 'mix' with mixup or cutmix (the loss is
+mix * CE(label) + (1 - mix) * CE(label_b)) and 'weight' with data.balance=reweight (each
+example's loss is weighed by it); the training split's class histogram is logged at the start
+and written to summary.json as 'train_classes'. The model is called as
+`model(inputs, train=..., rngs=...)` and returns logits [B, C].
 
 Eval figures: loss, accuracy, top-k accuracy (k = `task.top_k`, when there are more classes), and
 macro-F1 in the metrics files; per-class precision, recall and F1 and the confusion matrix in
@@ -16,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from data import augment
 from data import classification as data_lib
 from tasks import base
 
@@ -46,6 +51,7 @@ class Task(base.Task):
     super().__init__(config, model_module)
     self.unit = 'images' if _is_image(config) else 'examples'
     self.class_names = [str(i) for i in range(config.model.num_classes)]
+    self.class_counts = None  # records per class of the training split, once it is read
 
   def validate(self):
     d, m = self.config.data, self.config.model
@@ -60,6 +66,8 @@ class Task(base.Task):
     _require(self.config.task.top_k > 0, 'task.top_k', 'must be positive')
     smoothing = self.config.task.label_smoothing
     _require(0 <= smoothing < 1, 'task.label_smoothing', f'must be in [0, 1), got {smoothing}')
+    augment.names(d, 'image' if _is_image(self.config) else 'text')
+    data_lib.check_balance(d)
 
   def batch_spec(self, split):
     d = self.config.data
@@ -70,19 +78,25 @@ class Task(base.Task):
     else:
       inputs = base.Field((size, d.seq_len), jnp.int32, ('batch', 'length'))
     spec = {'inputs': inputs, 'label': base.Field((size,), jnp.int32, ('batch',))}
+    per_example = lambda dtype: base.Field((size,), dtype, ('batch',))
     if split == 'eval':
-      spec['mask'] = base.Field((size,), jnp.float32, ('batch',))
+      spec['mask'] = per_example(jnp.float32)
+    elif augment.mixes(d):
+      spec.update(label_b=per_example(jnp.int32), mix=per_example(jnp.float32))
+    if split == 'train' and d.balance == 'reweight':
+      spec['weight'] = per_example(jnp.float32)
     return spec
 
   def loss(self, model, batch, rngs):
     logits_BxC = model(batch['inputs'], train=True, rngs=rngs)
     smoothing = self.config.task.label_smoothing
-    if smoothing:
-      targets_BxC = optax.smooth_labels(
-          jax.nn.one_hot(batch['label'], logits_BxC.shape[-1]), smoothing)
-      losses_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
-    else:
-      losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch['label'])
+    losses_B = cross_entropy(logits_BxC, batch['label'], smoothing)
+    if 'mix' in batch:
+      mix_B = batch['mix']
+      losses_B = mix_B * losses_B + (1 - mix_B) * cross_entropy(logits_BxC, batch['label_b'],
+                                                                smoothing)
+    if 'weight' in batch:
+      losses_B = losses_B * batch['weight']
     accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == batch['label'])
     return losses_B.mean(), {'accuracy': accuracy}
 
@@ -113,8 +127,11 @@ class Task(base.Task):
     source = data_lib.make_source(self.config.data, 'train')
     self._check_source(source)
     self.class_names = list(source.class_names)
+    labels = data_lib.source_labels(source)
+    self.class_counts = data_lib.class_counts(labels, source.num_classes)
     return data_lib.train_batches(source, self.config.data, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), stats=stats)
+                                  process_count=jax.process_count(), stats=stats,
+                                  labels=labels)
 
   def eval_batches(self):
     if not self.config.train.eval_every:
@@ -138,7 +155,17 @@ class Task(base.Task):
 
   def parts(self, run):
     from tasks import reports  # pylint: disable=g-import-not-at-top; matplotlib is slow to load
-    return [reports.ConfusionMatrix(self.class_names)]
+    histogram = ([] if self.class_counts is None else
+                 [reports.ClassHistogram(run, self.class_names, self.class_counts)])
+    return [reports.ConfusionMatrix(self.class_names), *histogram]
+
+
+def cross_entropy(logits_BxC, labels_B, smoothing: float):
+  """Per-example cross-entropy against the labels, smoothed by `smoothing` (0: none)."""
+  if not smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+  targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits_BxC, targets_BxC)
 
 
 def per_class(confusion) -> dict[str, np.ndarray]:

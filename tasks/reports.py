@@ -1,4 +1,5 @@
-"""Reports written to the workdir after evaluations: the confusion matrix as JSON and PNG."""
+"""Classification reports: the confusion matrix (JSON and PNG) after evaluations, and the
+training split's class histogram at the start of a run."""
 
 import io
 import json
@@ -31,6 +32,18 @@ class ConfusionMatrix(base.Part):
     (workdir / 'confusion_matrix.json').write_text(json.dumps(report, indent=1))
     (workdir / 'confusion_matrix.png').write_bytes(_plot(confusion, self.class_names, step))
     return None
+
+
+class ClassHistogram(base.Part):
+  """Logs the training split's records per class when the run starts, and puts them in the
+  run report (summary.json 'train_classes')."""
+
+  def __init__(self, run, class_names, counts):
+    counts = [int(c) for c in counts]
+    total = max(sum(counts), 1)
+    run.announce('train classes: ' + ', '.join(
+        f'{name} {count} ({count / total:.1%})' for name, count in zip(class_names, counts)))
+    run.report_sections['train_classes'] = dict(zip(class_names, counts))
 
 
 def _plot(confusion, class_names, step) -> bytes:

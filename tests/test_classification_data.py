@@ -207,23 +207,28 @@ def test_labels_and_normalised_inputs(tmp_path):
   np.testing.assert_allclose(given['inputs'] * 0.25 + 0.5, batch['inputs'], atol=1e-6)
 
 
-@pytest.mark.parametrize('augment', ['none', 'flip_crop'])
+ALL = 'flip,crop,jitter,mixup,cutmix'
+
+
+@pytest.mark.parametrize('augment', ['none', ALL])
 def test_two_processes_rows_make_the_one_process_global_batch(tmp_path, augment):
   _write_mnist_like(tmp_path)
-  d = _config(tmp_path, augment=augment)
+  d = _config(tmp_path, augment=augment, balance='reweight')
   whole = _take(iter(_train(d)), 9)
   halves = [_take(iter(_train(d, process_index=p, process_count=2)), 9) for p in range(2)]
   for step, batch in enumerate(whole):
-    for key in ('inputs', 'label'):
+    assert batch.keys() == halves[0][step].keys()
+    for key in batch:
       np.testing.assert_array_equal(
           batch[key], np.concatenate([halves[0][step][key], halves[1][step][key]]))
   assert halves[0][0]['inputs'].shape == (4, 12, 10, 1)
 
 
 @pytest.mark.parametrize('consumed', [0, 4, 13])
-def test_restored_iterator_continues_identically(tmp_path, consumed):
+@pytest.mark.parametrize('balance', ['none', 'oversample'])
+def test_restored_iterator_continues_identically(tmp_path, consumed, balance):
   _write_mnist_like(tmp_path)
-  d = _config(tmp_path, augment='flip_crop', worker_threads=2)
+  d = _config(tmp_path, augment=ALL, balance=balance, worker_threads=2)
   iterator = iter(_train(d, process_index=1, process_count=2))
   _take(iterator, consumed)
   state = json.loads(json.dumps(iterator.get_state()))  # as a checkpoint would store it
@@ -231,27 +236,9 @@ def test_restored_iterator_continues_identically(tmp_path, consumed):
   fresh = iter(_train(d, process_index=1, process_count=2))
   fresh.set_state(state)
   for got, want in zip(_take(fresh, 8), expected):
-    np.testing.assert_array_equal(got['inputs'], want['inputs'])
-    np.testing.assert_array_equal(got['label'], want['label'])
-
-
-def test_flip_crop_is_deterministic_and_keeps_the_shape(tmp_path):
-  batch = {'inputs': _indexed_images(4)[..., None].repeat(3, -1), 'label': np.arange(4)}
-  augment = lambda seed: classification.flip_crop(
-      batch, np.random.default_rng(seed), global_batch_size=8, first_row=4)['inputs']
-  out = augment(0)
-  assert out.shape == batch['inputs'].shape and out.dtype == np.uint8
-  np.testing.assert_array_equal(out, augment(0))
-  assert not np.array_equal(out, augment(1))
-  for image, original in zip(out, batch['inputs']):  # each is a window of the padded image
-    padded = [np.pad(o, ((4, 4), (4, 4), (0, 0))) for o in (original, original[:, ::-1])]
-    assert any(np.array_equal(image, p[t:t + 12, l:l + 10])
-               for p in padded for t in range(9) for l in range(9))
-  _write_mnist_like(tmp_path)
-  plain, augmented = (next(iter(_train(_config(tmp_path, augment=a)))) for a in
-                      ('none', 'flip_crop'))
-  np.testing.assert_array_equal(plain['label'], augmented['label'])
-  assert not np.array_equal(plain['inputs'], augmented['inputs'])
+    assert got.keys() == want.keys() == {'inputs', 'label', 'label_b', 'mix'}
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_batch_that_processes_cannot_share_and_unknown_augment_are_errors(tmp_path):
@@ -259,7 +246,7 @@ def test_batch_that_processes_cannot_share_and_unknown_augment_are_errors(tmp_pa
   with pytest.raises(ValueError, match='data.global_batch_size: 8 does not split evenly'):
     _train(_config(tmp_path), process_count=3)
   with pytest.raises(ValueError, match='data.augment'):
-    _train(_config(tmp_path, augment='mixup'))
+    _train(_config(tmp_path, augment='flip,rotate'))
 
 
 # ---------------------------------------------------------------------------------------------

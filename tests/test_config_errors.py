@@ -31,6 +31,10 @@ CASES = {
                        'no train files'),
     'no prepared dataset': (['--config.data.source=arrayrecord', '--config.data.path=/nonexistent'],
                             'data.path: cannot read /nonexistent/dataset.json'),
+    'image augmentation of texts': (['--config=configs/encoder_classify.py:tiny',
+                                     '--config.data.augment=flip,mixup'], 'data.augment'),
+    'unknown class balance': (['--config=configs/fashion_mnist_cnn.py:tiny',
+                               '--config.data.balance=undersample'], 'data.balance'),
 }
 
 

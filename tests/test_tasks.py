@@ -182,6 +182,21 @@ def test_gradient_accumulation_splits_every_batch_key(idx_dir, tmp_path):
                              [r['train/accuracy'] for r in one])
 
 
+def test_mixup_cutmix_and_reweighting_train_and_the_class_histogram_is_reported(idx_dir,
+                                                                                tmp_path):
+  result = run_train(tmp_path, CNN, *_data(idx_dir), '--config.train.steps=4',
+                     '--config.train.eval_every=4', '--config.train.grad_accum_steps=2',
+                     '--config.data.augment=flip,crop,jitter,mixup,cutmix',
+                     '--config.data.balance=reweight')
+  assert result.returncode == 0, result.stderr
+  counts = np.bincount(np.random.default_rng(0).integers(0, 10, 160), minlength=10)  # idx_dir's
+  assert f'train classes: T-shirt/top {counts[0]} ({counts[0] / 160:.1%})' in result.stdout
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert list(summary['train_classes'].values()) == counts.tolist()
+  assert summary['train_classes'].keys() == set(fashion_mnist_cnn.base_config().data.class_names)
+  assert np.isfinite(summary['last']['train/loss']) and 'eval/accuracy' in summary['last']
+
+
 def test_lm_eval_sample_is_fixed_and_drawn_from_all_documents(tmp_path):
   from configs import default  # pylint: disable=g-import-not-at-top
   from tasks import language_model  # pylint: disable=g-import-not-at-top

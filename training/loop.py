@@ -62,6 +62,7 @@ class Run:
     self.state = None
     self.stop_reason, self.complete = '', False
     self.last_eval_sums, self.eval_seconds = None, 0.0
+    self.report_sections = {}  # parts' own sections of summary.json, e.g. the class histogram
     self._rolled_back_to = None
     self.parts = []
 

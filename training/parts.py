@@ -322,7 +322,8 @@ class MetricsLogger(Part):
     save and exit)."""
     if self.writer.enabled:
       try:
-        report.write(self.workdir, metrics_lib.read_metrics(self.workdir), self.total_steps)
+        report.write(self.workdir, metrics_lib.read_metrics(self.workdir), self.total_steps,
+                     run.report_sections)
       except Exception as e:  # pylint: disable=broad-except; the run itself is saved and fine
         logging.warning('The run report (summary.json, report.png) was not written: %s: %s',
                         type(e).__name__, e)

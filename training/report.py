@@ -65,10 +65,12 @@ def plot(records: list[dict]) -> bytes:
   return png.getvalue()
 
 
-def write(workdir: str, records: list[dict], total_steps: int):
-  """summary.json and report.png in `workdir` (nothing if no step was logged)."""
+def write(workdir: str, records: list[dict], total_steps: int, sections: dict | None = None):
+  """summary.json (with `sections`, what parts add: name -> JSON-able) and report.png in
+  `workdir` (nothing if no step was logged)."""
   if not records:
     return
   workdir = epath.Path(workdir)
-  (workdir / 'summary.json').write_text(json.dumps(summarize(records, total_steps), indent=2))
+  summary = summarize(records, total_steps) | (sections or {})
+  (workdir / 'summary.json').write_text(json.dumps(summary, indent=2))
   (workdir / 'report.png').write_bytes(plot(records))
