@@ -24,6 +24,7 @@ record.
 
 import functools
 import sys
+import time
 
 import grain
 import ml_collections
@@ -106,7 +107,8 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
   rows = _rows_per_process(d, process_count)
   augment.names(d, source.kind)
   check_balance(d)
-  load = _loader(source, d, stats or RecordStats(), substitute=True)
+  stats = stats or RecordStats()
+  load = _loader(source, d, stats, substitute=True)
   if d.balance != 'none' and labels is None:
     labels = source_labels(source)
   records = (_BalancedEpochs(labels, d.shuffle_seed) if d.balance == 'oversample' else
@@ -115,7 +117,7 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
   if source.kind == 'image':
     examples = augment.apply(examples, d, len(source))
   weights = class_weights(labels, source.num_classes) if d.balance == 'reweight' else None
-  first = process_index * rows
+  first, finish = process_index * rows, _finisher(source, d)
 
   def read(step):  # this process's rows of global batch `step`
     positions = step * d.global_batch_size + first + np.arange(rows)
@@ -126,7 +128,13 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
                                    (1 - mix) * weights[batch.get('label_b', batch['label'])])
     return batch
 
-  return _finished(grain.MapDataset.range(sys.maxsize).map(read), source, d)
+  def make(step):  # timed: data/pipeline_images_per_second (see pipeline.RecordStats)
+    started = time.perf_counter()
+    batch = finish(read(step))
+    stats.add_batch_work(time.perf_counter() - started, threads=d.worker_threads)
+    return batch
+
+  return _prefetched(grain.MapDataset.range(sys.maxsize).map(make), d)
 
 
 def eval_batches(source, data_cfg, *, process_index: int, process_count: int,
@@ -138,15 +146,16 @@ def eval_batches(source, data_cfg, *, process_index: int, process_count: int,
   load = _loader(source, d, stats or RecordStats(), substitute=False)
   template = _loader(source, d, RecordStats(), substitute=True)(0)  # the first usable record
   padding = {k: np.zeros_like(v) for k, v in template.items()}
+  finish = _finisher(source, d)
 
   def read(step):
     positions = step * d.global_batch_size + process_index * rows + np.arange(rows)
     found = [load(i) if i < len(source) else None for i in positions]
     batch = _stack([example or padding for example in found])
-    return dict(batch, mask=np.float32([example is not None for example in found]))
+    return finish(dict(batch, mask=np.float32([example is not None for example in found])))
 
   steps = -(-len(source) // d.global_batch_size)
-  iterator = iter(_finished(grain.MapDataset.range(steps).map(read), source, d))
+  iterator = iter(_prefetched(grain.MapDataset.range(steps).map(read), d))
   try:
     return list(iterator)
   finally:
@@ -251,11 +260,11 @@ def _rows_per_process(d, process_count: int) -> int:
   return d.global_batch_size // process_count
 
 
-def _finished(batches: grain.MapDataset, source, d) -> grain.IterDataset:
-  """Normalised batches, made by `worker_threads` threads up to `prefetch_batches` ahead."""
+def _prefetched(batches: grain.MapDataset, d) -> grain.IterDataset:
+  """`batches`, made by `worker_threads` threads up to `prefetch_batches` ahead."""
   read = grain.ReadOptions(num_threads=d.worker_threads,
                            prefetch_buffer_size=max(d.prefetch_batches, d.worker_threads))
-  return batches.map(_finisher(source, d)).to_iter_dataset(read)
+  return batches.to_iter_dataset(read)
 
 
 def _loader(source, d, stats: RecordStats, substitute: bool):
