@@ -11,9 +11,9 @@ a transposed operand, fused with its producer and slow (strided reads).
 - `project` runs projections that share an input (query/key/value, SwiGLU gate/up) as one
   matmul on the concatenated kernels; the parameters stay separate.
 - `attention` computes `jax.nn.dot_product_attention` (optionally with a key padding mask and
-  packed documents' segment ids) on [batch, kv head, query, head dim] operands with a backward pass whose two products over the
-  query axis take an explicit transposed copy (cheaper than a batched matmul reading a
-  transposed operand).
+  packed documents' segment ids) on [batch, kv head, query, head dim] operands with a
+  backward pass whose two products over the query axis take an explicit transposed copy
+  (cheaper than a batched matmul reading a transposed operand).
 - `attend` (tied-embedding logits) uses `_dense` too.
 """
 

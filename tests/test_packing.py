@@ -14,7 +14,7 @@ from configs import default
 from models import MODELS, attention
 from parallel import sharding
 from tasks import language_model
-from tests import test_encoder
+from tests.test_encoder import _mesh_config, _value_and_grads  # pylint: disable=protected-access
 from tests.test_sharding import packed_batch
 
 LENGTH = 128  # the splash kernel tiles 128 tokens; shorter rows would take XLA's path
@@ -64,18 +64,14 @@ def _qkv_and_ids(length, heads=4, kv_heads=2, batch=2, seed=0):
   return q, k, v, jnp.asarray(ids['segment_ids'])
 
 
-def _value_and_grads(fn, q, k, v):
-  return test_encoder._value_and_grads(fn, q, k, v)  # pylint: disable=protected-access
-
-
 @pytest.mark.parametrize('causal', [False, True])
 def test_segments_are_the_same_on_cpu_and_xla_kernels_with_and_without_padding(causal):
   q, k, v, ids = _qkv_and_ids(24)
   pad = jnp.arange(24)[None, :] < jnp.asarray([[24], [17]])  # the second row ends in padding
   for kv_mask in (None, pad):
-    results = [_value_and_grads(lambda q, k, v, kind=kind: attention.attention(
-        kind, q, k, v, causal=causal, kv_mask_BxL=kv_mask, segment_ids_BxL=ids) * pad[..., None,
-        None], q, k, v) for kind in ('cpu', 'xla')]
+    kernel = lambda kind: lambda q, k, v: attention.attention(
+        kind, q, k, v, causal=causal, kv_mask_BxL=kv_mask, segment_ids_BxL=ids)
+    results = [_value_and_grads(kernel(kind), q, k, v) for kind in ('cpu', 'xla')]
     chex.assert_trees_all_close(*results, rtol=1e-5, atol=1e-5)
   first = int(np.argmax(np.asarray(ids[0]) != 1))  # row 0's first document ends here
   alone = attention.attention('cpu', q[:1, :first], k[:1, :first], v[:1, :first], causal=causal)
@@ -96,16 +92,17 @@ def test_cudnn_gets_a_segment_mask_spanning_every_query_and_key(monkeypatch):
     return plain(*args, **{**kwargs, 'implementation': 'xla'})
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', record)
-  out = attention.attention('cudnn', q, k, v, kv_mask_BxL=pad, segment_ids_BxL=ids)
+  out, mask = jax.jit(lambda q, k, v: (attention.attention(
+      'cudnn', q, k, v, kv_mask_BxL=pad, segment_ids_BxL=ids), calls[-1]['mask']))(q, k, v)
   (kwargs,) = calls
   assert kwargs['implementation'] == 'cudnn' and kwargs['is_causal']
   assert set(kwargs) == {'implementation', 'is_causal', 'mask'}  # no key counts
-  mask = kwargs['mask']
   assert mask.shape == (2, 1, 16, 16) and mask.dtype == jnp.bool_
   folded = np.where(pad, ids, 0)
   np.testing.assert_array_equal(mask[:, 0], folded[:, :, None] == folded[:, None, :])
   monkeypatch.undo()
-  reference = attention.attention('cpu', q, k, v, kv_mask_BxL=pad, segment_ids_BxL=ids)
+  reference = jax.jit(lambda q, k, v: attention.attention(
+      'cpu', q, k, v, kv_mask_BxL=pad, segment_ids_BxL=ids))(q, k, v)
   np.testing.assert_allclose(out * pad[..., None, None], reference * pad[..., None, None],
                              atol=1e-5)
 
@@ -113,7 +110,7 @@ def test_cudnn_gets_a_segment_mask_spanning_every_query_and_key(monkeypatch):
 def test_segments_on_splash_match_xla_under_the_mesh():
   """The kernel in Pallas' interpreter on the 8 CPU devices, batch and heads split."""
   q, k, v, ids = _qkv_and_ids(128, batch=4)
-  mesh_config = test_encoder._mesh_config(2, 2, 2)  # pylint: disable=protected-access
+  mesh_config = _mesh_config(2, 2, 2)
   mesh = sharding.make_mesh(mesh_config)
   kernels = [lambda q, k, v: attention.splash_attention(q, k, v, segment_ids_BxL=ids,
                                                         interpret=True),
@@ -125,22 +122,22 @@ def test_segments_on_splash_match_xla_under_the_mesh():
 
 def test_loss_and_eval_sums_leave_out_targets_that_start_a_document():
   config = default.get_config('tiny')
-  model = lambda: MODELS['transformer'].Model(config.model, rngs=nnx.Rngs(params=0))
   rng = np.random.default_rng(0)
   shape = (4, config.data.seq_len + 1)
   batch = packed_batch(rng.integers(1, 256, shape, dtype=np.int32), rng.random(shape) < 0.1)
   starts = batch['segment_ids'][:, 1:] != batch['segment_ids'][:, :-1]
   np.testing.assert_array_equal(language_model.target_weights(batch['segment_ids']), ~starts)
-  packing = dict(segment_ids_BxL1=batch['segment_ids'], positions_BxL1=batch['positions'])
-  losses = language_model.next_token_loss(model(), batch['tokens'], per_token=True, **packing)
-  expected = losses[~starts].mean()
-  assert starts.any() and not np.isclose(expected, losses.mean(), rtol=1e-4)
-  np.testing.assert_allclose(
-      language_model.next_token_loss(model(), batch['tokens'], **packing), expected, rtol=1e-6)
   task = language_model.Task(config, MODELS['transformer'])
-  sums = task.eval_sums(model(), batch)
+  model = lambda: MODELS['transformer'].Model(config.model, rngs=nnx.Rngs(params=0))
+  loss = nnx.jit(lambda model, batch: task.loss(model, batch, None)[0])
+  losses = nnx.jit(lambda model, batch: language_model.next_token_loss(
+      model, batch['tokens'], per_token=True, segment_ids_BxL1=batch['segment_ids'],
+      positions_BxL1=batch['positions']))(model(), batch)
+  assert starts.any() and not np.isclose(losses[~starts].mean(), losses.mean(), rtol=1e-4)
+  sums = nnx.jit(task.eval_sums)(model(), batch)  # the mean over the targets counted
   assert float(sums['tokens']) == (~starts).sum()
-  np.testing.assert_allclose(task.eval_metrics(sums)['loss'], expected, rtol=1e-6)
-  config.model.loss_chunk = 8  # the chunked loss: the same mean
-  np.testing.assert_allclose(
-      language_model.next_token_loss(model(), batch['tokens'], **packing), expected, rtol=1e-6)
+  np.testing.assert_allclose(task.eval_metrics(sums)['loss'], losses[~starts].mean(), rtol=1e-6)
+  expected = losses[~starts].sum() / losses.size  # training: over all targets (accumulation)
+  np.testing.assert_allclose(loss(model(), batch), expected, rtol=1e-6)
+  config.model.loss_chunk = 8  # the chunked loss: the same
+  np.testing.assert_allclose(loss(model(), batch), expected, rtol=1e-6)
