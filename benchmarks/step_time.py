@@ -37,6 +37,7 @@ from benchmarks.bench_configs import CONFIGS
 
 from hardware import chips, cpu_runtime
 from parallel import sharding
+from tasks import language_model
 from training import aot, state as state_lib, step as step_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['default', 'small'], 'Configs to time, one process each.')
@@ -92,7 +93,8 @@ def time_config(name, matmul_rate):
   setup = state_lib.make_setup(config, mesh)
   batch_sharding = sharding.logical_sharding(mesh, config.mesh.rules, 'batch', 'length')
   batches = _batches(config, np.random.default_rng(0))
-  put = lambda: {'tokens': jax.device_put(next(batches), batch_sharding)}
+  put = lambda: jax.device_put(language_model.one_document_per_row(next(batches)),
+                               batch_sharding)
   with sharding.activate(mesh, config.mesh.rules):
     state = state_lib.init_state(config, setup)
     train_step, _ = step_lib.compile_steps(setup, config, mesh)

@@ -132,7 +132,10 @@ def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
             streams: Sequence[int] = (0,), num_streams: int = 1, worker_threads: int = 2,
             prefetch_batches: int = 4, stats: RecordStats | None = None,
             tokenizer=None) -> grain.IterDataset:
-  """Endless batches {'tokens': int32[batch_size, seq_len + 1]} (inputs and shifted targets).
+  """Endless batches {'tokens', 'segment_ids', 'positions': int32[batch_size, seq_len + 1]}
+  (inputs and shifted targets) of packed documents: `segment_ids` numbers each row's documents
+  1, 2, ... (0: padding) and `positions` counts each one's tokens from 0. A document split
+  across rows continues in the next row as segment 1, at position 0 again.
 
   `source`: a data.sources source, or a sources.Mixture of them (each stream then mixes its
   share of every component's documents in the mixture's proportions). `batch_size` rows are
@@ -176,7 +179,7 @@ class _StreamsIterator(grain.DatasetIterator):
 
   def __next__(self):
     rows = [next(parent) for parent in self._parents]
-    return {'tokens': np.concatenate([r['tokens'] for r in rows])}
+    return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
 
   def get_state(self):
     return {'num_streams': self._num_streams,
@@ -223,4 +226,6 @@ def _stream(source, stream, num_streams, *, seq_len, rows, seed, shuffle, thread
   read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
   sequences = grain.experimental.ConcatThenSplitIterDataset(
       docs.to_iter_dataset(read_options), length_struct={'tokens': seq_len + 1})
-  return sequences.map(lambda x: {'tokens': x['tokens']}).batch(rows, drop_remainder=True)
+  packed = lambda x: {'tokens': x['tokens'], 'segment_ids': x['tokens_segment_ids'],
+                      'positions': x['tokens_positions']}
+  return sequences.map(packed).batch(rows, drop_remainder=True)

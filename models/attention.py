@@ -15,6 +15,14 @@ nothing else depends on it: cpu and xla attend it to the unmasked keys (to all k
 in an example that is all padding), splash to the padding keys. cuDNN takes padding only as
 per-example key counts, so there the unmasked keys must be a prefix of each sequence (padding
 at the end).
+
+`segment_ids_BxL` (int; None = one segment) packs several documents into a row: a token
+attends only to the tokens of its own segment (and, causal, only to those before it), so its
+output does not depend on the other documents in the row. Grain's packing numbers a row's
+pieces 1, 2, ... and pads with 0; given with a `kv_mask_BxL`, the padding becomes segment 0,
+so padding tokens attend to padding only. cpu builds the mask from the ids inside its kernel,
+xla and cudnn take a boolean [B, 1, L, L] (cuDNN accepts a mask only when it spans [L, L]; it
+becomes a bias), splash takes the ids as `SegmentIds` and skips no tiles for them.
 """
 
 import math
@@ -33,22 +41,29 @@ _LANES = 128  # the kernel's tiles are multiples of the TPU's 128 vector lanes
 
 
 def attention(kind: str, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal: bool = True,
-              kv_mask_BxL=None):
+              kv_mask_BxL=None, segment_ids_BxL=None):
+  if segment_ids_BxL is not None and kv_mask_BxL is not None:  # padding: segment 0
+    segment_ids_BxL, kv_mask_BxL = jnp.where(kv_mask_BxL, segment_ids_BxL, 0), None
   if kind == 'cpu':
     return cpu_kernels.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal,
-                                 kv_mask=kv_mask_BxL)
+                                 kv_mask=kv_mask_BxL, segment_ids=segment_ids_BxL)
   if kind in ('xla', 'cudnn'):
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal,
-                                        implementation=kind, **_padding(kind, kv_mask_BxL))
+                                        implementation=kind,
+                                        **masks(kind, kv_mask_BxL, segment_ids_BxL))
   if kind == 'splash':
     return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal,
-                            kv_mask_BxL=kv_mask_BxL)
+                            kv_mask_BxL=kv_mask_BxL, segment_ids_BxL=segment_ids_BxL)
   raise ValueError(f'model.attention: unknown kernel {kind!r}')
 
 
-def _padding(kind: str, kv_mask_BxL) -> dict:
-  """`jax.nn.dot_product_attention`'s arguments for a key mask. cuDNN rejects a boolean mask
-  that does not span [L, L]; its padding mode takes key counts (padding at the end)."""
+def masks(kind: str, kv_mask_BxL=None, segment_ids_BxL=None) -> dict:
+  """`jax.nn.dot_product_attention`'s arguments for a key mask or segment ids (not both). cuDNN
+  rejects a boolean mask that does not span [L, L]; its padding mode takes key counts (padding
+  at the end)."""
+  if segment_ids_BxL is not None:
+    same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    return {'mask': same_BxLxL[:, None]}  # [B, heads, queries, keys]
   if kv_mask_BxL is None:
     return {}
   if kind == 'cudnn':
@@ -57,7 +72,7 @@ def _padding(kind: str, kv_mask_BxL) -> dict:
 
 
 def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, kv_mask_BxL=None,
-                     interpret=False):
+                     segment_ids_BxL=None, interpret=False):
   """Splash attention over the active mesh; sequences it cannot tile take XLA's path.
 
   The kernel tiles the sequence in multiples of 128; shorter or ragged sequences (samples,
@@ -67,7 +82,7 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, kv_mask_Bx
   _, length, num_heads, head_dim = q_BxLxHxK.shape
   if length % _LANES:
     return attention('xla', q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, causal=causal,
-                     kv_mask_BxL=kv_mask_BxL)
+                     kv_mask_BxL=kv_mask_BxL, segment_ids_BxL=segment_ids_BxL)
   # The kernel takes [heads, length, head dim] per example and does not scale the scores.
   q_BxHxLxK = (q_BxLxHxK * (1 / math.sqrt(head_dim))).astype(q_BxLxHxK.dtype).swapaxes(1, 2)
   k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.swapaxes(1, 2), v_BxLxGxK.swapaxes(1, 2)
@@ -80,9 +95,11 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, causal=True, kv_mask_Bx
     # Padding is its own segment (0), apart from the tokens (1): a query sees the keys of its
     # own segment, so no query has every key masked, which the kernel requires (its backward
     # pass would be wrong for such a row). Segments skip no work: masked tiles are computed.
-    ids_BxL = kv_mask_BxL.astype(jnp.int32)
-    ids = splash.SegmentIds(q=ids_BxL, kv=ids_BxL)
-    operands += (ids,)
+    tokens = 1 if segment_ids_BxL is None else segment_ids_BxL
+    segment_ids_BxL = jnp.where(kv_mask_BxL, tokens, 0)
+  if segment_ids_BxL is not None:
+    ids_BxL = segment_ids_BxL.astype(jnp.int32)
+    operands += (splash.SegmentIds(q=ids_BxL, kv=ids_BxL),)
     by_example = PartitionSpec(spec[0], None)
     specs += (splash.SegmentIds(q=by_example, kv=by_example),)
   per_example = lambda kernel, *operands: jax.vmap(kernel)(*operands)  # q, k, v[, ids]

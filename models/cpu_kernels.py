@@ -10,10 +10,10 @@ a transposed operand, fused with its producer and slow (strided reads).
 - `_dense` computes a weight gradient as one contraction over the flattened batch.
 - `project` runs projections that share an input (query/key/value, SwiGLU gate/up) as one
   matmul on the concatenated kernels; the parameters stay separate.
-- `attention` computes `jax.nn.dot_product_attention` (optionally with a key padding mask) on
-  [batch, kv head, query, head dim] operands with a backward pass whose two products over the
-  query axis take an explicit transposed copy (cheaper than a batched matmul reading a
-  transposed operand).
+- `attention` computes `jax.nn.dot_product_attention` (optionally with a key padding mask and
+  packed documents' segment ids) on [batch, kv head, query, head dim] operands with a
+  backward pass whose two products over the query axis take an explicit transposed copy
+  (cheaper than a batched matmul reading a transposed operand).
 - `attend` (tied-embedding logits) uses `_dense` too.
 """
 
@@ -93,19 +93,19 @@ def attend(embed, x):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_core(q, k, v, kv_mask, probs_fn):
-  """probs_fn(q @ k^T, kv_mask) @ v over [B, G, Q, H] x [B, G, S, H] x [B, G, S, H].
+def _attention_core(q, k, v, masks, probs_fn):
+  """probs_fn(q @ k^T, masks) @ v over [B, G, Q, H] x [B, G, S, H] x [B, G, S, H].
 
-  `kv_mask` ([B, S] bool, or None) is an argument, not part of `probs_fn`: a nondiff argument
-  must be static, and the mask is a traced array.
+  `masks` (kv_mask [B, S] bool, segment_ids [B, S] int; either None) is an argument, not part
+  of `probs_fn`: a nondiff argument must be static, and the masks are traced arrays.
   """
-  return _attention_core_fwd(q, k, v, kv_mask, probs_fn)[0]
+  return _attention_core_fwd(q, k, v, masks, probs_fn)[0]
 
 
-def _attention_core_fwd(q, k, v, kv_mask, probs_fn):
+def _attention_core_fwd(q, k, v, masks, probs_fn):
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
   logits = jnp.einsum('bgqh,bgsh->bgqs', q, k, preferred_element_type=logits_dtype)
-  probs, probs_vjp = jax.vjp(lambda logits: probs_fn(logits, kv_mask), logits)
+  probs, probs_vjp = jax.vjp(lambda logits: probs_fn(logits, masks), logits)
   return jnp.einsum('bgqs,bgsh->bgqh', probs, v), (q, k, v, probs, probs_vjp)
 
 
@@ -119,29 +119,41 @@ def _attention_core_bwd(probs_fn, residuals, d_out):
   d_q = jnp.einsum('bgqs,bgsh->bgqh', d_logits, k)
   d_k = jnp.einsum('bgsq,bgqh->bgsh', _transposed(d_logits), q)
   d_v = jnp.einsum('bgsq,bgqh->bgsh', _transposed(probs), d_out)
-  return d_q, d_k, d_v, None  # the mask has no gradient
+  return d_q, d_k, d_v, None  # the masks have no gradient
 
 
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
-def _probs(logits, kv_mask, *, r, t, h, causal, dtype):
+def _probs(logits, masks, *, r, t, h, causal, dtype):
   """Scaled, masked softmax in float32, as `jax.nn.dot_product_attention` computes it: masked
-  logits become a large finite negative, so a row with every key masked is uniform, not NaN."""
+  logits become a large finite negative, so a row with every key masked is uniform, not NaN.
+  The masks are and-ed into one [B, 1, R*T, S] (or smaller) boolean, applied once."""
+  kv_mask, segment_ids = masks
   logits = logits * jnp.array(1.0 / math.sqrt(h), logits.dtype)
-  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+  keep = None  # broadcasts against logits [B, G, R*T, S]
   if causal:
     s = logits.shape[-1]
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool)), (r, t, s)).reshape(r * t, s)
-    logits = jnp.where(mask, logits, jnp.asarray(big_negative, logits.dtype))
-  if kv_mask is not None:  # [B, S] over logits [B, G, R*T, S]
-    logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.asarray(big_negative, logits.dtype))
+    keep = jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool)), (r, t, s)).reshape(r * t, s)
+  if kv_mask is not None:
+    keep = _and(keep, kv_mask[:, None, None, :])
+  if segment_ids is not None:  # query row j*T + i is token i (of the group's head j)
+    q_ids_BxRT = jnp.tile(segment_ids, (1, r))
+    keep = _and(keep, (q_ids_BxRT[:, :, None] == segment_ids[:, None, :])[:, None])
+  if keep is not None:
+    big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+    logits = jnp.where(keep, logits, jnp.asarray(big_negative, logits.dtype))
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
 
 
-def attention(query, key, value, is_causal=False, kv_mask=None):
+def _and(a, b):
+  return b if a is None else a & b
+
+
+def attention(query, key, value, is_causal=False, kv_mask=None, segment_ids=None):
   """`jax.nn.dot_product_attention(query, key, value, is_causal=..., mask=...)` with its default
-  scale; `kv_mask` [B, S] (bool, True = attend) masks keys.
+  scale; `kv_mask` [B, S] (bool, True = attend) masks keys; `segment_ids` [B, S] (int) lets a
+  token attend only to tokens of its own segment (self-attention: queries and keys alike).
 
   Query heads N = G * R share kv head g in groups of R; the R*T query rows of a kv head form one
   matrix, so every matmul is [B, G] batches of plain 2-D products.
@@ -152,5 +164,5 @@ def attention(query, key, value, is_causal=False, kv_mask=None):
   q = query.reshape(b, t, g, r, h).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, h)
   k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, G, S, H]
   probs_fn = functools.partial(_probs, r=r, t=t, h=h, causal=is_causal, dtype=key.dtype)
-  out = _attention_core(q, k, v, kv_mask, probs_fn)
+  out = _attention_core(q, k, v, (kv_mask, segment_ids), probs_fn)
   return out.reshape(b, g, r, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

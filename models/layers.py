@@ -191,18 +191,21 @@ class Attention(nnx.Module):
       k_BxLxGxK = rotary(k_BxLxGxK, cfg.rope_theta, positions_BxL)
     return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
 
-  def __call__(self, x_BxLxD, kv_mask_BxL=None):
-    """`kv_mask_BxL`: keys to attend to (bool, e.g. not padding); None: all of them."""
+  def __call__(self, x_BxLxD, kv_mask_BxL=None, segment_ids_BxL=None, positions_BxL=None):
+    """`kv_mask_BxL`: keys to attend to (bool, e.g. not padding); None: all of them.
+    `segment_ids_BxL`: packed documents; a token attends to its own only (models/attention.py).
+    `positions_BxL`: each token's position in its document (rope); None: 0 .. L-1."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
-    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._project(x_BxLxD)
+    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._project(x_BxLxD, positions_BxL)
     k = q_BxLxHxK.shape[-1]
     q_BxLxHxK = constrain(checkpoint_name(q_BxLxHxK, 'query_proj'), 'batch', 'length', 'heads',
                           'kv')
     k_BxLxGxK = checkpoint_name(k_BxLxGxK, 'key_proj')
     v_BxLxGxK = checkpoint_name(v_BxLxGxK, 'value_proj')
     out_BxLxHxK = attention.attention(cfg.attention, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
-                                      causal=self.causal, kv_mask_BxL=kv_mask_BxL)
+                                      causal=self.causal, kv_mask_BxL=kv_mask_BxL,
+                                      segment_ids_BxL=segment_ids_BxL)
     out_BxLxHxK = checkpoint_name(out_BxLxHxK, 'attention_context')
     out_BxLxD = self.out(out_BxLxHxK.reshape(b, l, cfg.num_heads * k))
     return checkpoint_name(out_BxLxD, 'attention_out')
@@ -255,10 +258,10 @@ class Block(nnx.Module):
     self.mlp_norm, self.mlp = norm(cfg, rngs), Mlp(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None, depth=None):
-    """`dropout_key`: this layer's dropout key; without it dropout is off. `kv_mask_BxL`: the
-    keys attention may see (Attention). `depth`: (key, rate) of this layer's stochastic depth;
-    without it every branch is kept."""
+  def __call__(self, x_BxLxD, dropout_key=None, depth=None, **attention_inputs):
+    """`dropout_key`: this layer's dropout key; without it dropout is off. `depth`: (key, rate)
+    of this layer's stochastic depth; without it every branch is kept. `attention_inputs`:
+    kv_mask_BxL, segment_ids_BxL, positions_BxL (Attention)."""
     keys = [None, None] if dropout_key is None else jax.random.split(dropout_key)
     depth_keys, rate = [None, None], 0.0
     if depth is not None:
@@ -266,7 +269,7 @@ class Block(nnx.Module):
     def branch(y, i):
       y = self.dropout(y, deterministic=keys[i] is None, rngs=keys[i])
       return drop_path(y, rate, depth_keys[i])
-    x_BxLxD = x_BxLxD + branch(self.attention(self.attn_norm(x_BxLxD), kv_mask_BxL), 0)
+    x_BxLxD = x_BxLxD + branch(self.attention(self.attn_norm(x_BxLxD), **attention_inputs), 0)
     x_BxLxD = x_BxLxD + branch(self.mlp(self.mlp_norm(x_BxLxD)), 1)
     return constrain(x_BxLxD, 'batch', 'length', 'embed')
 
@@ -330,10 +333,12 @@ class Blocks(nnx.Module):
       self.layers = nnx.List([Block(cfg, rngs=rngs, causal=causal)
                               for _ in range(cfg.num_layers)])
 
-  def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None):
+  def __call__(self, x_BxLxD, dropout_key=None, kv_mask_BxL=None, segment_ids_BxL=None,
+               positions_BxL=None):
     """`dropout_key`: the blocks' dropout and stochastic depth key; without it both are off.
-    `kv_mask_BxL`: the keys attention may see (bool, e.g. not padding), the same in every
-    layer; None: all."""
+    `kv_mask_BxL`: the keys attention may see (bool, e.g. not padding); `segment_ids_BxL`: the
+    packed documents, a token attending to its own only; `positions_BxL`: each token's position
+    in its document (rope). The same in every layer; None: all keys, one document, 0 .. L-1."""
     cfg = self.cfg
     depth_N = None  # (key, rate) of each layer
     if dropout_key is not None and cfg.stochastic_depth > 0:  # rate 0: today's dropout keys
@@ -341,8 +346,10 @@ class Blocks(nnx.Module):
       depth_N = (jax.random.split(depth_key, cfg.num_layers),
                  jnp.asarray(depth_rates(cfg.stochastic_depth, cfg.num_layers)))
     keys_N = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-    # The mask is closed over, not scanned: every layer reads the same one.
-    apply = lambda block, x, key, depth: block(x, key, kv_mask_BxL, depth)
+    # The masks are closed over, not scanned: every layer reads the same ones.
+    inputs = dict(kv_mask_BxL=kv_mask_BxL, segment_ids_BxL=segment_ids_BxL,
+                  positions_BxL=positions_BxL)
+    apply = lambda block, x, key, depth: block(x, key, depth, **inputs)
     if cfg.remat != 'none':
       # Under scan there is no common subexpression to protect: XLA cannot hoist across steps.
       apply = nnx.remat(apply, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)

@@ -74,18 +74,27 @@ class Model(nnx.Module):
                            preferred_element_type=wide)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-  def __call__(self, tokens_BxL, *, rngs: nnx.Rngs | None = None):
-    """`rngs` carries the dropout stream; without it dropout is off (evaluation)."""
-    return self.logits(self.hidden(tokens_BxL, rngs=rngs))
+  def __call__(self, tokens_BxL, *, segment_ids_BxL=None, positions_BxL=None,
+               rngs: nnx.Rngs | None = None):
+    """`rngs` carries the dropout stream; without it dropout is off (evaluation). For packed
+    rows, `segment_ids_BxL` numbers the documents (a token attends to its own document only)
+    and `positions_BxL` gives each token's position in its document; None: the row is one
+    document at positions 0 .. L-1."""
+    return self.logits(self.hidden(tokens_BxL, segment_ids_BxL=segment_ids_BxL,
+                                   positions_BxL=positions_BxL, rngs=rngs))
 
-  def hidden(self, tokens_BxL, *, rngs: nnx.Rngs | None = None):
+  def hidden(self, tokens_BxL, *, segment_ids_BxL=None, positions_BxL=None,
+             rngs: nnx.Rngs | None = None):
     """The final norm's output [B, L, D]: everything but the unembedding."""
     x_BxLxD = self.embed(tokens_BxL)
     if self.cfg.position == 'learned':
-      x_BxLxD = x_BxLxD + self.positions[: tokens_BxL.shape[1]].astype(x_BxLxD.dtype)
+      x_BxLxD = x_BxLxD + (self.positions[: tokens_BxL.shape[1]] if positions_BxL is None
+                           else self.positions[positions_BxL]).astype(x_BxLxD.dtype)
     x_BxLxD = self.dropout(x_BxLxD, deterministic=rngs is None, rngs=rngs)
     x_BxLxD = constrain(x_BxLxD, 'batch', 'length', 'embed')
-    return self.final_norm(self.blocks(x_BxLxD, None if rngs is None else rngs.dropout()))
+    x_BxLxD = self.blocks(x_BxLxD, None if rngs is None else rngs.dropout(),
+                          segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL)
+    return self.final_norm(x_BxLxD)
 
   def init_cache(self, batch: int, length: int):
     """An empty key/value cache for `decode`: `batch` rows of up to `length` positions."""

@@ -1,8 +1,18 @@
 """Causal language modelling: predict each next token of packed documents (task.name='lm').
 
-Batches are {'tokens': int32 [B, L + 1]}: inputs are tokens[:, :-1], targets tokens[:, 1:].
-Tokens are bytes by default, or those of `data.tokenizer` or of the prepared dataset
-(`data.source=arrayrecord`); the tokenizer's eos ends each document.
+Batches are {'tokens', 'segment_ids', 'positions'}, each int32 [B, L + 1]: inputs are
+tokens[:, :-1], targets tokens[:, 1:]. Tokens are bytes by default, or those of
+`data.tokenizer` or of the prepared dataset (`data.source=arrayrecord`). A row packs documents
+end to end, each ended by the tokenizer's eos; `segment_ids` numbers a row's documents 1, 2, ...
+(0: padding) and `positions` counts each document's tokens from 0 (a document split across rows
+starts again at 0 in the next row, as a document of its own). A token attends only to the
+earlier tokens of its own document, so its prediction never depends on the documents packed
+before it. A target that starts a document (its input is the previous document's eos) cannot be
+predicted from its document, so it is left out (`target_weights`): one target per document. The
+eval loss is the mean over the targets counted; the training loss is their sum over all B * L
+targets, so that gradient accumulation's micro-batches, which count different numbers, average
+to the whole batch's loss exactly. It is lower than the counted mean by the share of targets
+left out (1 / the mean document length: 0.1% for 1000-token documents).
 Evaluation is a fixed, seeded sample of packed sequences drawn from every eval document
 (`task.eval_batches` global batches; for a mixture, from the components' eval splits mixed in
 the training weights), reported as loss per token and bits per byte: each target token counts
@@ -22,6 +32,7 @@ from data import pipeline, sources, tokenizers
 from parallel import sharding
 from tasks import base
 
+PACKED_KEYS = ('tokens', 'segment_ids', 'positions')  # a batch's keys (pipeline.batches)
 _EVAL_SEED = 20_251_128  # the eval sample's shuffle: fixed, unlike the training seed
 
 
@@ -68,39 +79,65 @@ def default_data_config() -> ml_collections.ConfigDict:
   return d
 
 
-def next_token_loss(model, tokens_BxL1, rngs=None, *, per_token=False):
-  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (or, with
-  `per_token`, the [B, L] losses). `rngs` turns dropout on.
+def target_weights(segment_ids_BxL1):
+  """1.0 for a target [B, L] of the same document as its input, else 0.0 (a target that starts
+  a document, or padding); all ones without segment ids."""
+  if segment_ids_BxL1 is None:
+    return None
+  same_BxL = segment_ids_BxL1[:, 1:] == segment_ids_BxL1[:, :-1]
+  return (same_BxL & (segment_ids_BxL1[:, 1:] != 0)).astype(jnp.float32)
+
+
+def next_token_loss(model, tokens_BxL1, rngs=None, *, segment_ids_BxL1=None,
+                    positions_BxL1=None, per_token=False):
+  """Cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], summed over the targets
+  `target_weights` counts, over all B * L targets (or, with `per_token`, the [B, L] losses,
+  uncounted ones included).
+  `segment_ids_BxL1`, `positions_BxL1`: the packed documents (None: each row is one).
+  `rngs` turns dropout on.
 
   With `model.cfg.loss_chunk` > 0 the logits exist only `loss_chunk` positions at a time.
   """
   inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+  inputs = dict(segment_ids_BxL=_drop_last(segment_ids_BxL1),
+                positions_BxL=_drop_last(positions_BxL1), rngs=rngs)
+  weights_BxL = target_weights(segment_ids_BxL1)
+  if weights_BxL is None:
+    weights_BxL = jnp.ones(targets_BxL.shape, jnp.float32)
   chunk = model.cfg.loss_chunk
   if not chunk or per_token:
-    logits_BxLxV = model(inputs_BxL, rngs=rngs)
+    logits_BxLxV = model(inputs_BxL, **inputs)
     losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
-    return losses_BxL if per_token else losses_BxL.mean()
-  return _chunked_loss(model, model.hidden(inputs_BxL, rngs=rngs), targets_BxL, chunk)
+    return losses_BxL if per_token else (losses_BxL * weights_BxL).sum() / losses_BxL.size
+  total = _chunked_sum(model, model.hidden(inputs_BxL, **inputs), targets_BxL, weights_BxL, chunk)
+  return total / targets_BxL.size
 
 
-def _chunked_loss(model, x_BxLxD, targets_BxL, chunk):
-  """Mean cross-entropy over chunks of `chunk` positions, scanned: each chunk's [B, C, V]
-  logits are made, reduced to a sum and dropped, then remade in the backward pass."""
+def _drop_last(x_BxL1):
+  return None if x_BxL1 is None else x_BxL1[:, :-1]
+
+
+def _chunked_sum(model, x_BxLxD, targets_BxL, weights_BxL, chunk):
+  """The cross-entropy summed over the weighted targets, in chunks of `chunk` positions,
+  scanned: each chunk's [B, C, V] logits are made, reduced to a sum and dropped, then remade in
+  the backward pass."""
   b, l, d = x_BxLxD.shape
   x_NxBxCxD = x_BxLxD.reshape(b, l // chunk, chunk, d).swapaxes(0, 1)
   x_NxBxCxD = sharding.constrain(x_NxBxCxD, None, 'batch', 'length', 'embed')
-  targets_NxBxC = targets_BxL.reshape(b, l // chunk, chunk).swapaxes(0, 1)
+  by_chunk = lambda y_BxL: y_BxL.reshape(b, l // chunk, chunk).swapaxes(0, 1)
 
   @jax.checkpoint
-  def chunk_sum(x_BxCxD, targets_BxC):
+  def chunk_sum(x_BxCxD, targets_BxC, weights_BxC):
     logits_BxCxV = model.logits(x_BxCxD)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC).sum()
+    losses_BxC = optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
+    return (losses_BxC * weights_BxC).sum()
 
   def add_chunk(total, xs):
     return total + chunk_sum(*xs), None
 
-  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (x_NxBxCxD, targets_NxBxC))
-  return total / (b * l)
+  xs = (x_NxBxCxD, by_chunk(targets_BxL), by_chunk(weights_BxL))
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), xs)
+  return total
 
 
 class Task(base.Task):
@@ -138,14 +175,14 @@ class Task(base.Task):
 
   def batch_spec(self, split):
     d = self.config.data
-    return {'tokens': base.Field((d.global_batch_size, d.seq_len + 1), jnp.int32,
-                                 ('batch', 'length'))}
+    field = base.Field((d.global_batch_size, d.seq_len + 1), jnp.int32, ('batch', 'length'))
+    return {key: field for key in PACKED_KEYS}
 
   def units_per_example(self):
     return self.config.data.seq_len
 
   def loss(self, model, batch, rngs):
-    return next_token_loss(model, batch['tokens'], rngs), {}
+    return next_token_loss(model, batch['tokens'], rngs, **_packing(batch)), {}
 
   @functools.cached_property
   def tokenizer(self):
@@ -160,10 +197,11 @@ class Task(base.Task):
     return table
 
   def eval_sums(self, model, batch):
-    losses_BxL = next_token_loss(model, batch['tokens'], per_token=True)
+    losses_BxL = next_token_loss(model, batch['tokens'], per_token=True, **_packing(batch))
+    weights_BxL = target_weights(batch['segment_ids'])
     bytes_BxL = jnp.asarray(self._bytes_per_token)[batch['tokens'][:, 1:]]
-    return {'loss_sum': losses_BxL.sum(), 'tokens': jnp.asarray(losses_BxL.size, jnp.float32),
-            'bytes': bytes_BxL.sum()}
+    return {'loss_sum': (losses_BxL * weights_BxL).sum(), 'tokens': weights_BxL.sum(),
+            'bytes': (bytes_BxL * weights_BxL).sum()}
 
   def eval_metrics(self, sums):
     tokens = max(float(sums['tokens']), 1.0)
@@ -192,6 +230,19 @@ class Task(base.Task):
     if not self.config.task.num_samples:
       return []
     return [lm_samples.Samples(self.config, self.tokenizer)]
+
+
+def _packing(batch) -> dict:
+  return {'segment_ids_BxL1': batch['segment_ids'], 'positions_BxL1': batch['positions']}
+
+
+def one_document_per_row(tokens_BxL1) -> dict:
+  """The batch of rows that are each one whole document at positions 0 .. L (for tests and
+  benchmarks that make up tokens): no mask beyond causal, every target counted."""
+  tokens_BxL1 = np.asarray(tokens_BxL1)
+  b, l1 = tokens_BxL1.shape
+  return {'tokens': tokens_BxL1, 'segment_ids': np.ones((b, l1), np.int32),
+          'positions': np.broadcast_to(np.arange(l1, dtype=np.int32), (b, l1))}
 
 
 def _require(ok, key, message):

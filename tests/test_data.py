@@ -2,6 +2,7 @@
 
 import json
 
+import chex
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -47,6 +48,31 @@ def test_pipeline_times_its_batches_and_keeps_its_state(tmp_path):
   np.testing.assert_array_equal(_take(restored, 3), expected)
 
 
+def test_rows_number_their_documents_and_positions(tmp_path):
+  """Unshuffled, the rows are the documents end to end, each closed by the separator, cut every
+  seq_len + 1 tokens. A document cut by a row's end goes on in the next row as segment 1, at
+  position 0 again."""
+  lengths = [5, 30, 3, 12, 20, 7]
+  for i, n in enumerate(lengths):
+    (tmp_path / f'doc{i}.txt').write_text(chr(ord('a') + i) * n)
+  source = sources.FileSource(sorted(str(p) for p in tmp_path.glob('*.txt')))
+  batches = iter(pipeline.batches(source, seq_len=16, batch_size=2, seed=0, shuffle=False))
+  keys = ('tokens', 'segment_ids', 'positions')
+  rows = [row for _ in range(6) for row in zip(*map(next(batches).get, keys))]
+  stream = b''.join(chr(ord('a') + i).encode() * n + b'\0' for i, n in enumerate(lengths)) * 3
+  doc_of_token = np.cumsum([0] + [t == 0 for t in stream[:-1]])  # which document, in order
+  split_rows = 0
+  for r, (tokens, segment_ids, positions) in enumerate(rows):
+    docs = doc_of_token[r * 17:(r + 1) * 17]
+    starts = np.concatenate([[True], docs[1:] != docs[:-1]])
+    np.testing.assert_array_equal(tokens, np.frombuffer(stream[r * 17:(r + 1) * 17], np.uint8))
+    np.testing.assert_array_equal(segment_ids, np.cumsum(starts))
+    first = np.maximum.accumulate(np.where(starts, np.arange(17), 0))
+    np.testing.assert_array_equal(positions, np.arange(17) - first)
+    split_rows += r > 0 and docs[0] == doc_of_token[r * 17 - 1]  # began in the row before
+  assert split_rows >= 3
+
+
 def test_same_seed_same_order_other_seed_other_order(tmp_path):
   source = _write_corpus(tmp_path)
   first = _take(iter(_batches(source, seed=1)), 5)
@@ -62,10 +88,11 @@ def test_restored_iterator_continues_identically(tmp_path, consumed):
   iterator = iter(_batches(source))
   _take(iterator, consumed)
   saved = iterator.get_state()
-  expected = _take(iterator, 6)
+  expected = [next(iterator) for _ in range(6)]
   fresh = iter(_batches(source))
   fresh.set_state(saved)
-  np.testing.assert_array_equal(np.stack(_take(fresh, 6)), np.stack(expected))
+  for batch in expected:  # tokens, segment ids and positions alike
+    chex.assert_trees_all_equal(next(fresh), batch)
 
 
 def test_epochs_reshuffle_and_cover_every_document(tmp_path):

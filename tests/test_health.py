@@ -9,6 +9,7 @@ from flax import nnx
 
 from configs import common, default
 from parallel import sharding
+from tasks import language_model
 from tests.test_train_e2e import run_train
 from training import config_check, health, metrics
 from training import state as state_lib
@@ -24,7 +25,7 @@ def _setup_and_batch(config):
   setup = state_lib.make_setup(config, mesh)
   rows, length = config.data.global_batch_size, config.data.seq_len
   tokens = np.random.default_rng(0).integers(0, 256, (rows, length + 1), np.int32)
-  return mesh, setup, {'tokens': tokens}
+  return mesh, setup, language_model.one_document_per_row(tokens)
 
 
 def _step(config, mesh, setup, batch):

@@ -217,7 +217,7 @@ def test_scanned_sharded_step_matches_single_device_gradients():
     assert kernel.addressable_shards[0].data.shape == (2, 8, 48)  # embed/4, mlp/2
     initial_params = jax.device_get(state['params'])
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
-    _, metrics = train_step(state, {'tokens': np.asarray(_tokens(config))})
+    _, metrics = train_step(state, language_model.one_document_per_row(_tokens(config)))
   params, loss, grads = _reference(scan=True)  # one device, no remat, full logits
   _assert_close(initial_params, nnx.to_pure_dict(params))
   _assert_close(metrics['train/loss'], loss)

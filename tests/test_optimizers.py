@@ -225,7 +225,7 @@ def _steps_through_a_checkpoint(config, directory):
   config.mesh.update(test_sharding.LAYOUTS['fsdp8'])
   mesh = sharding.make_mesh(config.mesh, jax.devices())
   setup = state_lib.make_setup(config, mesh)
-  batches = [{'tokens': t} for t in test_sharding._batches(config)]
+  batches = test_sharding._batches(config)
   with sharding.activate(mesh, config.mesh.rules):
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
     state, metrics_ = train_step(state_lib.init_state(config, setup), batches[0])

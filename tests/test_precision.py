@@ -6,6 +6,7 @@ import numpy as np
 
 from configs import default
 from parallel import sharding
+from tasks import language_model
 from tests import test_train_e2e as e2e
 from training import metrics as metrics_lib
 from training import precision
@@ -25,7 +26,8 @@ def _train(config, steps, seed=0):
     history = [jax.device_get(state)]
     metrics = []
     for _ in range(steps):
-      state, m = train_step(state, {'tokens': rng.integers(0, 256, shape, dtype=np.int32)})
+      tokens = rng.integers(0, 256, shape, dtype=np.int32)
+      state, m = train_step(state, language_model.one_document_per_row(tokens))
       metrics.append(jax.device_get(m))
       history.append(jax.device_get(state))
   return metrics, history

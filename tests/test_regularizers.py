@@ -9,7 +9,7 @@ from configs import default
 from configs import fashion_mnist_cnn
 from models import MODELS
 from parallel import sharding
-from tasks import classification
+from tasks import classification, language_model
 from training import config_check
 from training import optimizer
 from training import state as state_lib
@@ -26,7 +26,8 @@ def _loss_and_grads(config, params=None):
         0, 256, (config.data.global_batch_size, config.data.seq_len + 1), dtype=np.int32)
     (loss, (aux, _)), grads = jax.jit(
         lambda p: step_lib._loss_and_grads(  # pylint: disable=protected-access
-            setup, p, None, {'tokens': tokens}, jax.random.key(0), config, None))(params)
+            setup, p, None, language_model.one_document_per_row(tokens), jax.random.key(0), config,
+            None))(params)
   return loss, aux, jax.device_get(grads), jax.device_get(params)
 
 

@@ -30,16 +30,30 @@ def _run(config, mesh_sizes, devices, batches):
     state = state_lib.init_state(config, setup)
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
     losses = []
-    for tokens in batches:
-      state, metrics = train_step(state, {'tokens': tokens})
+    for batch in batches:
+      state, metrics = train_step(state, batch)
       losses.append(float(metrics['train/loss']))
   return losses, jax.device_get(state)
 
 
 def _batches(config, seed=0):
+  """STEPS batches of random tokens packed as documents of random lengths (~20 tokens), so the
+  document masks and positions differ between rows and layouts split them."""
   rng = np.random.default_rng(seed)
   shape = (config.data.global_batch_size, config.data.seq_len + 1)
-  return [rng.integers(0, 256, shape, dtype=np.int32) for _ in range(STEPS)]
+  return [packed_batch(rng.integers(0, 256, shape, dtype=np.int32), rng.random(shape) < 0.05)
+          for _ in range(STEPS)]
+
+
+def packed_batch(tokens, starts):
+  """An LM batch of `tokens` whose documents begin where `starts` (bool, like tokens) is true,
+  and at each row's start."""
+  starts = starts.copy()
+  starts[:, 0] = True
+  index = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  return {'tokens': tokens, 'segment_ids': np.cumsum(starts, axis=1, dtype=np.int32),
+          'positions': (index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+                        ).astype(np.int32)}
 
 
 def _assert_same_run(run, reference):
