@@ -2,9 +2,9 @@
 
 Stages of 1, 2, 2, 2 basic blocks at 28, 14, 7 and 4 pixels, 16 to 128 channels (697K
 parameters), random flips and crops (`data.augment=flip,crop`; add `jitter`, `mixup` or
-`cutmix` with `--config.data.augment=...`, see data/augment.py). Ten epochs: 0.9286 test accuracy, 0.92 after 11.7 minutes
-on 2 CPU cores. Three stages of two blocks (175K parameters) reached 0.9261 with the
-augmentation and 0.9257 without, in 18 minutes.
+`cutmix` with `--config.data.augment=...`, see data/augment.py), label smoothing 0.1, twenty
+epochs: 0.9384 test accuracy (best 0.9392), 0.92 after 4,221 steps. Ten epochs without label
+smoothing gave 0.9286; three stages of two blocks (175K parameters) 0.9261.
 """
 
 from configs import common
@@ -17,5 +17,7 @@ def get_config(presets: str = ''):
   config.model.stage_sizes, config.model.width = (1, 2, 2, 2), 16
   config.data.augment = 'flip,crop'
   config.optim.adamw.weight_decay = 5e-4
+  config.task.label_smoothing = 0.1
+  config.train.steps = 9380  # 20 epochs of 60,000 at batch 128
   return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
                               fashion_mnist_cnn.apply_preset)
