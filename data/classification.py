@@ -32,6 +32,7 @@ import numpy as np
 
 from data import augment
 from data import images
+from data import pipeline
 from data.pipeline import RecordStats
 
 IMAGE_SOURCES = ('idx', 'tfds', 'folder')
@@ -73,7 +74,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.balance = 'none'  # none | reweight | oversample (training only; see above)
   d.global_batch_size = 128
   d.shuffle_seed = 0
-  d.worker_threads = 2  # threads that read and decode examples
+  d.worker_threads = 0  # threads that read, augment and batch examples (0: half the CPUs, <= 16)
   d.prefetch_batches = 4
   d.max_bad_fraction = 0.01  # the trainer stops when more of the records read are unusable
   d.warn_wait_share = 0.05  # warn when training waits for data more of the time than this
@@ -118,6 +119,7 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
     examples = augment.apply(examples, d, len(source))
   weights = class_weights(labels, source.num_classes) if d.balance == 'reweight' else None
   first, finish = process_index * rows, _finisher(source, d)
+  threads = pipeline.resolve_threads(d.worker_threads)
 
   def read(step):  # this process's rows of global batch `step`
     positions = step * d.global_batch_size + first + np.arange(rows)
@@ -131,7 +133,7 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
   def make(step):  # timed: data/pipeline_images_per_second (see pipeline.RecordStats)
     started = time.perf_counter()
     batch = finish(read(step))
-    stats.add_batch_work(time.perf_counter() - started, threads=d.worker_threads)
+    stats.add_batch_work(time.perf_counter() - started, threads=threads)
     return batch
 
   return _prefetched(grain.MapDataset.range(sys.maxsize).map(make), d)
@@ -262,8 +264,9 @@ def _rows_per_process(d, process_count: int) -> int:
 
 def _prefetched(batches: grain.MapDataset, d) -> grain.IterDataset:
   """`batches`, made by `worker_threads` threads up to `prefetch_batches` ahead."""
-  read = grain.ReadOptions(num_threads=d.worker_threads,
-                           prefetch_buffer_size=max(d.prefetch_batches, d.worker_threads))
+  threads = pipeline.resolve_threads(d.worker_threads)
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(d.prefetch_batches,
+                                                                         threads))
   return batches.to_iter_dataset(read)
 
 

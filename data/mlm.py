@@ -66,7 +66,7 @@ def _process_rows(global_batch_size, process_index, process_count) -> slice:
 def mlm_batches(documents, *, seq_len: int, global_batch_size: int, seed: int,
                 mask_rate: float = 0.15, process_index: int = 0, process_count: int = 1,
                 shuffle: bool = True, stats: pipeline.RecordStats | None = None,
-                shuffle_window: int = 4096, worker_threads: int = 2,
+                shuffle_window: int = 4096, worker_threads: int = 0,
                 prefetch_batches: int = 4) -> grain.IterDataset:
   """Endless masked-LM batches: this process's rows of each global batch.
 
@@ -86,8 +86,8 @@ def mlm_batches(documents, *, seq_len: int, global_batch_size: int, seed: int,
   stats = stats or pipeline.RecordStats()
   load = pipeline._load(documents, stats)  # pylint: disable=protected-access
   docs = docs.repeat().map(load)
-  read_options = grain.ReadOptions(num_threads=worker_threads,
-                                   prefetch_buffer_size=4 * worker_threads)
+  threads = pipeline.resolve_threads(worker_threads)
+  read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
   pieces = grain.experimental.FlatMapIterDataset(
       docs.filter(lambda d: d is not None).to_iter_dataset(read_options), _Chunks(seq_len - 1))
   if shuffle:

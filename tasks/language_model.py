@@ -74,7 +74,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.num_streams = 0
   d.max_bad_fraction = 0.01  # stop if more of the records read are unusable (checked after 100)
   d.warn_wait_share = 0.05  # warn when training waits for data more of the time than this
-  d.worker_threads = 2  # threads that prefetch batches
+  d.worker_threads = 0  # threads that read and tokenise documents (0: half the CPUs, <= 16)
   d.prefetch_batches = 4
   return d
 

@@ -36,6 +36,7 @@ def check_task(config):
   _require(d.global_batch_size > 0, 'data.global_batch_size', 'must be positive')
   _require(0 <= d.max_bad_fraction <= 1, 'data.max_bad_fraction', 'must be in [0, 1]')
   _require(0 < d.warn_wait_share <= 1, 'data.warn_wait_share', 'must be in (0, 1]')
+  _require(d.worker_threads >= 0, 'data.worker_threads', 'must be >= 0 (0: half the CPUs)')
   task = TASKS[config.task.name].Task(config, MODELS[config.model.name])
   _from_value_error(task.validate)
 
