@@ -96,7 +96,7 @@ def mlm_batches(documents, *, seq_len: int, global_batch_size: int, seed: int,
   ds = pieces.map(lambda piece: cls_row(piece, seq_len)).batch(global_batch_size)
   ds = ds.map_with_index(lambda step, ids: _mask_rows(
       ids[rows], step * global_batch_size + rows.start, seed, mask_rate))
-  ds = pipeline.timed(ds, stats)
+  ds = pipeline.TimedIterDataset(ds, stats)
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds

@@ -62,9 +62,10 @@ class RecordStats:
         if len(self.examples) < self._max_examples:
           self.examples.append(problem)
 
-  def add_batch_work(self, seconds: float, batches: int = 1, threads: int = 1):
+  def add_batch_work(self, seconds: float, threads: int = 1):
+    """One batch made in `seconds` by one of `threads` threads working side by side."""
     with self._lock:
-      self.batches += batches
+      self.batches += 1
       self.batch_seconds += seconds / threads
 
   @property
@@ -79,13 +80,9 @@ def resolve_threads(worker_threads: int) -> int:
   return worker_threads or min(16, max(1, (os.cpu_count() or 2) // 2))
 
 
-def timed(ds: grain.IterDataset, stats: RecordStats) -> grain.IterDataset:
-  """`ds`, adding the time each batch takes to come out of it to `stats` (see RecordStats):
-  for the part of a pipeline that one thread runs, under its prefetching."""
-  return _TimedIterDataset(ds, stats)
-
-
-class _TimedIterDataset(grain.IterDataset):
+class TimedIterDataset(grain.IterDataset):
+  """Its parent, adding the time each batch takes to come out of it to `stats` (see
+  RecordStats): for the part of a pipeline that one thread runs, under its prefetching."""
 
   def __init__(self, parent, stats):
     super().__init__(parent)
@@ -156,7 +153,7 @@ def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
   ds = StreamsIterDataset({stream: _stream(
       source, stream, num_streams, seq_len=seq_len, rows=batch_size // len(streams), seed=seed,
       shuffle=shuffle, threads=threads, load=load) for stream in streams}, num_streams)
-  ds = timed(ds, stats)
+  ds = TimedIterDataset(ds, stats)
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds
