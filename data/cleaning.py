@@ -55,21 +55,22 @@ def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
   return text, {'email': emails, 'ip': ipv4s + ipv6s}
 
 
-def _rule(default, help_text):
+def flag_field(default, help_text):
+  """A dataclass field that is also a command-line flag, with its help text."""
   return dataclasses.field(default=default, metadata={'help': help_text})
 
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
   """Quality thresholds. The defaults keep ordinary prose and source code; flags tighten them."""
-  min_chars: int = _rule(20, 'fewest characters a document may have')
-  max_chars: int = _rule(1_000_000, 'most characters a document may have')
-  min_alpha_ratio: float = _rule(0.25, 'least share of alphabetic characters')
-  max_symbol_ratio: float = _rule(0.4, 'most share of characters neither alphanumeric nor space')
-  max_digit_ratio: float = _rule(0.4, 'most share of digits')
-  max_dup_line_ratio: float = _rule(0.5, 'most share of line characters in repeated lines')
-  max_dup_ngram_ratio: float = _rule(0.6, 'most share of word characters in repeated n-grams')
-  dup_ngram_words: int = _rule(10, 'words per n-gram of max_dup_ngram_ratio')
+  min_chars: int = flag_field(20, 'fewest characters a document may have')
+  max_chars: int = flag_field(1_000_000, 'most characters a document may have')
+  min_alpha_ratio: float = flag_field(0.25, 'least share of alphabetic characters')
+  max_symbol_ratio: float = flag_field(0.4, 'most share of characters neither alphanumeric nor space')
+  max_digit_ratio: float = flag_field(0.4, 'most share of digits')
+  max_dup_line_ratio: float = flag_field(0.5, 'most share of line characters in repeated lines')
+  max_dup_ngram_ratio: float = flag_field(0.6, 'most share of word characters in repeated n-grams')
+  dup_ngram_words: int = flag_field(10, 'words per n-gram of max_dup_ngram_ratio')
 
 
 # The rules, by the names `failed_rule` gives (each a threshold field of `Rules`).

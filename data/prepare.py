@@ -27,27 +27,24 @@ from data import prepare_report as report_lib
 from data.prepare_report import event
 
 EVENTS = 'events'
-
-
-def _field(default, help_text):
-  return dataclasses.field(default=default, metadata={'help': help_text})
+TOKENIZER_FILES = {'sentencepiece': 'tokenizer.model', 'bpe': 'tokenizer.json'}  # tokenizers.train
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Everything `prepare` takes besides input and output; each is also a flag of the same name."""
-  text_key: str = _field('text', 'the text field of .jsonl records and column of .parquet files')
-  workers: int = _field(1, 'DirectRunner worker processes (direct_num_workers)')
-  tokenizer: str = _field('bytes', 'bytes, sentencepiece or bpe (trained on a sample)')
-  vocab_size: int = _field(8192, 'vocabulary size of a trained tokenizer')
-  tokenizer_sample_docs: int = _field(5000, 'kept documents the tokenizer learns from')
-  eval_percent: int = _field(1, 'percent of documents (by content hash) in the eval split')
-  num_shards: int = _field(8, 'train ArrayRecord files')
-  num_eval_shards: int = _field(1, 'eval ArrayRecord files')
-  scrub_pii: bool = _field(False, 'replace e-mail and IP addresses by placeholders')
-  near_dup_threshold: float = _field(0.8, 'Jaccard similarity at which documents are near copies')
-  num_perm: int = _field(128, 'MinHash permutations')
-  shingle_words: int = _field(5, 'words per MinHash shingle')
+  text_key: str = cleaning.flag_field('text', 'the text field of .jsonl records and column of .parquet files')
+  workers: int = cleaning.flag_field(1, 'DirectRunner worker processes (direct_num_workers)')
+  tokenizer: str = cleaning.flag_field('bytes', 'bytes, sentencepiece or bpe (trained on a sample)')
+  vocab_size: int = cleaning.flag_field(8192, 'vocabulary size of a trained tokenizer')
+  tokenizer_sample_docs: int = cleaning.flag_field(5000, 'kept documents the tokenizer learns from')
+  eval_percent: int = cleaning.flag_field(1, 'percent of documents (by content hash) in the eval split')
+  num_shards: int = cleaning.flag_field(8, 'train ArrayRecord files')
+  num_eval_shards: int = cleaning.flag_field(1, 'eval ArrayRecord files')
+  scrub_pii: bool = cleaning.flag_field(False, 'replace e-mail and IP addresses by placeholders')
+  near_dup_threshold: float = cleaning.flag_field(0.8, 'Jaccard similarity at which documents are near copies')
+  num_perm: int = cleaning.flag_field(128, 'MinHash permutations')
+  shingle_words: int = cleaning.flag_field(5, 'words per MinHash shingle')
   rules: cleaning.Rules = dataclasses.field(default_factory=cleaning.Rules)
 
   def validate(self):
@@ -225,7 +222,7 @@ def _key(*parts) -> str:
 
 
 def _train_tokenizer(o: Options, clean_dir: str, output: epath.Path) -> None:
-  for name in ('tokenizer.model', 'tokenizer.json'):
+  for name in TOKENIZER_FILES.values():
     (output / name).unlink(missing_ok=True)
   if o.tokenizer == 'bytes':
     return
@@ -258,7 +255,7 @@ def prepare(input: str, output: str, pipeline_args=(), **options) -> dict:  # py
       lambda p: _clean_pipeline(p, files, o, d), beam_options, 'clean'))}
   stages['tokenizer'] = _stage(out, 'tokenizer', tokenizer_key,
                                lambda d: _train_tokenizer(o, clean_dir, out))
-  spec = prepare_io.tokenizer_spec(out)
+  spec = str(out / TOKENIZER_FILES[o.tokenizer]) if o.tokenizer in TOKENIZER_FILES else 'bytes'
   stages['shards'] = _stage(out, 'shards', shards_key,
                             lambda d: _make_shards(o, clean_dir, spec, out, d, beam_options))
   sums = report_lib.read_events(clean_dir, shards_dir)

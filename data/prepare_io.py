@@ -15,7 +15,6 @@ from data import sources, tokenizers
 from data.prepare_report import event, histogram_event
 
 SUFFIXES = ('.txt', '.jsonl', '.parquet')
-FORMAT = 'podium-prepared-v1'
 _EVENTS = 'events'
 
 
@@ -204,19 +203,11 @@ def add_empty_shards(out: epath.Path, split_shards: dict[str, int]):
         _write_array_record(str(out / shard_name(split, index, count)), [])
 
 
-def tokenizer_spec(out: epath.Path) -> str:
-  """The tokenizer file the tokenizer stage left in `out`, or 'bytes'."""
-  for name in ('tokenizer.model', 'tokenizer.json'):
-    if (out / name).exists():
-      return str(out / name)
-  return 'bytes'
-
-
 def write_dataset_json(out: epath.Path, spec: str, splits: dict, options, input_pattern: str):
   tokenizer = tokenizers.load(spec)
   args = {'input': input_pattern, 'output': str(out), **dataclasses.asdict(options)}
   dataset = {
-      'format': FORMAT,
+      'format': sources.PREPARED_FORMAT,
       'tokenizer': 'bytes' if spec == 'bytes' else epath.Path(spec).name,
       'vocab_size': tokenizer.vocab_size, 'eos_id': tokenizer.eos_id,
       'splits': {split: {'files': [p.name for p in _shard_files(out, split)], **counts}

@@ -7,7 +7,6 @@ rerun that skips a stage still reports it.
 """
 
 import json
-import math
 
 import apache_beam as beam
 from etils import epath
@@ -24,7 +23,7 @@ def event(name: str, count: int = 1, example: str | None = None) -> tuple:
 
 def histogram_event(kind: str, value: int) -> tuple:
   """One value counted in a power-of-two bin: bin b holds values in [b, 2b) (and 0 holds 0)."""
-  return event(f'hist/{kind}/{2 ** int(math.log2(value)) if value > 0 else 0}')
+  return event(f'hist/{kind}/{1 << (value.bit_length() - 1) if value > 0 else 0}')
 
 
 class SumEvents(beam.CombineFn):

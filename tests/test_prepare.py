@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -167,18 +168,20 @@ def test_shards_hold_the_tokenised_kept_documents(run):
   assert report['splits']['eval']['documents'] > 0  # 20% of 11: the split is exercised
 
 
-def test_rerun_skips_done_stages_and_changed_arguments_redo(run):
+def test_rerun_skips_done_stages_and_changed_arguments_redo(run, tmp_path):
   root, _, report = run
-  again = prepare.prepare(f'{root}/in/*', str(root / 'out'), **OPTIONS)
+  out = tmp_path / 'out'
+  shutil.copytree(root / 'out', out)  # the other tests read the fixture's own output
+  again = prepare.prepare(f'{root}/in/*', str(out), **OPTIONS)
   assert again['stages'] == {'clean': 'skipped', 'tokenizer': 'skipped', 'shards': 'skipped'}
   assert {k: v for k, v in again.items() if k != 'stages'} == {
       k: v for k, v in report.items() if k != 'stages'}
-  resharded = prepare.prepare(f'{root}/in/*', str(root / 'out'),
+  resharded = prepare.prepare(f'{root}/in/*', str(out),
                               **{**OPTIONS, 'num_shards': 2})
   assert resharded['stages'] == {'clean': 'skipped', 'tokenizer': 'skipped', 'shards': 'ran'}
-  assert len(list((root / 'out').glob('train-*.array_record'))) == 2
+  assert len(list(out.glob('train-*.array_record'))) == 2
   assert resharded['splits'] == report['splits']
-  stricter = prepare.prepare(f'{root}/in/*', str(root / 'out'),
+  stricter = prepare.prepare(f'{root}/in/*', str(out),
                              **{**OPTIONS, 'num_shards': 2, 'near_dup_threshold': 0.97})
   assert stricter['stages'] == {'clean': 'ran', 'tokenizer': 'ran', 'shards': 'ran'}
   assert stricter['near_duplicates']['documents_dropped'] == 0
