@@ -136,8 +136,8 @@ def test_loss_and_eval_sums_leave_out_targets_that_start_a_document():
   assert starts.any() and not np.isclose(losses[~starts].mean(), losses.mean(), rtol=1e-4)
   sums = nnx.jit(task.eval_sums)(model(), batch)  # the mean over the targets counted
   assert float(sums['tokens']) == (~starts).sum()
-  np.testing.assert_allclose(task.eval_metrics(sums)['loss'], losses[~starts].mean(), rtol=1e-6)
+  np.testing.assert_allclose(task.eval_metrics(sums)['loss'], losses[~starts].mean(), rtol=1e-5)
   expected = losses[~starts].sum() / losses.size  # training: over all targets (accumulation)
-  np.testing.assert_allclose(loss(model(), batch), expected, rtol=1e-6)
+  np.testing.assert_allclose(loss(model(), batch), expected, rtol=1e-5)
   config.model.loss_chunk = 8  # the chunked loss: the same
-  np.testing.assert_allclose(loss(model(), batch), expected, rtol=1e-6)
+  np.testing.assert_allclose(loss(model(), batch), expected, rtol=1e-5)
