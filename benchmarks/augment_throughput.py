@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import fashion_mnist_cnn  # pylint: disable=wrong-import-position
-from data import classification  # pylint: disable=wrong-import-position
+from data import classification, pipeline  # pylint: disable=wrong-import-position
 
 _AUGMENTS = flags.DEFINE_string(
     'augments', 'none;flip,crop;flip,crop,jitter;flip,crop,jitter,mixup;flip,crop,cutmix',
@@ -47,7 +47,7 @@ def main(argv):
     sys.exit(f'no Fashion-MNIST at {data_cfg.path}; apt-get install dataset-fashion-mnist')
   source = classification.make_source(data_cfg, 'train')
   print(f'{len(source)} images, batch {data_cfg.global_batch_size}, '
-        f'{data_cfg.worker_threads} worker threads, {os.cpu_count()} CPUs (maybe shared)')
+        f'{pipeline.resolve_threads(data_cfg.worker_threads)} worker threads, {os.cpu_count()} CPUs (maybe shared)')
   for setting in _AUGMENTS.value.split(';'):
     data_cfg.augment = setting
     print(f'augment={setting:<28} {_images_per_second(data_cfg, source):9,.0f} images/s')

@@ -34,7 +34,7 @@ from tasks import TASKS  # pylint: disable=wrong-import-position
 _RUNS = flags.DEFINE_list('runs', ['lm', 'cnn_augmented'], 'Which runs (see the docstring).')
 _STEPS = flags.DEFINE_integer('steps', 300, 'Training steps per run.')
 _BATCHES = flags.DEFINE_integer('batches', 200, 'Batches drained from the pipeline alone.')
-_AUGMENT = flags.DEFINE_string('augment', 'flip_crop', 'data.augment of the cnn_augmented run.')
+_AUGMENT = flags.DEFINE_string('augment', 'flip,crop', 'data.augment of the cnn_augmented run.')
 _ROOT = flags.DEFINE_string('workdir_root', '/tmp/podium_input_pipeline', 'Run directories.')
 
 

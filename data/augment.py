@@ -163,7 +163,8 @@ def jitter(image_HxWxC: np.ndarray, rng: np.random.Generator, strengths) -> np.n
 def mixup(a_HxWxC, b_HxWxC, rng: np.random.Generator, alpha: float):
   """(mix * a + (1 - mix) * b as float32, mix) with mix ~ Beta(alpha, alpha)."""
   mix = np.float32(rng.beta(alpha, alpha))
-  return mix * a_HxWxC.astype(np.float32) + (1 - mix) * b_HxWxC.astype(np.float32), mix
+  return (mix * a_HxWxC.astype(np.float32, copy=False) +
+          (1 - mix) * b_HxWxC.astype(np.float32, copy=False), mix)
 
 
 def cutmix(a_HxWxC, b_HxWxC, rng: np.random.Generator, alpha: float):

@@ -124,10 +124,12 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
   def read(step):  # this process's rows of global batch `step`
     positions = step * d.global_batch_size + first + np.arange(rows)
     batch = _stack([examples[int(p)] for p in positions])
-    if weights is not None:
-      mix = batch.get('mix', 1)
+    if weights is not None and 'mix' in batch:
+      mix = batch['mix']
       batch['weight'] = np.float32(mix * weights[batch['label']] +
-                                   (1 - mix) * weights[batch.get('label_b', batch['label'])])
+                                   (1 - mix) * weights[batch['label_b']])
+    elif weights is not None:
+      batch['weight'] = weights[batch['label']].astype(np.float32)
     return batch
 
   def make(step):  # timed: data/pipeline_images_per_second (see pipeline.RecordStats)
@@ -136,7 +138,7 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
     stats.add_batch_work(time.perf_counter() - started, threads=threads)
     return batch
 
-  return _prefetched(grain.MapDataset.range(sys.maxsize).map(make), d)
+  return _prefetched(grain.MapDataset.range(sys.maxsize).map(make), d, threads)
 
 
 def eval_batches(source, data_cfg, *, process_index: int, process_count: int,
@@ -157,7 +159,8 @@ def eval_batches(source, data_cfg, *, process_index: int, process_count: int,
     return finish(dict(batch, mask=np.float32([example is not None for example in found])))
 
   steps = -(-len(source) // d.global_batch_size)
-  iterator = iter(_prefetched(grain.MapDataset.range(steps).map(read), d))
+  iterator = iter(_prefetched(grain.MapDataset.range(steps).map(read), d,
+                              pipeline.resolve_threads(d.worker_threads)))
   try:
     return list(iterator)
   finally:
@@ -211,23 +214,24 @@ class _BalancedEpochs(_ShuffledEpochs):
 
 
 def source_labels(source) -> np.ndarray:
-  """int64 [len(source)]: each record's label, -1 where it cannot be read. Sources that hold
-  their labels offer `labels()`; others are read record by record."""
+  """int64 [len(source)]: each record's label, -1 where it cannot be read or is not a class.
+  Sources that hold their labels offer `labels()`; others are read record by record (TFDS:
+  every record decoded, so only data.balance asks for them)."""
   if hasattr(source, 'labels'):
-    return np.asarray(source.labels(), np.int64)
-  labels = np.full(len(source), -1, np.int64)
-  for index in range(len(source)):
-    try:
-      labels[index] = int(source[index]['label'])
-    except Exception:  # pylint: disable=broad-except; the pipeline counts unusable records
-      continue
-  return labels
+    labels = np.asarray(source.labels(), np.int64)
+  else:
+    labels = np.full(len(source), -1, np.int64)
+    for index in range(len(source)):
+      try:
+        labels[index] = int(source[index]['label'])
+      except Exception:  # pylint: disable=broad-except; the pipeline counts unusable records
+        continue
+  return np.where((labels >= 0) & (labels < source.num_classes), labels, -1)
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """int64 [num_classes]: records per class (unreadable ones and stray labels not counted)."""
-  usable = labels[(labels >= 0) & (labels < num_classes)]
-  return np.bincount(usable, minlength=num_classes)
+  return np.bincount(labels[labels >= 0], minlength=num_classes)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -262,9 +266,8 @@ def _rows_per_process(d, process_count: int) -> int:
   return d.global_batch_size // process_count
 
 
-def _prefetched(batches: grain.MapDataset, d) -> grain.IterDataset:
-  """`batches`, made by `worker_threads` threads up to `prefetch_batches` ahead."""
-  threads = pipeline.resolve_threads(d.worker_threads)
+def _prefetched(batches: grain.MapDataset, d, threads: int) -> grain.IterDataset:
+  """`batches`, made by `threads` threads up to `data.prefetch_batches` ahead."""
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(d.prefetch_batches,
                                                                          threads))
   return batches.to_iter_dataset(read)
@@ -320,7 +323,7 @@ def _finisher(source, d):
   def finish(batch):
     inputs = batch['inputs']
     return dict(batch, inputs=inputs.astype(np.int32) if scale is None
-                else inputs.astype(np.float32) * scale + shift)
+                else inputs.astype(np.float32, copy=False) * scale + shift)
 
   return finish
 

@@ -103,10 +103,6 @@ class TextClassificationSource(grain.sources.RandomAccessDataSource):
   def labels(self) -> np.ndarray:
     return self._labels
 
-  def class_counts(self) -> dict[str, int]:
-    counts = np.bincount(self._labels, minlength=self.num_classes)
-    return dict(zip(self.class_names, counts.tolist()))
-
   def __repr__(self):
     return f'TextClassificationSource({len(self)} texts, {self.num_classes} classes)'
 

@@ -127,8 +127,10 @@ class Task(base.Task):
     source = data_lib.make_source(self.config.data, 'train')
     self._check_source(source)
     self.class_names = list(source.class_names)
-    labels = data_lib.source_labels(source)
-    self.class_counts = data_lib.class_counts(labels, source.num_classes)
+    labels = None  # reading them all is slow for sources without a label index (TFDS)
+    if hasattr(source, 'labels') or self.config.data.balance != 'none':
+      labels = data_lib.source_labels(source)
+      self.class_counts = data_lib.class_counts(labels, source.num_classes)
     return data_lib.train_batches(source, self.config.data, process_index=jax.process_index(),
                                   process_count=jax.process_count(), stats=stats,
                                   labels=labels)

@@ -11,7 +11,7 @@ from training import config_check, parts
 
 
 class FakeClock:
-  """perf_counter for training.parts and data.pipeline: moves only when told."""
+  """perf_counter for training.parts: moves only when told."""
 
   def __init__(self):
     self.now = 100.0
@@ -23,8 +23,7 @@ class FakeClock:
 @pytest.fixture(name='clock')
 def fixture_clock(monkeypatch):
   clock = FakeClock()
-  for module in (parts, pipeline):
-    monkeypatch.setattr(module, 'time', types.SimpleNamespace(perf_counter=clock.perf_counter))
+  monkeypatch.setattr(parts, 'time', types.SimpleNamespace(perf_counter=clock.perf_counter))
   return clock
 
 
@@ -84,7 +83,6 @@ def test_warns_when_waiting_is_too_much_of_the_time_and_again_after_recovering(c
   _steps(clock, health, iterator, 5, step_seconds=0.5)
   health.figures()
   assert len(announced) == 2
-
 
 
 @pytest.mark.parametrize('share', [0, 1.5])

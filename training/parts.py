@@ -38,8 +38,10 @@ class Evaluator(Part):
       return None
     started, sums = time.perf_counter(), None
     for batch in self.batches:
-      # Added up on the host: the sums are small, and an add on the devices is one more
-      # multi-device program per batch (on XLA:CPU it gathered across them, and once stalled).
+      # Fetched batch by batch and added up on the host: the sums are small, an add on the
+      # devices is one more multi-device program per batch, and on XLA:CPU eval steps queued
+      # behind each other stalled in an all-gather (7 of 8 devices arrived) when all were
+      # dispatched before any was fetched.
       batch_sums = jax.device_get(run.eval_step(state['params'], state.get('model_state'), batch))
       sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
     run.last_eval_sums = sums
@@ -341,8 +343,8 @@ class DataHealth(Part):
   def __init__(self, run, stats):
     self.run, self.stats, self.reported = run, stats, 0
     self.limit, self.warn_share = run.config.data.max_bad_fraction, run.config.data.warn_wait_share
-    units = run.config.data.global_batch_size * run.task.units_per_example()
-    self.units_per_batch = units // jax.process_count()  # a process's pipeline makes its rows
+    # Each process's pipeline makes its rows of a global batch; all together make one.
+    self.units_per_batch = run.config.data.global_batch_size * run.task.units_per_example()
     self.rate_key = f'data/pipeline_{run.task.unit}_per_second'
     self.window_start = self.waited = None  # None until a batch after the first
     self.made = (0, 0.0)  # stats.batches and stats.batch_seconds at the window's start
@@ -370,7 +372,7 @@ class DataHealth(Part):
     batches, seconds = stats.batches - self.made[0], stats.batch_seconds - self.made[1]
     figures['data/wait_share'] = share
     if seconds > 0:  # all processes' pipelines together, like the training rate
-      figures[self.rate_key] = batches * self.units_per_batch * jax.process_count() / seconds
+      figures[self.rate_key] = batches * self.units_per_batch / seconds
     self.window_start, self.waited, self.made = now, 0.0, (stats.batches, stats.batch_seconds)
     if share > self.warn_share and not self.warned:
       self.run.announce(f'WARNING: training waited for data {share:.1%} of the time since the '
