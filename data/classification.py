@@ -231,7 +231,7 @@ def source_labels(source) -> np.ndarray:
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """int64 [num_classes]: records per class (unreadable ones and stray labels not counted)."""
-  return np.bincount(labels[labels >= 0], minlength=num_classes)
+  return np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
