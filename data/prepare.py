@@ -140,9 +140,9 @@ def main(argv):
     _usage_error(e)
   _require_extra('prepare', ('apache_beam', 'datasketch'))
   from data import prepare_pipeline  # pylint: disable=g-import-not-at-top; the extra, checked
-  output = paths.absolute(flags.FLAGS.output)
   try:
-    report = prepare_pipeline.run(paths.absolute(flags.FLAGS.input), output, options, argv[1:])
+    report = prepare_pipeline.run(paths.absolute(flags.FLAGS.input),
+                                  paths.absolute(flags.FLAGS.output), options, argv[1:])
   except ValueError as e:
     _usage_error(e)
   print(_summary(report, flags.FLAGS.output))

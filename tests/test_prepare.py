@@ -264,15 +264,17 @@ def test_bad_options_are_one_line_errors(options, message):
     prepare.Options(**options).validate()
 
 
-
-
 def _splits(hashes, eval_percent):
   """Each hash's split, as the shards stage chooses it (NoEmptySplit over two merged halves)."""
   fn = prepare_io.NoEmptySplit(eval_percent)
   halves = [functools.reduce(fn.add_input, part, fn.create_accumulator())
             for part in (hashes[::2], hashes[1::2])]
   moved = fn.extract_output(fn.merge_accumulators(halves))
-  return [prepare_io.split_and_shard(h, eval_percent, {'train': 2, 'eval': 1}, moved)[0]
+  return _hashed_splits(hashes, eval_percent, moved)
+
+
+def _hashed_splits(hashes, eval_percent, moved=None):
+  return [prepare_io.split_and_shard(h, eval_percent, {'train': 2, 'eval': 1}, moved or {})[0]
           for h in hashes]
 
 
@@ -281,13 +283,11 @@ def test_no_split_is_empty_and_each_document_keeps_its_hashed_split():
     for n in range(2, 40):
       hashes = [dedup.content_hash(f'{eval_percent} {n} {i}') for i in range(n)]
       splits = _splits(hashes, eval_percent)
-      hashed = [prepare_io.split_and_shard(h, eval_percent, {'train': 2, 'eval': 1}, {})[0]
-                for h in hashes]
       assert 'eval' in splits and 'train' in splits, (eval_percent, n)
-      assert sum(a != b for a, b in zip(splits, hashed)) <= 1  # at most one document moved
+      moved = sum(a != b for a, b in zip(splits, _hashed_splits(hashes, eval_percent)))
+      assert moved <= 1
   hashes = [dedup.content_hash(str(i)) for i in range(3000)]
-  assert _splits(hashes, 1) == [  # a large corpus: the content hash alone decides
-      prepare_io.split_and_shard(h, 1, {'train': 2, 'eval': 1}, {})[0] for h in hashes]
+  assert _splits(hashes, 1) == _hashed_splits(hashes, 1)  # large: the hash alone decides
   assert _splits(hashes[:5], 0) == ['train'] * 5  # --eval_percent=0: no eval split
 
 
