@@ -136,17 +136,19 @@ def _runner_and_options(o, pipeline_args, stage_dir: str):
   back). `--workers=N` > 1 runs it on N worker processes (Beam's own command for them) whose
   stderr, Beam's start-up and progress logs, goes to `<stage>/workers.log`: their failures
   still reach this process and end the run."""
-  options = PipelineOptions(list(pipeline_args))
-  if options.view_as(StandardOptions).runner is not None:
-    return None, options
+  args = list(pipeline_args)
+  if PipelineOptions(args).view_as(StandardOptions).runner is not None:  # e.g. DirectRunner
+    if o.workers > 1:
+      args += [f'--direct_num_workers={o.workers}', '--direct_running_mode=multi_processing']
+    return None, PipelineOptions(args)
   if o.workers == 1:
-    return fn_runner.FnApiRunner(), options
+    return fn_runner.FnApiRunner(), PipelineOptions(args)
   log = f'{stage_dir}/workers.log' if '://' not in stage_dir else os.devnull
   command = (f'{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main '
              f'2>>{shlex.quote(log)}')
   workers = environments.SubprocessSDKEnvironment.from_command_string(command)
   return (fn_runner.FnApiRunner(default_environment=workers),
-          PipelineOptions(list(pipeline_args) + [f'--direct_num_workers={o.workers}']))
+          PipelineOptions(args + [f'--direct_num_workers={o.workers}']))
 
 
 def _run_beam(build, o, pipeline_args, stage_dir: str):
