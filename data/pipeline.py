@@ -210,10 +210,21 @@ def _documents(source, stream, num_streams, *, seed, shuffle, load):
   `seed` is a list of ints."""
   docs = grain.MapDataset.range(len(source))[stream::num_streams]
   if not len(docs):
-    raise ValueError(f'data: {source!r} has fewer documents than the {num_streams} streams')
+    raise ValueError(f'data: {source!r} has fewer documents than the {num_streams} streams: '
+                     f'{_fewer_documents_fix(source)}')
   if shuffle:
     docs = docs.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
   return docs.repeat().map(load(source))
+
+
+def _fewer_documents_fix(source) -> str:
+  fewer_streams = 'set a smaller --config.data.num_streams'
+  if not isinstance(source, sources.PreparedSource):
+    return f'give more documents, or {fewer_streams}'
+  if source.split == 'eval':
+    return (f're-run python -m data.prepare with a larger --eval_percent, {fewer_streams}, or '
+            'train without eval (--config.train.eval_every=0)')
+  return f're-run python -m data.prepare with more documents, or {fewer_streams}'
 
 
 def _stream(source, stream, num_streams, *, seq_len, rows, seed, shuffle, threads, load):

@@ -11,11 +11,15 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
-from data import sources, tokenizers
-from data.prepare_report import event, histogram_event
+from data import cleaning, sources, tokenizers
+from data.prepare_report import EXAMPLE_CHARS, event, histogram_event
 
 SUFFIXES = ('.txt', '.jsonl', '.parquet')
 _EVENTS = 'events'
+# A malformed record's snippet is cut from this many characters, scrubbed, then cut to the
+# report's EXAMPLE_CHARS: any address that reaches into those (at most 254 characters) is whole
+# when scrubbed, so no part of one is kept.
+_SNIPPET_SOURCE = EXAMPLE_CHARS + 256
 
 
 def input_files(pattern: str, text_key: str) -> list[str]:
@@ -68,16 +72,13 @@ def fingerprint(files: list[str]) -> list:
   return [(f, s.length, s.mtime) for f, s in zip(files, stats)]
 
 
-def _malformed(reason: str, where: str, raw) -> beam.pvalue.TaggedOutput:
-  return beam.pvalue.TaggedOutput(_EVENTS, event(f'malformed/{reason}', 1, f'{where}: {raw!r}'))
-
-
 @beam.typehints.with_output_types(tuple[str, str])  # the main output; events are tagged
 class ReadDocuments(beam.DoFn):
-  """A file -> (source, text) per document; malformed records become events, not errors."""
+  """A file -> (source, text) per document; malformed records become events, not errors, with
+  a snippet that `scrub_pii` scrubs as it does the text."""
 
-  def __init__(self, text_key: str):
-    self._text_key = text_key
+  def __init__(self, text_key: str, scrub_pii: bool):
+    self._text_key, self._scrub_pii = text_key, scrub_pii
 
   def process(self, path):
     if path.endswith('.txt'):
@@ -90,18 +91,25 @@ class ReadDocuments(beam.DoFn):
     else:
       yield from self._parquet(path)
 
+  def _malformed(self, reason: str, where: str, raw) -> beam.pvalue.TaggedOutput:
+    snippet = repr(raw[:_SNIPPET_SOURCE] if isinstance(raw, (str, bytes)) else raw)
+    snippet = f'{where}: {snippet[:_SNIPPET_SOURCE]}'
+    if self._scrub_pii:
+      snippet = cleaning.scrub_pii(snippet)[0]
+    return beam.pvalue.TaggedOutput(_EVENTS, event(f'malformed/{reason}', 1, snippet))
+
   def _text(self, where, raw):
     if raw is None:
-      yield _malformed('null_text', where, raw)
+      yield self._malformed('null_text', where, raw)
       return
     if isinstance(raw, bytes):
       try:
         raw = raw.decode('utf-8')
       except UnicodeDecodeError:
-        yield _malformed('not_utf8', where, raw[:80])
+        yield self._malformed('not_utf8', where, raw)
         return
     if not isinstance(raw, str):
-      yield _malformed('not_text', where, raw)
+      yield self._malformed('not_text', where, raw)
       return
     yield where, raw
 
@@ -109,15 +117,15 @@ class ReadDocuments(beam.DoFn):
     try:
       line = line.decode('utf-8')
     except UnicodeDecodeError:
-      yield _malformed('not_utf8', where, line[:80])
+      yield self._malformed('not_utf8', where, line)
       return
     try:
       record = json.loads(line)
     except ValueError:
-      yield _malformed('bad_json', where, line[:80])
+      yield self._malformed('bad_json', where, line)
       return
     if not isinstance(record, dict) or self._text_key not in record:
-      yield _malformed('missing_text', where, line[:80])
+      yield self._malformed('missing_text', where, line)
       return
     yield from self._text(where, record[self._text_key])
 
@@ -131,15 +139,59 @@ class ReadDocuments(beam.DoFn):
           row += 1
 
 
-def split_and_shard(content_hash: str, eval_percent: int, split_shards: dict[str, int]):
-  """(split, shard index) from the content hash: stable across runs, runners and workers."""
-  split = 'eval' if int(content_hash[:8], 16) % 100 < eval_percent else 'train'
+def _bucket(content_hash: str) -> int:
+  """0..99: the eval split is the documents in the buckets below eval_percent."""
+  return int(content_hash[:8], 16) % 100
+
+
+def _hashed_split(content_hash: str, eval_percent: int) -> str:
+  return 'eval' if _bucket(content_hash) < eval_percent else 'train'
+
+
+def split_and_shard(content_hash: str, eval_percent: int, split_shards: dict[str, int],
+                    moved: dict[str, str]):
+  """(split, shard index): the split from the content hash unless `moved` (NoEmptySplit's)
+  names the document; stable across runs, runners and workers."""
+  split = moved.get(content_hash) or _hashed_split(content_hash, eval_percent)
   return split, int(content_hash[8:16], 16) % split_shards[split]
+
+
+class NoEmptySplit(beam.CombineFn):
+  """Content hashes -> {hash: split} for the one document, if any, moved so that neither split
+  is empty: when 2 or more documents are kept and `eval_percent` of them by hash rounds to none,
+  the one nearest to the eval side goes to eval (to train when the hashes put all in eval).
+  A corpus of a few hundred documents or more moves none, so each stays where its hash puts it."""
+
+  def __init__(self, eval_percent: int):
+    self._eval_percent = eval_percent
+
+  def create_accumulator(self):
+    return 0, 0, None, None  # documents, eval documents, lowest and highest (bucket, hash)
+
+  def add_input(self, acc, content_hash):
+    key = (_bucket(content_hash), content_hash)
+    in_eval = _hashed_split(content_hash, self._eval_percent) == 'eval'
+    return self.merge_accumulators([acc, (1, int(in_eval), key, key)])
+
+  def merge_accumulators(self, accumulators):
+    accumulators = list(accumulators)
+    keys = [k for acc in accumulators for k in acc[2:] if k is not None]
+    return (sum(a[0] for a in accumulators), sum(a[1] for a in accumulators),
+            min(keys, default=None), max(keys, default=None))
+
+  def extract_output(self, acc):
+    documents, in_eval, lowest, highest = acc
+    if documents < 2 or not self._eval_percent:
+      return {}
+    if not in_eval:
+      return {lowest[1]: 'eval'}
+    return {highest[1]: 'train'} if in_eval == documents else {}
 
 
 @beam.typehints.with_output_types(tuple[tuple[str, int], tuple[str, bytes]])
 class Tokenise(beam.DoFn):
-  """[hash, text] -> ((split, shard), (hash, '<u4' token-id bytes)), plus token-count events."""
+  """[hash, text] -> ((split, shard), (hash, '<u4' token-id bytes)), plus token-count events;
+  `moved` (a side input) is NoEmptySplit's output."""
 
   def __init__(self, spec: str, eval_percent: int, split_shards: dict[str, int]):
     self._spec, self._eval_percent, self._split_shards = spec, eval_percent, split_shards
@@ -148,10 +200,10 @@ class Tokenise(beam.DoFn):
   def setup(self):
     self._tokenizer = tokenizers.load(self._spec)
 
-  def process(self, element):
+  def process(self, element, moved):
     content_hash, text = element
     ids = self._tokenizer.encode(text)
-    split, shard = split_and_shard(content_hash, self._eval_percent, self._split_shards)
+    split, shard = split_and_shard(content_hash, self._eval_percent, self._split_shards, moved)
     yield beam.pvalue.TaggedOutput(_EVENTS, event(f'split/{split}/documents'))
     yield beam.pvalue.TaggedOutput(_EVENTS, event(f'split/{split}/tokens', len(ids)))
     yield beam.pvalue.TaggedOutput(_EVENTS, histogram_event('tokens', len(ids)))

@@ -114,14 +114,15 @@ class PreparedDataset:
     files = self.info['splits'].get(split, {}).get('files')
     if not files:
       raise ValueError(f'{self._key}: {self.path}/dataset.json lists no {split} files')
-    return PreparedSource([str(epath.Path(self.path) / f) for f in files], f'{self.path}[{split}]')
+    return PreparedSource([str(epath.Path(self.path) / f) for f in files], self.path, split)
 
 
 class PreparedSource(grain.sources.RandomAccessDataSource):
   """Documents as token ids (uint32): each ArrayRecord record is one document's ids, '<u4'."""
 
-  def __init__(self, paths: list[str], name: str):
-    self._records, self._name = grain.sources.ArrayRecordDataSource(paths), name
+  def __init__(self, paths: list[str], directory: str, split: str):
+    self._records, self.split = grain.sources.ArrayRecordDataSource(paths), split
+    self._name = f'{directory}[{split}]'
 
   def __len__(self):
     return len(self._records)
