@@ -74,13 +74,12 @@ class Model(nnx.Module):
     cfg = platforms.model_settings(cfg)
     self.cfg = cfg
     widths = _widths(cfg)
-    dense = lambda d_in, d_out, init, axes: nnx.Linear(
-        d_in, d_out, kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_metadata={'logical_axes': axes}, bias_metadata={'logical_axes': axes[1:]},
-        rngs=rngs)
     init = initializers.kernel(cfg.init, cfg.init_std)
-    self.hidden = nnx.List([dense(d_in, d_out, init, ('embed', 'mlp'))
-                            for d_in, d_out in zip(widths[:-2], widths[1:-1])])
+    self.hidden = nnx.List([nnx.Linear(
+        d_in, d_out, kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_metadata={'logical_axes': ('embed', 'mlp')},
+        bias_metadata={'logical_axes': ('mlp',)}, rngs=rngs)
+        for d_in, d_out in zip(widths[:-2], widths[1:-1])])
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     head_init = (nnx.initializers.zeros_init() if cfg.head_init == 'zeros' else
                  initializers.kernel(cfg.head_init, cfg.init_std))

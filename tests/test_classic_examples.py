@@ -142,7 +142,7 @@ def _mlp_batch(n=16):
           rng.integers(0, MLP_TINY['num_classes'], n).astype(np.int32))
 
 
-def test_mlp_logits_dropout_and_a_first_loss_at_chance():
+def test_mlp_logits_dropout_bfloat16_and_a_first_loss_at_chance():
   model = MODELS['mlp'].Model(_mlp(dropout_rate=0.5), rngs=nnx.Rngs(params=0))
   images, _ = _mlp_batch(3)
   logits = nnx.jit(lambda model, x, rngs=None: model(x, rngs=rngs))
@@ -154,6 +154,10 @@ def test_mlp_logits_dropout_and_a_first_loss_at_chance():
   evaluated = logits(random_head, images)
   np.testing.assert_array_equal(logits(random_head, images), evaluated)  # no rngs: no dropout
   assert not np.allclose(logits(random_head, images, nnx.Rngs(dropout=1)), evaluated)
+  bfloat16 = logits(MODELS['mlp'].Model(_mlp(head_init='lecun_uniform', dtype='bfloat16'),
+                                        rngs=nnx.Rngs(params=0)), images)
+  assert bfloat16.dtype == jnp.float32
+  np.testing.assert_allclose(bfloat16, evaluated, atol=0.1)
   state = nnx.state(random_head, nnx.Param)
   for path, variable in nnx.to_flat_state(state):
     axes = variable.get_metadata().get('logical_axes')
