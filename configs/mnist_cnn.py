@@ -1,19 +1,30 @@
-"""The classic CNN on MNIST: configs/fashion_mnist_cnn.py pointed at MNIST.
+"""The classic CNN on MNIST: configs/fashion_mnist_cnn.py pointed at MNIST's IDX files.
 
-MNIST from TFDS (`tfds build mnist` on a machine with internet, then
-`--config.data.tfds_data_dir` if it is not in the default place), or from IDX files with
-`--config.data.source=idx --config.data.path=DIR`.
+`python train.py --config=configs/mnist_cnn.py --workdir=DIR`. The four IDX files
+(`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
+`t10k-labels-idx1-ubyte`, plain or .gz) are read from `data.path`, by default
+/usr/share/datasets/mnist: where Debian's `dataset-fashion-mnist` puts Fashion-MNIST, so copying
+MNIST's files there (no Debian package ships them) needs no flag; elsewhere, set
+`--config.data.path=DIR`. TFDS stays an option: `--config.data.source=tfds` (`tfds build mnist`
+on a machine with internet, then `--config.data.tfds_data_dir` if not in the default place).
 """
 
 from configs import common
 from configs import fashion_mnist_cnn
 
+MNIST_PATH = '/usr/share/datasets/mnist'
+
+
+def use_mnist(config):
+  """The MNIST digits from IDX files in MNIST_PATH, classes '0'..'9'."""
+  d = config.data
+  d.source, d.name, d.path = 'idx', 'mnist', MNIST_PATH
+  d.class_names = ()
+
 
 def get_config(presets: str = ''):
   config = fashion_mnist_cnn.base_config()
-  d = config.data
-  d.source, d.name, d.path = 'tfds', 'mnist', ''
-  d.class_names = ()
+  use_mnist(config)
   config.train.steps = 2345  # 5 epochs
   return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
                               fashion_mnist_cnn.apply_preset)

@@ -35,7 +35,7 @@ from data import images
 from data import pipeline
 from data.pipeline import RecordStats
 
-IMAGE_SOURCES = ('idx', 'tfds', 'folder')
+IMAGE_SOURCES = ('idx', 'tfds', 'cifar_bin', 'folder')
 TEXT_SOURCES = ('csv', 'jsonl', 'stdlib_packages')  # data/text.py
 _MAX_BAD_IN_A_ROW = 100  # so many unusable records in a row is a wrong path, not bad luck
 
@@ -43,10 +43,10 @@ _MAX_BAD_IN_A_ROW = 100  # so many unusable records in a row is a wrong path, no
 def default_data_config() -> ml_collections.ConfigDict:
   """Every key the classification data reads."""
   d = ml_collections.ConfigDict()
-  d.source = 'idx'  # idx | tfds | folder | csv | jsonl | stdlib_packages
+  d.source = 'idx'  # idx | tfds | cifar_bin | folder | csv | jsonl | stdlib_packages
   d.name = 'fashion_mnist'  # TFDS name, for source=tfds
   d.tfds_data_dir = ''  # '' = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-  d.path = '/usr/share/datasets/fashion-mnist'  # idx/folder/csv/jsonl; Debian's Fashion-MNIST
+  d.path = '/usr/share/datasets/fashion-mnist'  # idx/cifar_bin/folder/csv/jsonl: Debian's F-MNIST
   d.train_split = 'train'  # TFDS split, IDX prefix ('test' reads t10k-*) or folder name
   d.eval_split = 'test'
   d.eval_percent = 10  # folder without split subfolders: share of files hashed into eval

@@ -1,4 +1,5 @@
-"""Image-classification sources: TFDS, IDX files (the MNIST family) and folders of images.
+"""Image-classification sources: TFDS, IDX files (the MNIST family), the CIFAR-10 binary files
+and folders of images.
 
 Each is a random-access source of {'inputs': uint8 [H, W, C], 'label': int} with `num_classes`,
 `class_names`, `kind` ('image') and `record_name(index)`; `data/classification.py` does the rest.
@@ -100,6 +101,83 @@ def idx_source(directory: str, split: str, class_names=()) -> IdxSource:
   prefix = 't10k' if split == 'test' else split
   return IdxSource(find_idx(directory, prefix, 'images', 3),
                    find_idx(directory, prefix, 'labels', 1), class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 binary files
+
+CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}.bin' for i in range(1, 6))
+CIFAR_TEST_FILES = ('test_batch.bin',)
+_CIFAR_RECORD = 1 + 32 * 32 * 3  # a label byte, then 1024 red, 1024 green, 1024 blue pixels
+
+
+def read_cifar_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images [N, 32, 32, 3], uint8 labels [N]) of one file of fixed-size records."""
+  try:
+    data = epath.Path(path).read_bytes()
+  except OSError as e:
+    raise ValueError(f'data.path: cannot read {path} ({type(e).__name__}: {e})') from None
+  if not data or len(data) % _CIFAR_RECORD:
+    raise ValueError(f'data.path: {path} has {len(data)} bytes, not a whole number of '
+                     f'{_CIFAR_RECORD}-byte CIFAR-10 records; the file is truncated or not '
+                     'from cifar-10-binary.tar.gz')
+  records = np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+  images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-major -> HWC
+  return np.ascontiguousarray(images), records[:, 0].copy()
+
+
+class CifarBinSource(grain.sources.RandomAccessDataSource):
+  """The CIFAR-10 binary distribution (`cifar-10-batches-bin`), held in memory (the 50k
+  training images are 150 MB). Never the pickled Python version: unpickling a downloaded file
+  can run any code."""
+
+  kind = 'image'
+
+  def __init__(self, directory: str, split: str, class_names=()):
+    root = epath.Path(directory)
+    if (root / 'cifar-10-batches-bin').is_dir():  # the folder the archive unpacks into
+      root = root / 'cifar-10-batches-bin'
+    if split not in ('train', 'test'):
+      raise ValueError(f'data.train_split/eval_split: {split!r}; the CIFAR-10 binary files '
+                       'have train (data_batch_1..5.bin) and test (test_batch.bin)')
+    names = CIFAR_TRAIN_FILES if split == 'train' else CIFAR_TEST_FILES
+    missing = [n for n in names if not (root / n).exists()]
+    if missing:
+      raise ValueError(f'data.path: no {", ".join(missing)} in {root}; unpack '
+                       'cifar-10-binary.tar.gz (the binary version) and point data.path at it')
+    images, labels = zip(*(read_cifar_bin(str(root / n)) for n in names))
+    self._images, self._labels = np.concatenate(images), np.concatenate(labels)
+    self._ends = np.cumsum([len(l) for l in labels])  # one past each file's last record
+    self.class_names = list(class_names) or _cifar_class_names(root)
+    self.num_classes = len(self.class_names)
+    if self._labels.max() >= self.num_classes:
+      raise ValueError(f'data.path: label {self._labels.max()} in {root} with only '
+                       f'{self.num_classes} classes; set data.class_names')
+    self._root, self._names = root, names
+
+  def __len__(self):
+    return len(self._labels)
+
+  def __getitem__(self, index):
+    return {'inputs': self._images[index], 'label': int(self._labels[index])}
+
+  def record_name(self, index) -> str:
+    file = int(np.searchsorted(self._ends, index, side='right'))
+    first = self._ends[file - 1] if file else 0
+    return f'{self._root / self._names[file]} record {index - first}'
+
+  def labels(self) -> np.ndarray:
+    return self._labels
+
+  def __repr__(self):
+    return f'CifarBinSource({self._root}, {self._names[0]}.., {len(self)} images)'
+
+
+def _cifar_class_names(root: epath.Path) -> list[str]:
+  """The lines of `batches.meta.txt` (airplane .. truck), or '0'..'9' without it."""
+  meta = root / 'batches.meta.txt'
+  names = [line.strip() for line in meta.read_text().splitlines()] if meta.exists() else []
+  return [n for n in names if n] or [str(i) for i in range(10)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,15 +344,19 @@ def _is_eval(relative_path: str, eval_percent: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def make_image_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
-  """The images of `split` ('train' or 'eval') for `data_cfg.source` in tfds | idx | folder."""
+  """The images of `split` ('train' or 'eval') for `data_cfg.source` in tfds | idx | cifar_bin |
+  folder."""
   d = data_cfg
   name = d.train_split if split == 'train' else d.eval_split
   if d.source == 'tfds':
     return TfdsImageSource(d.name, name, d.tfds_data_dir, d.image_size)
   if d.source == 'idx':
     return idx_source(d.path, name, d.class_names)
+  if d.source == 'cifar_bin':
+    return CifarBinSource(d.path, name, d.class_names)
   if d.source == 'folder':
     return folder_source(d.path, split, train_split=d.train_split, eval_split=d.eval_split,
                          eval_percent=d.eval_percent, image_size=d.image_size,
                          channels=d.image_channels)
-  raise ValueError(f'data.source: {d.source!r} is not an image source (tfds | idx | folder)')
+  raise ValueError(f'data.source: {d.source!r} is not an image source (tfds | idx | cifar_bin | '
+                   'folder)')

@@ -16,11 +16,12 @@ A model module exports:
 Which methods a model offers beyond that is between it and its tasks (`tasks/`).
 """
 
-from models import cnn, encoder, resnet, transformer, vit
+from models import cnn, encoder, mlp, resnet, transformer, vit
 
 MODELS = {
     'transformer': transformer,
     'cnn': cnn,
+    'mlp': mlp,
     'resnet': resnet,
     'vit': vit,
     'encoder': encoder,

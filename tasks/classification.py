@@ -59,7 +59,7 @@ class Task(base.Task):
              f'{d.source!r} is not one of '
              f'{", ".join(data_lib.IMAGE_SOURCES + data_lib.TEXT_SOURCES)}')
     takes = 'images' if _is_image(self.config) else 'texts'
-    gives = ('images' if d.source in ('idx', 'folder') else
+    gives = ('images' if d.source in ('idx', 'cifar_bin', 'folder') else
              'texts' if d.source in data_lib.TEXT_SOURCES else takes)  # tfds: either
     _require(gives == takes, 'data.source',
              f'{d.source!r} gives {gives}, and model.name={m.name!r} takes {takes}')
