@@ -82,7 +82,8 @@ def test_setup_copies_this_checkout_to_every_worker_of_every_slice(tmp_path):
     assert dest == f'{node}:podium.tar.gz' and scp_flags['--worker'] == 'all'
     _, _, (ssh_node,), ssh_flags = parse_call(ssh)
     assert ssh_node == node and ssh_flags['--worker'] == 'all'
-    assert "install --quiet --python ../podium-venv/bin/python -e '.[tpu]'" in ssh_flags['--command']
+    install = "install --quiet --python ../podium-venv/bin/python -e '.[tpu]'"
+    assert install in ssh_flags['--command']
   listing = subprocess.run(['tar', '-tzf', source], capture_output=True, text=True, check=True)
   assert {'train.py', 'setup.cfg', 'configs/default.py'} <= set(listing.stdout.split())
 
