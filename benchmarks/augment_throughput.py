@@ -47,7 +47,8 @@ def main(argv):
     sys.exit(f'no Fashion-MNIST at {data_cfg.path}; apt-get install dataset-fashion-mnist')
   source = classification.make_source(data_cfg, 'train')
   print(f'{len(source)} images, batch {data_cfg.global_batch_size}, '
-        f'{pipeline.resolve_threads(data_cfg.worker_threads)} worker threads, {os.cpu_count()} CPUs (maybe shared)')
+        f'{pipeline.resolve_threads(data_cfg.worker_threads)} worker threads, '
+        f'{os.cpu_count()} CPUs (maybe shared)')
   for setting in _AUGMENTS.value.split(';'):
     data_cfg.augment = setting
     print(f'augment={setting:<28} {_images_per_second(data_cfg, source):9,.0f} images/s')

@@ -259,7 +259,7 @@ if __name__ == '__main__':
                                'configs/<name>.py[:presets] to train, one process each.')
   _WORKDIR_ROOT = flags.DEFINE_string('workdir_root', '/tmp/podium_bench',
                                       'Each run goes to WORKDIR_ROOT/<config>, deleted first.')
-  _STEPS = flags.DEFINE_integer('steps', 0, 'Overrides train.steps (0: the config\'s).')
+  _STEPS = flags.DEFINE_integer('steps', 0, "Overrides train.steps (0: the config's).")
   _TARGET = flags.DEFINE_float('target', 0.92, 'The eval accuracy to time.')
   _EXTRA = flags.DEFINE_multi_string('extra', [], 'More train.py flags for every run, split '
                                      "like a shell line, e.g. '--config.train.log_every=10'.")

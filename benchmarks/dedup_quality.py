@@ -1,4 +1,6 @@
-"""Precision and recall of `data.prepare`'s duplicate detection: `python benchmarks/dedup_quality.py`.
+"""Precision and recall of `data.prepare`'s duplicate detection.
+
+`python benchmarks/dedup_quality.py`
 
 Plants clusters in the standard library's .py files (those of 2 KB or more): for some files,
 1-3 near copies (1-5 words edited) and sometimes an exact copy. Runs exact dedup (content

@@ -134,7 +134,8 @@ def time_config(name, matmul_rate):
 
 def main(argv):
   del argv
-  # Before JAX initialises its backend: XLA:CPU flags, dispatch and malloc (see hardware/cpu_runtime.py).
+  # Before JAX initialises its backend: XLA:CPU flags, dispatch and malloc
+  # (see hardware/cpu_runtime.py).
   cpu_runtime.configure(low_memory=_LOW_MEMORY.value)
   if not _MATMUL_GFLOPS.value:
     # Parent: the matmul rate here, each config in its own process (its own peak RSS).

@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import torch_reference  # pylint: disable=wrong-import-position
 
 _BATCH = flags.DEFINE_integer('batch', 128, 'Examples per step.')
-_CHANNELS_LAST = flags.DEFINE_bool('channels_last', False, 'NHWC activations (podium\'s layout) '
-                                   'instead of PyTorch\'s default NCHW.')
+_CHANNELS_LAST = flags.DEFINE_bool('channels_last', False, "NHWC activations (podium's layout) "
+                                   "instead of PyTorch's default NCHW.")
 
 HEIGHT, WIDTH, CHANNELS, CLASSES = 28, 28, 1, 10
 CONV_FEATURES, DENSE, DROPOUT = (32, 64), 256, 0.3

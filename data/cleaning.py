@@ -66,7 +66,8 @@ class Rules:
   min_chars: int = flag_field(20, 'fewest characters a document may have')
   max_chars: int = flag_field(1_000_000, 'most characters a document may have')
   min_alpha_ratio: float = flag_field(0.25, 'least share of alphabetic characters')
-  max_symbol_ratio: float = flag_field(0.4, 'most share of characters neither alphanumeric nor space')
+  max_symbol_ratio: float = flag_field(
+      0.4, 'most share of characters neither alphanumeric nor space')
   max_digit_ratio: float = flag_field(0.4, 'most share of digits')
   max_dup_line_ratio: float = flag_field(0.5, 'most share of line characters in repeated lines')
   max_dup_ngram_ratio: float = flag_field(0.6, 'most share of word characters in repeated n-grams')

@@ -30,7 +30,8 @@ _HARMLESS_WARNINGS = (
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Everything `prepare` takes besides input and output; each is also a flag of the same name."""
-  text_key: str = cleaning.flag_field('text', 'the text field of .jsonl records and column of .parquet files')
+  text_key: str = cleaning.flag_field(
+      'text', 'the text field of .jsonl records and column of .parquet files')
   workers: int = cleaning.flag_field(1, 'DirectRunner worker processes (direct_num_workers)')
   tokenizer: str = cleaning.flag_field('bytes', 'bytes, sentencepiece or bpe (trained on a sample)')
   vocab_size: int = cleaning.flag_field(8192, 'vocabulary size of a trained tokenizer')
@@ -42,7 +43,8 @@ class Options:
   num_eval_shards: int = cleaning.flag_field(1, 'eval ArrayRecord files')
   scrub_pii: bool = cleaning.flag_field(
       False, 'replace e-mail and IP addresses by placeholders, in the text and in the report')
-  near_dup_threshold: float = cleaning.flag_field(0.8, 'Jaccard similarity at which documents are near copies')
+  near_dup_threshold: float = cleaning.flag_field(
+      0.8, 'Jaccard similarity at which documents are near copies')
   num_perm: int = cleaning.flag_field(128, 'MinHash permutations')
   shingle_words: int = cleaning.flag_field(5, 'words per MinHash shingle')
   rules: cleaning.Rules = dataclasses.field(default_factory=cleaning.Rules)

@@ -54,7 +54,7 @@ from etils import epath
 
 from data import pipeline, sources
 from models import encoder
-from models.encoder import CLS_ID, MASK_ID, PAD_ID, SEP_ID  # pylint: disable=unused-import
+from models.encoder import CLS_ID, MASK_ID, PAD_ID, SEP_ID  # noqa: F401  # pylint: disable=unused-import
 
 VOCAB_SIZE = encoder.default_config().vocab_size
 

@@ -158,7 +158,7 @@ class Task(base.Task):
                "names prepared datasets: it needs data.source='arrayrecord'")
     vocab_size = self.tokenizer.vocab_size  # ValueError: no dataset.json, no tokenizer
     _require(self.config.model.vocab_size >= vocab_size, 'model.vocab_size',
-             f'{self.config.model.vocab_size} is smaller than the tokenizer\'s {vocab_size} '
+             f"{self.config.model.vocab_size} is smaller than the tokenizer's {vocab_size} "
              f'tokens ({self.tokenizer.spec})')
     _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}')
     _require(0 <= d.eval_percent < 100, 'data.eval_percent',

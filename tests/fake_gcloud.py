@@ -129,7 +129,8 @@ with open(os.path.join(home, 'lock'), 'w') as lock:
   elif verb in ('ssh', 'scp'):
     node = positionals[0 if verb == 'ssh' else 1].split(':')[0]
     words = shlex.split(flags.get('--command', ''))
-    is_train = any(w == 'train.py' and words[i - 1].endswith('/python') for i, w in enumerate(words))
+    is_train = any(w == 'train.py' and words[i - 1].endswith('/python')
+                   for i, w in enumerate(words))
     behaviour = train_behaviour(node, flags['--worker']) if is_train else None
     if nodes.get(node) != 'READY':
       status = 255
@@ -140,7 +141,8 @@ with open(os.path.join(home, 'lock'), 'w') as lock:
         preempt(node)
         status = 255
       elif behaviour == 'sigterm':
-        out += '\nSIGTERM received: saved step 40 to gs://bucket/runs/8b/checkpoints/40; rerun to resume.'
+        out += ('\nSIGTERM received: saved step 40 to gs://bucket/runs/8b/checkpoints/40; '
+                'rerun to resume.')
       elif behaviour.startswith('exit'):
         status = int(behaviour[4:])
   else:

@@ -86,7 +86,7 @@ def test_slice_names_map_to_physical_layouts():
 
 @pytest.mark.parametrize('name', ['v5p-2', 'v5e-3', 'v7x-8', 'tpu', '0xv5e-4'])
 def test_unknown_slice_names_list_the_supported_ones(name):
-  with pytest.raises(ValueError, match=r"unknown TPU topology .*supported: v4-\{8,"):
+  with pytest.raises(ValueError, match=r'unknown TPU topology .*supported: v4-\{8,'):
     tpu_slices.parse(name)
 
 

@@ -187,7 +187,8 @@ def test_checkpoint_read_in_other_streams_is_a_one_line_error(tmp_path):
   _take(whole, 2)
   _save_as_two_processes(whole.get_state(), epath.Path(tmp_path))
   with pytest.raises(checkpointing.IncompatibleCheckpointError,
-                     match=r'4 stream\(s\) and this run would read 2 .* --config.data.num_streams=4$'):
+                     match=r'4 stream\(s\) and this run would read 2 .* '
+                     r'--config.data.num_streams=4$'):
     checkpointing.DataIteratorHandler().restore(epath.Path(tmp_path), args=(
         checkpointing.DataIteratorRestore(_four_streams(source, range(2), num_streams=2))))
 

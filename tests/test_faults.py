@@ -209,8 +209,9 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(checkpoint_disk, policy
 
 def test_watchdog_dumps_stacks_and_exits_on_a_hung_step(tmp_path):
   started = time.time()
-  result = run_train(tmp_path, '--config.train.debug_hang_at_step=6', '--config.train.hang_factor=5',
-                     '--config.train.hang_min_seconds=8', '--config.train.eval_every=0')
+  result = run_train(tmp_path, '--config.train.debug_hang_at_step=6',
+                     '--config.train.hang_factor=5', '--config.train.hang_min_seconds=8',
+                     '--config.train.eval_every=0')
   assert result.returncode == 3, result.stderr
   assert 'Watchdog: no step finished for' in result.stderr
   assert 'Thread' in result.stderr and 'in _overlapped_steps' in result.stderr  # the stuck frame

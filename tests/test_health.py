@@ -102,7 +102,8 @@ def test_vanishing_gradients_name_the_first_layers():
   grads = nnx.grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(model)
   layer_list = health.layers(nnx.state(model, nnx.Param))
   norms = health.layer_norms(nnx.to_pure_dict(grads), layer_list)
-  detector = health.Detector([n for n, _ in layer_list], _health(vanishing_fraction=1e-2, exploding_factor=1e6))
+  detector = health.Detector([n for n, _ in layer_list],
+                             _health(vanishing_fraction=1e-2, exploding_factor=1e6))
   vanishing, exploding, _ = detector.check(norms)
   assert not exploding
   assert len(vanishing) >= 2 and vanishing == [f'layers/{i}' for i in range(len(vanishing))]

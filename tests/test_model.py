@@ -41,7 +41,8 @@ def test_styles_have_their_parameters(tiny_config):
   llama = nnx.to_pure_dict(nnx.state(_model(default.get_config('tiny,llama')), nnx.Param))
   assert 'positions' in gpt2 and 'unembed' not in gpt2
   assert 'positions' not in llama and 'unembed' in llama
-  assert 'bias' in gpt2['blocks']['layers'][0]['mlp']['up'] and 'bias' not in llama['blocks']['layers'][0]['mlp']['up']
+  assert 'bias' in gpt2['blocks']['layers'][0]['mlp']['up']
+  assert 'bias' not in llama['blocks']['layers'][0]['mlp']['up']
   assert 'gate' in llama['blocks']['layers'][0]['mlp']
   kv = llama['blocks']['layers'][0]['attention']['key']['kernel'].shape[1]
   q = llama['blocks']['layers'][0]['attention']['query']['kernel'].shape[1]

@@ -304,7 +304,7 @@ def test_switching_optimizer_leaves_the_files_own_tuning_behind():
 
 @pytest.mark.parametrize('key, value, error', [
     ('decay_rate', 0.9, "optim.decay_rate: set to 0.9, but optim.schedule='cosine'"),
-    ('grad_clip_value', 0.5, "optim.grad_clip_value: set to 0.5, but optim.grad_clip="),
+    ('grad_clip_value', 0.5, 'optim.grad_clip_value: set to 0.5, but optim.grad_clip='),
     ('schedule', 'step', None),  # step's own keys at their defaults: fine
 ])
 def test_keys_of_another_schedule_or_clip(key, value, error):

@@ -216,7 +216,7 @@ def test_parquet_column_and_workers_give_the_same_shards(tmp_path, capfd):
 
 
 @pytest.mark.parametrize('make, pattern, message', [
-    (lambda d: None, 'nothing-*.txt', "input: no files match"),
+    (lambda d: None, 'nothing-*.txt', 'input: no files match'),
     (lambda d: pq.write_table(pa.table({'body': ['x'], 'id': [1]}), d / 'a.parquet'),
      'a.parquet', "text_key: {d}/a.parquet has no column 'text'; its columns: body, id"),
     (lambda d: (d / 'a.parquet').write_text('not parquet'),

@@ -82,7 +82,8 @@ def test_setup_copies_this_checkout_to_every_worker_of_every_slice(tmp_path):
     assert dest == f'{node}:podium.tar.gz' and scp_flags['--worker'] == 'all'
     _, _, (ssh_node,), ssh_flags = parse_call(ssh)
     assert ssh_node == node and ssh_flags['--worker'] == 'all'
-    assert "install --quiet --python ../podium-venv/bin/python -e '.[tpu]'" in ssh_flags['--command']
+    install = "install --quiet --python ../podium-venv/bin/python -e '.[tpu]'"
+    assert install in ssh_flags['--command']
   listing = subprocess.run(['tar', '-tzf', source], capture_output=True, text=True, check=True)
   assert {'train.py', 'setup.cfg', 'configs/default.py'} <= set(listing.stdout.split())
 
@@ -240,6 +241,19 @@ def test_dry_run_prints_every_command_and_runs_none(tmp_path, script, accelerato
                       '--workdir=gs://b'], '--max_restarts'),
     ('supervise.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--dry_run_preempt_once',
                       '--', '--workdir=gs://b'], '--dry_run'),
+    # Numbers bash arithmetic would misread: hex, exponent, sign, past 64 bits.
+    ('supervise.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--backoff_seconds=0x10',
+                      '--', '--workdir=gs://b'], '--backoff_seconds=0x10'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--poll_seconds=1e3'],
+     '--poll_seconds=1e3'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8', '--poll_seconds=-1'],
+     '--poll_seconds=-1'),
+    ('supervise.sh', ['--name=job', '--zone=z', '--accelerator=v5p-8',
+                      '--max_restarts=99999999999999999999', '--', '--workdir=gs://b'],
+     '--max_restarts'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5e-16', '--slices=0x2'],
+     '--slices=0x2'),
+    ('create.sh', ['--name=job', '--zone=z', '--accelerator=v5p-010'], '--accelerator=v5p-010'),
 ])
 def test_bad_input_is_one_line_naming_the_flag_and_exit_2(tmp_path, script, args, flag):
   cloud = FakeCloud(tmp_path)
@@ -248,3 +262,19 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(tmp_path, script, args
   lines = result.stderr.splitlines()
   assert len(lines) == 1 and lines[0].startswith(f'{script}: ') and flag in lines[0], lines
   assert cloud.calls == []
+
+
+def test_numbers_with_leading_zeros_are_decimal(tmp_path):
+  # Bash would read 08 and 09 as (invalid) octal, killing the supervisor at its first relaunch.
+  cloud = FakeCloud(tmp_path)
+  result = cloud.run('supervise.sh', *slice_flags('02xv5e-016', '--slices=2', '--dry_run',
+                                                  '--dry_run_preempt_once', '--max_restarts=08',
+                                                  '--backoff_seconds=09', '--poll_seconds=08'),
+                     '--', *TRAIN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  assert 'relaunching in 9s' in result.stderr
+  assert 'training finished in attempt 2' in result.stderr
+  creates = [shlex.split(line[2:])[1:] for line in result.stdout.splitlines()
+             if ' create ' in line]
+  assert creates and all(parse_call(c)[3]['--accelerator-type'] == 'v5litepod-16'
+                         and parse_call(c)[3]['--node-count'] == '2' for c in creates)

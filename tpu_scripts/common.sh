@@ -127,11 +127,9 @@ validate_flags() {
   [[ -n $ZONE ]] || usage_error "--zone is required"
   [[ -n $ACCELERATOR ]] || usage_error "--accelerator is required, e.g. --accelerator=v5p-128"
   parse_accelerator
-  local flag
-  for flag in "max_restarts=$MAX_RESTARTS" "backoff_seconds=$BACKOFF_SECONDS" \
-    "poll_seconds=$POLL_SECONDS"; do
-    [[ ${flag#*=} =~ ^[0-9]+$ ]] || usage_error "--$flag: expected a whole number"
-  done
+  decimal MAX_RESTARTS max_restarts
+  decimal BACKOFF_SECONDS backoff_seconds
+  decimal POLL_SECONDS poll_seconds
   if ((DRY_RUN_PREEMPT_ONCE && !DRY_RUN)); then
     usage_error "--dry_run_preempt_once needs --dry_run"
   fi
@@ -140,13 +138,24 @@ validate_flags() {
   if [[ -n $PROJECT ]]; then LOCATION+=(--project="$PROJECT"); fi
 }
 
+# Checks that variable $1 (flag --$2) holds a whole number and rewrites it without leading
+# zeros: bash arithmetic reads 010 as octal 8 and fails on 08. Nine digits keep it far from
+# overflow.
+decimal() {
+  local value=${!1}
+  [[ $value =~ ^[0-9]{1,9}$ ]] || usage_error "--$2=$value: expected a whole number, e.g. --$2=10"
+  printf -v "$1" '%d' "$((10#$value))"
+}
+
 # --accelerator (and --slices) -> FAMILY, CHIPS, SLICES, GCLOUD_TYPE, VERSION, HOSTS.
 parse_accelerator() {
   local cube='4 8 16 32 64 128 256 512 1024 2048 4096 6144' plane='1 4 8 16 32 64 128 256'
   local sizes count per_chip=1 largest prefix
-  [[ $ACCELERATOR =~ ^(([0-9]+)x)?(v4|v5p|v5e|v5litepod|v6e)-([0-9]+)$ ]] ||
+  [[ $ACCELERATOR =~ ^(([0-9]{1,4})x)?(v4|v5p|v5e|v5litepod|v6e)-([0-9]{1,5})$ ]] ||
     usage_error "--accelerator=$ACCELERATOR: unknown; expected v4-N, v5p-N, v5e-N, v6e-N, or Mx<type>"
-  prefix=${BASH_REMATCH[2]} FAMILY=${BASH_REMATCH[3]} count=${BASH_REMATCH[4]}
+  prefix=${BASH_REMATCH[2]} FAMILY=${BASH_REMATCH[3]} count=$((10#${BASH_REMATCH[4]}))
+  if [[ -n $prefix ]]; then prefix=$((10#$prefix)); fi
+  if [[ -n $SLICES ]]; then decimal SLICES slices; fi
   [[ $FAMILY == v5litepod ]] && FAMILY=v5e
   case $FAMILY in
     v4) sizes=$cube per_chip=2 largest=2048 ;;
@@ -162,7 +171,7 @@ parse_accelerator() {
     usage_error "--slices=$SLICES disagrees with --accelerator=$ACCELERATOR"
   fi
   SLICES=${SLICES:-${prefix:-1}}
-  [[ $SLICES =~ ^[1-9][0-9]*$ ]] || usage_error "--slices=$SLICES: expected a positive number"
+  ((SLICES > 0)) || usage_error "--slices=$SLICES: expected a positive number"
   if ((SLICES > 1)); then QUEUED=1; fi
   # gcloud calls v5e slices v5litepod.
   GCLOUD_TYPE=$FAMILY-$count

@@ -187,9 +187,9 @@ def format_report(r: Report, config) -> str:
       f'  program              {_size(r.code_bytes)}{share(r.code_bytes)}',
       f'  total                {_size(r.total_bytes)}{share(r.total_bytes)}'
       + (f'  ({r.free_fraction:.1%} free)' if r.total_bytes is not None else ''),
-      f'FLOPs per step per device: {r.model_flops:.4g} analytic (the model module\'s count), '
+      f"FLOPs per step per device: {r.model_flops:.4g} analytic (the model module's count), "
       + ('compiled: none' if math.isnan(r.compiled_flops) else
-         f'{r.compiled_flops:.4g} compiled (XLA\'s cost analysis: a scanned body counts once, '
+         f"{r.compiled_flops:.4g} compiled (XLA's cost analysis: a scanned body counts once, "
          'Pallas kernels such as splash attention not at all)'),
   ]
   lines += [f'note: {line}' for line in r.unsharded]

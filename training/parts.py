@@ -1,9 +1,9 @@
 """The parts of the training loop that are not the step (see `tasks.base.Part`).
 
 Each is small and independent: evaluation, early stopping, checkpoints (with preemption and
-save errors), the non-finite policy, metrics and throughput, data health, profiling. `default_parts` lists
-them in the order the loop calls them; a researcher adds one (EMA weights, a custom evaluation)
-by writing a Part and a config key.
+save errors), the non-finite policy, metrics and throughput, data health, profiling.
+`default_parts` lists them in the order the loop calls them; a researcher adds one (EMA weights,
+a custom evaluation) by writing a Part and a config key.
 """
 
 import contextlib
@@ -137,7 +137,7 @@ class ReduceOnPlateau(Part):
       run.state = {**state, 'opt_state': optimizer.with_lr_multiplier(state['opt_state'],
                                                                       multiplier)}
       run.announce(f'step {step}: {self.key} has not improved; the learning rate is now '
-                   f'{float(multiplier):.4g} x the schedule\'s')
+                   f"{float(multiplier):.4g} x the schedule's")
     return {'plateau/lr_multiplier': float(multiplier), 'plateau/bad_evals': self.bad_evals}
 
   def checkpoint_state(self):
