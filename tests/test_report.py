@@ -15,11 +15,11 @@ RECORDS = [
     {'step': 1, 'train/loss': 3.0, 'learning_rate': 0.1, 'images_per_second': 10.0,
      'perf/mfu': 0.01},
     {'step': 2, 'train/loss': 2.0, 'learning_rate': 0.2, 'images_per_second': 100.0,
-     'perf/mfu': 0.10, 'eval/loss': 1.5, 'eval/accuracy': 0.6},
+     'perf/mfu': 0.10, 'eval/loss': 1.5, 'eval/accuracy': 0.6, 'eval/macro_f1': 0.5},
     {'step': 3, 'train/loss': 1.0, 'learning_rate': 0.2, 'images_per_second': 300.0,
      'perf/mfu': 0.30},
     {'step': 4, 'train/loss': 1.2, 'learning_rate': 0.1, 'images_per_second': 200.0,
-     'perf/mfu': 0.20, 'eval/loss': 1.7, 'eval/accuracy': 0.7},
+     'perf/mfu': 0.20, 'eval/loss': 1.7, 'eval/accuracy': 0.7, 'eval/macro_f1': 0.6},
 ]
 
 
@@ -28,7 +28,8 @@ def test_summary_keeps_last_values_best_evals_and_median_throughput():
   assert (summary['step'], summary['total_steps'], summary['complete']) == (4, 10, False)
   assert summary['last']['train/loss'] == 1.2 and summary['last']['eval/loss'] == 1.7
   assert summary['best'] == {'eval/loss': {'value': 1.5, 'step': 2},  # smaller is better
-                             'eval/accuracy': {'value': 0.7, 'step': 4}}  # larger is better
+                             'eval/accuracy': {'value': 0.7, 'step': 4},  # larger is better
+                             'eval/macro_f1': {'value': 0.6, 'step': 4}}
   # The first logged step (compiling) is left out of the medians.
   assert summary['median'] == {'images_per_second': 200.0, 'perf/mfu': 0.2}
   assert report.summarize(RECORDS, total_steps=4)['complete']

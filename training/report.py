@@ -9,7 +9,7 @@ import statistics
 from etils import epath
 
 # Eval metrics whose name ends with one of these are better larger; every other one smaller.
-LARGER_IS_BETTER = ('accuracy',)
+LARGER_IS_BETTER = ('accuracy', 'f1')
 
 
 def _better(key: str):
