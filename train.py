@@ -19,8 +19,7 @@ FLAGS = flags.FLAGS
 
 
 def _usage_error(message: str):
-  sys.stderr.write(f'train.py: error: {" ".join(str(message).split())}\n')
-  sys.exit(2)
+  console.usage_error(message)
 
 
 def _first_and_last_line(error: Exception) -> str:

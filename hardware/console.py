@@ -21,6 +21,7 @@ lowest layer so that every layer's tools (data.prepare too) can use it.
 """
 
 import atexit
+import contextlib
 import datetime
 import importlib.util
 import logging as python_logging
@@ -65,6 +66,7 @@ def quiet_libraries(verbose: bool) -> None:  # pylint: disable=redefined-outer-n
   handler = logging.get_absl_handler()
   for old in [f for f in handler.filters if isinstance(f, _DropHarmless)]:
     handler.removeFilter(old)
+  handler.setLevel(python_logging.NOTSET)
   if not verbose:
     handler.setLevel(python_logging.WARNING)
     handler.addFilter(_DropHarmless())
@@ -78,16 +80,23 @@ def quiet_libraries(verbose: bool) -> None:  # pylint: disable=redefined-outer-n
     python_logging.root.addHandler(_early_records)
 
 
-def log_to_file(workdir: str, program: str) -> str:
+def log_to_file(workdir: str, program: str) -> str:  # pylint: disable=redefined-outer-name
   """Writes the log from now on (and the records logged before) to a new file in
-  `workdir`/logs/, whose path it returns. A bucket workdir (gs://) gets the file at exit."""
+  `workdir`/logs/, whose path it returns. A bucket workdir (gs://) gets the file at exit.
+  `usage_error` removes the file again, and the folders made for it: a refusal leaves no trace."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  global _early_records
+  global _early_records, _log
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
   name = f'{program}.{socket.gethostname()}.{stamp}.{os.getpid()}.log'
   logs = epath.Path(workdir) / 'logs'
   local = '://' not in workdir
+  made, kept = [], None
   if local:
+    existing = logs
+    while not existing.exists():
+      made.append(existing)
+      existing = existing.parent
+    kept = (existing, os.stat(existing).st_atime_ns, os.stat(existing).st_mtime_ns)
     logs.mkdir(parents=True, exist_ok=True)
     path = str(logs / name)
   else:
@@ -100,18 +109,43 @@ def log_to_file(workdir: str, program: str) -> str:
     python_logging.root.removeHandler(_early_records)
     _early_records = None
   python_logging.root.addHandler(handler)
+  _log = (handler, path, made, kept)
   if not local:
-    atexit.register(_upload, handler, path, logs / name)
+    atexit.register(_upload, path, logs / name)
   return path if local else str(logs / name)
 
 
-def _upload(handler, local_path: str, remote):
-  handler.close()
+# Once log_to_file ran: (file handler, local path, folders made for it, (the folder it went in
+# or made them in, its access and modification times before)).
+_log = None
+
+
+def _upload(local_path: str, remote):
+  if _log is None:
+    return  # discarded
+  _log[0].close()
   try:
     remote.parent.mkdir(parents=True, exist_ok=True)
-    remote.write_bytes(open(local_path, 'rb').read())  # pylint: disable=unspecified-encoding
+    with open(local_path, 'rb') as f:
+      remote.write_bytes(f.read())
   except Exception as e:  # pylint: disable=broad-except; the run's result stands regardless
     sys.stderr.write(f'{program()}: the log stays at {local_path}: cannot write {remote}: {e}\n')
+
+
+def _discard_log():
+  global _log
+  if _log is None:
+    return
+  handler, path, made, kept = _log
+  _log = None
+  python_logging.root.removeHandler(handler)
+  handler.close()
+  with contextlib.suppress(OSError):
+    os.remove(path)
+    for folder in made:  # deepest first
+      os.rmdir(folder)
+    if kept:
+      os.utime(kept[0], ns=kept[1:])
 
 
 def program() -> str:
@@ -121,7 +155,9 @@ def program() -> str:
 
 
 def usage_error(message) -> NoReturn:
-  """Bad input: one line on stderr naming what is wrong and the fix, exit status 2."""
+  """Bad input: one line on stderr naming what is wrong and the fix, exit status 2; the log
+  file of this attempt is removed (a refused run writes nothing)."""
+  _discard_log()
   sys.stderr.write(f'{program()}: error: {" ".join(str(message).split())}\n')
   sys.exit(2)
 
