@@ -12,7 +12,7 @@ loaded on a host without TPU chips to compile for a topology, is told that this 
 whole (one-worker) job, so it does not report the metadata server it cannot reach. The log file
 (WORKDIR/logs/PROGRAM.HOST.TIME.PID.log, one per process and attempt, on every host) takes every
 record at the logging verbosity (INFO unless `--verbosity` says otherwise), quiet or not,
-including those logged before it was opened.
+including those logged before it was opened; in a bucket it is rewritten whole every minute.
 
 Bad input is one line on stderr and exit status 2 (`usage_error`, and `parse_flags` for absl's
 own flag errors); a missing optional
@@ -30,6 +30,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from typing import NoReturn
 
 from absl import flags, logging
@@ -82,26 +83,27 @@ def quiet_libraries(verbose: bool) -> None:  # pylint: disable=redefined-outer-n
 
 def log_to_file(workdir: str, program: str) -> str:  # pylint: disable=redefined-outer-name
   """Writes the log from now on (and the records logged before) to a new file in
-  `workdir`/logs/, whose path it returns. A bucket workdir (gs://) gets the file at exit.
+  `workdir`/logs/, whose path it returns. In a bucket (gs://) the file is written locally and
+  copied there whole every `MIRROR_SECONDS` and at exit (objects cannot be appended to).
   `usage_error` removes the file again, and the folders made for it: a refusal leaves no trace."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   global _early_records, _log
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-  name = f'{program}.{socket.gethostname()}.{stamp}.{os.getpid()}.log'
   logs = epath.Path(workdir) / 'logs'
-  local = '://' not in workdir
-  made, kept = [], None
-  if local:
-    existing = logs
+  path = logs / f'{program}.{socket.gethostname()}.{stamp}.{os.getpid()}.log'
+  if '://' in workdir:
+    handler = _MirroredFile(os.path.join(tempfile.mkdtemp(prefix='podium-logs-'), path.name), path)
+    handler.mirror()  # which loads the bucket's file system, so its exit hooks run after ours
+    atexit.register(handler.close)
+  else:
+    made, existing = [], logs
     while not existing.exists():
       made.append(existing)
       existing = existing.parent
-    kept = (existing, os.stat(existing).st_atime_ns, os.stat(existing).st_mtime_ns)
+    times = os.stat(existing).st_atime_ns, os.stat(existing).st_mtime_ns
     logs.mkdir(parents=True, exist_ok=True)
-    path = str(logs / name)
-  else:
-    path = os.path.join(tempfile.mkdtemp(prefix='podium-logs-'), name)
-  handler = python_logging.FileHandler(path, encoding='utf-8')
+    handler = python_logging.FileHandler(path, encoding='utf-8')
+    handler.made, handler.touched = made, (existing, times)  # for _discard_log
   handler.setFormatter(logging.PythonFormatter())
   if _early_records is not None:
     _early_records.setTarget(handler)
@@ -109,43 +111,62 @@ def log_to_file(workdir: str, program: str) -> str:  # pylint: disable=redefined
     python_logging.root.removeHandler(_early_records)
     _early_records = None
   python_logging.root.addHandler(handler)
-  _log = (handler, path, made, kept)
-  if not local:
-    atexit.register(_upload, path, logs / name)
-  return path if local else str(logs / name)
+  _log = handler
+  return str(path)
 
 
-# Once log_to_file ran: (file handler, local path, folders made for it, (the folder it went in
-# or made them in, its access and modification times before)).
-_log = None
+MIRROR_SECONDS = 60
+_log = None  # the handler log_to_file added
 
 
-def _upload(local_path: str, remote):
-  if _log is None:
-    return  # discarded
-  _log[0].close()
-  try:
-    remote.parent.mkdir(parents=True, exist_ok=True)
-    with open(local_path, 'rb') as f:
-      remote.write_bytes(f.read())
-  except Exception as e:  # pylint: disable=broad-except; the run's result stands regardless
-    sys.stderr.write(f'{program()}: the log stays at {local_path}: cannot write {remote}: {e}\n')
+class _MirroredFile(python_logging.FileHandler):
+  """A local log file copied whole to `remote` as records arrive, at most every
+  MIRROR_SECONDS, and when closed."""
+
+  def __init__(self, local: str, remote):
+    super().__init__(local, encoding='utf-8')
+    self.remote, self.copied, self.failed = remote, time.monotonic(), False
+
+  def emit(self, record):
+    super().emit(record)
+    if time.monotonic() - self.copied > MIRROR_SECONDS:
+      self.mirror()
+
+  def close(self):
+    was_open = self.stream is not None
+    super().close()
+    if was_open and self is _log:
+      self.mirror()
+
+  def mirror(self):
+    self.copied = time.monotonic()
+    try:
+      with open(self.baseFilename, 'rb') as f:
+        self.remote.write_bytes(f.read())
+    except Exception as e:  # pylint: disable=broad-except; the run's result stands regardless
+      if not self.failed:
+        sys.stderr.write(f'{program()}: the log stays at {self.baseFilename}: cannot write '
+                         f'{self.remote}: {e}\n')
+      self.failed = True
 
 
 def _discard_log():
+  """Removes the log file and the folders made for it, and puts back the modification time of
+  the folder it went in."""
   global _log
-  if _log is None:
+  handler, _log = _log, None
+  if handler is None:
     return
-  handler, path, made, kept = _log
-  _log = None
   python_logging.root.removeHandler(handler)
   handler.close()
   with contextlib.suppress(OSError):
-    os.remove(path)
-    for folder in made:  # deepest first
+    os.remove(handler.baseFilename)
+    if isinstance(handler, _MirroredFile):
+      handler.remote.unlink(missing_ok=True)
+      return
+    for folder in handler.made:  # deepest first
       os.rmdir(folder)
-    if kept:
-      os.utime(kept[0], ns=kept[1:])
+    os.utime(handler.touched[0], ns=handler.touched[1])
 
 
 def program() -> str:
