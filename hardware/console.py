@@ -196,5 +196,9 @@ def require(module: str, extra: str, purpose: str) -> None:
   """Exits as `usage_error` with the install line unless `module` can be imported; `purpose`:
   what needs it, e.g. '--compile_only' or 'python -m data.prepare'."""
   if importlib.util.find_spec(module) is None:
-    usage_error(f"{purpose} needs {module}, from podium's {extra} extra: "
-                f"pip install -e '.[{extra}]'")
+    usage_error(f'{purpose} needs {install_hint(module, extra)}')
+
+
+def install_hint(module: str, extra: str) -> str:
+  """How to get `module`, for messages that say what needs it (see `require`)."""
+  return f"{module}, from podium's {extra} extra: pip install -e '.[{extra}]'"
