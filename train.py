@@ -2,6 +2,7 @@
 
 Override any config key with `--config.<section>.<key>=<value>`. Rerunning the same command
 resumes from the newest checkpoint in DIR. Config problems exit with status 2 and one line.
+`--print_config` prints the resolved config (every key, its value and its comment) and exits.
 """
 
 import os
@@ -11,13 +12,14 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hardware import console
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 FLAGS = flags.FLAGS
 
 
 def _usage_error(message: str):
-  sys.stderr.write(f'train.py: error: {" ".join(str(message).split())}\n')
-  sys.exit(2)
+  console.usage_error(message)
 
 
 def _first_and_last_line(error: Exception) -> str:
@@ -42,6 +44,8 @@ def _define_flags():
                     'Compile the train step for --topology and report its memory; no training.')
   flags.DEFINE_string('topology', '', 'Cloud TPU topology for --compile_only, e.g. v5p-128, '
                       'v5e-16, v6e-8 or 2xv5e-16 (two slices).')
+  flags.DEFINE_bool('print_config', False, 'Print the resolved config (presets and --config.* '
+                    'overrides applied): every key, its value and its comment; then exit.')
   try:  # config_flags may resolve `--config.a.b=` overrides against the config right here
     config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:presets].',
                                     lock_config=True)
@@ -116,9 +120,10 @@ def _config_file_error(error: Exception):
 def main(argv):
   if len(argv) > 1:
     _usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  console.quiet_libraries(console.verbose())
   config = _loaded_config()
+  if FLAGS.print_config:
+    _print_config(config)
   if FLAGS.compile_only:
     _compile_only(config)
   if not FLAGS.workdir:
@@ -138,6 +143,7 @@ def main(argv):
     config_check.validate(config, jax.device_count(), jax.process_count(),
                           sharding.num_slices(jax.devices()), jax.default_backend(),
                           overridden=_overridden_keys())
+    console.log_to_file(FLAGS.workdir, 'train')
     compile_cache = FLAGS.compile_cache or str(epath.Path(FLAGS.workdir) / 'compile_cache')
     loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
   except config_check.ConfigError as e:
@@ -146,6 +152,20 @@ def main(argv):
     _usage_error(e)
   except (checkpointing.NoUsableCheckpointError, loop.TrainingHalted) as e:
     _halt(f'train.py: error: {e}')
+
+
+def _print_config(config):
+  from training import config_doc  # pylint: disable=g-import-not-at-top
+  print(config_doc.print_config(config, config_flags.get_config_filename(FLAGS['config'])))
+  sys.exit(0)
+
+
+def _usage() -> str:
+  """--help's text: this file's docstring and the experiments to choose from."""
+  from training import config_doc  # pylint: disable=g-import-not-at-top
+  return (f'{__doc__}\nExperiment configs, --config=FILE[:preset,preset...] (presets combine in '
+          f'any order;\nsee every key of one with --print_config), in {config_doc.CONFIGS}:\n'
+          f'{config_doc.experiments()}\n')
 
 
 def _overridden_keys() -> set[str]:
@@ -157,6 +177,7 @@ def _compile_only(config):
   """Compiles the train step for a TPU topology from this host and exits with its verdict."""
   if not FLAGS.topology:
     _usage_error('--compile_only needs --topology, e.g. --topology=v5p-128')
+  console.require('libtpu', 'tpu', '--compile_only')
   from training import aot  # pylint: disable=g-import-not-at-top
   from training import config_check  # pylint: disable=g-import-not-at-top
   try:
@@ -183,5 +204,6 @@ def _halt(message: str):
   os._exit(1)  # pylint: disable=protected-access
 
 if __name__ == '__main__':
+  __doc__ = _usage()  # what absl's --help prints  # pylint: disable=redefined-builtin
   _define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 
-from hardware import cpu_runtime
+from hardware import console, cpu_runtime
 
 # Chips -> physical layout, as Cloud TPU builds each slice size.
 _CUBE = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
@@ -91,7 +91,7 @@ def devices(name: str) -> list:
   """Compile-only devices of the named slice(s). Needs libtpu (`pip install -e '.[tpu]'`);
   ImportError without it."""
   if importlib.util.find_spec('libtpu') is None:
-    raise ImportError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'")
+    raise ImportError(f'compiling for a TPU topology needs {console.install_hint("libtpu", "tpu")}')
   if not cpu_runtime.tpu_chips_present():
     # The first process to load libtpu takes /tmp/libtpu_lockfile, which guards the chips and
     # makes any other fail; with no chips here, compile-only processes may run side by side.

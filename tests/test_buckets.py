@@ -148,6 +148,8 @@ def test_killed_and_resumed_run_in_a_bucket_matches_a_local_run(bucket, unbroken
   local = tmp_path / 'copy'
   client.get(f'{BUCKET}/run', str(local), recursive=True)
   assert (local / 'config.json').exists() and (local / 'metrics' / '00000.jsonl').exists()
+  logs = sorted((local / 'logs').glob('train.*.log'))  # the killed run's and the resumed one's
+  assert len(logs) == 2 and 'orbax' in logs[-1].read_text()  # INFO lines, written at exit
   assert [f for f in os.listdir(local / 'tensorboard') if f.startswith('events.out.tfevents.')]
   assert _losses(local) == _losses(unbroken)
   _assert_same_state(_state(local, STEPS), _state(unbroken, STEPS))

@@ -137,6 +137,6 @@ def test_a_workdir_samples_as_training_did_and_its_decode_step_exports(tmp_path)
   del saved['model']['norm_eps']  # a run written before the key existed: its default
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   assert sample.load(str(tmp_path))[0].model.norm_eps == 1e-5
-  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
-      f'sample: error: {tmp_path / "nothing" / "config.json"} does not exist: not a train.py '
-      'workdir')
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+      f'training.sample: error: {tmp_path / "nothing" / "config.json"} does not exist: not a '
+      'train.py workdir')

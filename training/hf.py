@@ -20,7 +20,6 @@ naming the HF key. Only numpy and safetensors run here; torch is for the tests.
 
 import json
 import os
-import sys
 
 import ml_collections
 import numpy as np
@@ -30,8 +29,9 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
+from hardware import console, cpu_runtime
 from models import transformer
-from training import sample
+from training import paths, sample
 
 GPT2, LLAMA = 'gpt2', 'llama'
 _ARCHITECTURES = {GPT2: 'GPT2LMHeadModel', LLAMA: 'LlamaForCausalLM'}
@@ -49,6 +49,17 @@ def _require(ok: bool, message: str):
 
 
 # --- configs -------------------------------------------------------------------------------
+
+class _HFConfig(dict):
+  """A config.json's keys; one it lacks that is needed is an HFError naming the file."""
+
+  def __init__(self, path: epath.Path):
+    super().__init__(json.loads(path.read_text()))
+    self.path = path
+
+  def __missing__(self, key):
+    raise HFError(f'{self.path} lacks the key {key!r}')
+
 
 def _supported(c: dict, key: str, *values):
   """Raises naming `key` unless the HF config leaves it unset or sets one of `values`."""
@@ -227,7 +238,7 @@ def from_hf(hf_dir: str, scan_layers: bool = False) -> tuple[dict, dict]:
   """(model key overrides, params tree) of the GPT-2 or Llama checkpoint in `hf_dir`, in the
   checkpoint's dtype; `scan_layers`: with the blocks stacked."""
   hf_dir = epath.Path(hf_dir)
-  hf_config = json.loads((hf_dir / 'config.json').read_text())
+  hf_config = _HFConfig(hf_dir / 'config.json')
   family = hf_config.get('model_type')
   _require(family in _MODEL_KEYS,
            f'model_type={family!r} in {hf_dir}/config.json: only gpt2 and llama are supported')
@@ -296,22 +307,30 @@ def export_run(workdir: str, step: int, out_dir: str):
 
 
 def main(argv):
+  console.quiet_libraries(console.verbose())
   command = ' '.join(argv[1:])
   needed = {'import': ('hf_dir', 'workdir'), 'export': ('workdir', 'out')}
   if command not in needed:
-    sys.exit(f'usage: python -m training.hf import|export [flags]; got {command!r}')
+    console.usage_error(f'give the command: python -m training.hf import|export [flags]; got '
+                        f'{command!r}')
+  missing = [f'--{name}' for name in needed[command] if not flags.FLAGS[name].value]
+  if missing:
+    console.usage_error(f'{command} needs {" and ".join(missing)}')
+  if _STEP.value < 0:
+    console.usage_error(f'--step={_STEP.value}: must be >= 0 (0: the newest)')
+  cpu_runtime.configure()  # on a CPU host with libtpu installed: no TPU backend to fail
+  hf_dir, workdir, out = map(paths.absolute, (_HF_DIR.value, _WORKDIR.value, _OUT.value))
   try:
-    missing = [f'--{name}' for name in needed[command] if not flags.FLAGS[name].value]
-    _require(not missing, f'{command} needs {" and ".join(missing)}')
     if command == 'import':
-      changed = import_run(_CONFIG.value, _HF_DIR.value, _WORKDIR.value)
-      print(f'Wrote {_WORKDIR.value}. Train from it with the same --config and --config.init_from='
-            f'{_WORKDIR.value} ' + ' '.join(f'--config.model.{k}={v}' for k, v in changed.items()))
+      changed = import_run(_CONFIG.value, hf_dir, workdir)
+      console.log_to_file(workdir, 'hf')
+      print(f'Wrote {workdir}. Train from it with the same --config and --config.init_from='
+            f'{workdir} ' + ' '.join(f'--config.model.{k}={v}' for k, v in changed.items()))
     else:
-      export_run(_WORKDIR.value, _STEP.value, _OUT.value)
-      print(f'Wrote {_OUT.value}/config.json and model.safetensors')
+      export_run(workdir, _STEP.value, out)
+      print(f'Wrote {out}/config.json and model.safetensors')
   except (ValueError, OSError) as e:
-    sys.exit(f'training.hf: error: {e}')
+    console.usage_error(e)
 
 
 if __name__ == '__main__':
@@ -323,4 +342,4 @@ if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file(
       'config', os.path.join(_REPO, 'configs', 'default.py'), 'import: the config file[:presets] '
       'the weights are trained with.', lock_config=True)
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

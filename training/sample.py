@@ -14,7 +14,6 @@ this code.
 """
 
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +22,10 @@ from absl import app, flags
 from etils import epath
 from flax import nnx
 
+from hardware import console, cpu_runtime
 from models import MODELS
 from tasks import language_model, lm_samples
-from training import warm_start
+from training import paths, warm_start
 
 
 class SampleError(ValueError):
@@ -92,28 +92,42 @@ def export_decode_step(make_model, params, batch: int, max_len: int) -> bytes:
 
 
 def main(argv):
-  del argv
+  console.quiet_libraries(console.verbose())
+  _check_flags(argv)
+  cpu_runtime.configure()  # on a CPU host with libtpu installed: no TPU backend to fail
+  workdir, export = paths.absolute(_WORKDIR.value), paths.absolute(_EXPORT.value)
   try:
-    config, make_model, params = load(_WORKDIR.value, _STEP.value)
+    config, make_model, params = load(workdir, _STEP.value)
     tokenizer = load_tokenizer(config)
-    for ok, flag, rule in ((_TEMPERATURE.value >= 0, 'temperature', 'must be >= 0'),
-                           (0 <= _TOP_K.value <= config.model.vocab_size, 'top_k',
-                            'must be in [0, vocab size]'),
-                           (0 < _TOP_P.value <= 1, 'top_p', 'must be in (0, 1]')):
-      if not ok:
-        raise SampleError(f'--{flag}: {rule}')
   except SampleError as e:
-    sys.exit(f'sample: error: {e}')
+    console.usage_error(e)
+  if _TOP_K.value > config.model.vocab_size:
+    console.usage_error(f'--top_k={_TOP_K.value}: the model has only {config.model.vocab_size} '
+                        'tokens')
   texts = lm_samples.generate(make_model, params, _PROMPTS.value, max_len=config.model.max_len,
                               new_tokens=_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                               top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                               tokenizer=tokenizer)
   for text in texts:
     print(f'--- sample ---\n{text}')
-  if _EXPORT.value:
+  if export:
     serialized = export_decode_step(make_model, params, len(_PROMPTS.value), config.model.max_len)
-    epath.Path(_EXPORT.value).write_bytes(serialized)
-    print(f'decode step exported to {_EXPORT.value} ({len(serialized):,} bytes)')
+    epath.Path(export).write_bytes(serialized)
+    print(f'decode step exported to {export} ({len(serialized):,} bytes)')
+
+
+def _check_flags(argv):
+  """Flag values that cannot work, as one line and exit status 2, before anything loads."""
+  if len(argv) > 1:
+    console.usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
+  for ok, flag, rule in ((_NEW_TOKENS.value >= 1, 'new_tokens', 'must be >= 1'),
+                         (_TEMPERATURE.value >= 0, 'temperature', 'must be >= 0 (0: greedy)'),
+                         (_TOP_K.value >= 0, 'top_k', 'must be >= 0 (0: all tokens)'),
+                         (0 < _TOP_P.value <= 1, 'top_p', 'must be in (0, 1]'),
+                         (_STEP.value >= 0, 'step', 'must be >= 0 (0: the newest)'),
+                         (bool(_PROMPTS.value), 'prompt', 'needs at least one prompt')):
+    if not ok:
+      console.usage_error(f'--{flag}={flags.FLAGS[flag].value}: {rule}')
 
 
 if __name__ == '__main__':
@@ -127,4 +141,4 @@ if __name__ == '__main__':
   _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   _STEP = flags.DEFINE_integer('step', 0, 'The checkpoint step (0: the newest).')
   _EXPORT = flags.DEFINE_string('export', '', 'Also write the serialized decode step here.')
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)
