@@ -10,21 +10,12 @@ options after `--` (e.g. `-- --runner=DataflowRunner`).
 """
 
 import dataclasses
-import importlib
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 from data import cleaning, tokenizers
+from hardware import console
 from training import paths
-
-# Warnings Beam prints on runs that work, shown only with --verbosity=1.
-_HARMLESS_WARNINGS = (
-    'apitools not found',  # at import, without the BigQuery client that podium does not use
-    'No semi_persistent_directory found',  # each worker process: podium stages no files
-    'direct_running_mode should be',  # --workers: podium starts the worker processes itself
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,31 +80,6 @@ def _define_flags():
     define(field.name, field.default, field.metadata['help'])
 
 
-def _usage_error(message):
-  sys.stderr.write(f'prepare: error: {" ".join(str(message).split())}\n')
-  sys.exit(2)
-
-
-def _quiet_libraries(verbose: bool):
-  """Without --verbosity=1, the libraries (Beam above all) print only their warnings and errors,
-  less the known-harmless ones, so a run that works prints podium's lines alone."""
-  if verbose:
-    return
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  absl_logging.get_absl_handler().addFilter(
-      lambda record: not any(text in record.getMessage() for text in _HARMLESS_WARNINGS))
-
-
-def _require_extra(extra: str, modules: tuple[str, ...]):
-  """Imports `modules`, or exits 2 with one line naming the pip install of `extra` that has them."""
-  for name in modules:
-    try:
-      importlib.import_module(name)
-    except ImportError as e:
-      _usage_error(f'{e}: data.prepare needs the {extra} extra: pip install '
-                   f"'podium[{extra}]' (in a checkout: pip install -e '.[{extra}]')")
-
-
 def _options() -> Options:
   values = {name: flags.FLAGS[name].value for name in flags.FLAGS}
   rules = cleaning.Rules(**{f.name: values[f.name] for f in dataclasses.fields(cleaning.Rules)})
@@ -131,7 +97,7 @@ def _summary(report: dict, output: str) -> str:
 
 def main(argv):
   """Arguments after `--` go to Beam's PipelineOptions (runner, project, ...)."""
-  _quiet_libraries(flags.FLAGS.verbosity >= 1)
+  console.quiet_libraries(console.verbose())
   try:
     for name in ('input', 'output'):
       if not flags.FLAGS[name].value:
@@ -139,17 +105,18 @@ def main(argv):
     options = _options()
     options.validate()
   except ValueError as e:
-    _usage_error(e)
-  _require_extra('prepare', ('apache_beam', 'datasketch'))
+    console.usage_error(e)
+  for module in ('apache_beam', 'datasketch'):
+    console.require(module, 'prepare', 'python -m data.prepare')
   from data import prepare_pipeline  # pylint: disable=g-import-not-at-top; the extra, checked
   try:
     report = prepare_pipeline.run(paths.absolute(flags.FLAGS.input),
                                   paths.absolute(flags.FLAGS.output), options, argv[1:])
   except ValueError as e:
-    _usage_error(e)
+    console.usage_error(e)
   print(_summary(report, flags.FLAGS.output))
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

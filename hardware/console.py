@@ -23,7 +23,7 @@ lowest layer so that every layer's tools (data.prepare too) can use it.
 import atexit
 import contextlib
 import datetime
-import importlib.util
+import importlib
 import logging as python_logging
 from logging import handlers as logging_handlers
 import os
@@ -39,8 +39,11 @@ from absl import flags, logging
 HARMLESS = (
     # Orbax, reading a checkpoint saved without its metadata file (a params-only import).
     'Metadata file does not exist',
-    # Apache Beam without its GCP extra, on local files.
+    # Apache Beam: without its GCP extra, on local files; in each worker process (podium stages
+    # no files); with --workers (podium starts the worker processes itself).
     'apitools not found',
+    'No semi_persistent_directory found',
+    'direct_running_mode should be',
 )
 # libtpu on a host with no TPU chips: one host, one worker, no metadata server to ask.
 _LIBTPU_ALONE = {'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_HOST_BOUNDS': '1,1,1'}
@@ -193,9 +196,11 @@ def parse_flags(argv):
 
 
 def require(module: str, extra: str, purpose: str) -> None:
-  """Exits as `usage_error` with the install line unless `module` can be imported; `purpose`:
-  what needs it, e.g. '--compile_only' or 'python -m data.prepare'."""
-  if importlib.util.find_spec(module) is None:
+  """Exits as `usage_error` with the install line unless `module` imports (a missing or a broken
+  install alike); `purpose`: what needs it, e.g. '--compile_only' or 'python -m data.prepare'."""
+  try:
+    importlib.import_module(module)
+  except ImportError:
     usage_error(f'{purpose} needs {install_hint(module, extra)}')
 
 

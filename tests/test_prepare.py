@@ -342,7 +342,7 @@ def test_unusable_input_is_refused_and_leaves_no_dataset(run, tmp_path):
 def test_cli_exits_2_with_one_line(tmp_path):
   result = _run_cli(tmp_path, '--input=none*.txt', '--output=out')
   assert result.returncode == 2
-  assert result.stderr == f"prepare: error: input: no files match '{tmp_path}/none*.txt'\n"
+  assert result.stderr == f"data.prepare: error: input: no files match '{tmp_path}/none*.txt'\n"
   assert not (tmp_path / 'out').exists()
 
 
@@ -354,9 +354,8 @@ def test_without_the_prepare_extra_one_line_says_what_to_install(tmp_path):
   env = {'PYTHONPATH': f'{tmp_path / "blocked"}{os.pathsep}{REPO}'}
   result = _run_cli(tmp_path, '--input=a.txt', '--output=out', env=env)
   assert result.returncode == 2
-  assert result.stderr == ("prepare: error: No module named 'apache_beam': data.prepare needs the "
-                           "prepare extra: pip install 'podium[prepare]' (in a checkout: pip "
-                           "install -e '.[prepare]')\n")
+  assert result.stderr == ("data.prepare: error: python -m data.prepare needs apache_beam, from "
+                           "podium's prepare extra: pip install -e '.[prepare]'\n")
   usage = _run_cli(tmp_path, '--help', env=env)  # --help needs no extra
   assert '--eval_percent' in usage.stdout and usage.stderr == ''
 
