@@ -130,13 +130,14 @@ def _axes(*names):
 class Dense(nnx.Linear):
   """`nnx.Linear` with logical axes on its parameters and the backend's best matmul."""
 
-  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init_scale=1.0,
+  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init=None, init_scale=1.0,
                preferred_element_type=None):
+    """`init`: the kernel's initializer name (models/initializers.py); None: `cfg.init`."""
     # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
     dot_general = cpu_kernels.dot_general if cfg.platform == 'cpu' else lax.dot_general
     super().__init__(
         d_in, d_out, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=initializers.kernel(cfg.init, cfg.init_std, init_scale),
+        kernel_init=initializers.kernel(init or cfg.init, cfg.init_std, init_scale),
         dot_general=dot_general, preferred_element_type=preferred_element_type,
         kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
 
