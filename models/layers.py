@@ -22,7 +22,7 @@ from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import attention, checks, cpu_kernels, initializers, platforms
+from models import attention, checks, cpu_kernels, initializers, platforms, rotary
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -30,7 +30,6 @@ REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj',  # [B, L, H|G, K], after 
                'attention_context',  # the kernel's output [B, L, H, K]: keeps attention unredone
                'attention_out', 'mlp_hidden', 'mlp_out')  # [B, L, D], [B, L, F], [B, L, D]
 REMAT = ('none', 'full', 'dots', 'names')
-ROPE_SCALINGS = ('none', 'llama3')
 # Stacked (scanned) blocks: each parameter's leading axis is the layer, logical name 'layers'.
 _LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
 
@@ -46,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.max_len = 128
   m.position = 'learned'  # learned | rope
   m.rope_theta = 10000.0
-  # position=rope: none | llama3 (Llama 3.1's long-context frequencies, HF rope_type 'llama3').
+  # position=rope: none | llama3 (Llama 3.1's long-context frequencies, models/rotary.py).
   m.rope_scaling = 'none'
   m.rope_factor = 8.0  # llama3: low frequencies are divided by this (the context's growth)
   m.rope_low_freq_factor = 1.0  # llama3: wavelengths > original_max_len / this are divided
@@ -102,25 +101,12 @@ def validate(m):
                  f'{m.num_kv_heads} does not divide model.num_heads={m.num_heads}')
   checks.require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'model.num_heads',
                  'rope needs an even head dimension (embed_dim / num_heads)')
-  _validate_rope_scaling(m)
+  rotary.validate(m)
   checks.one_of(m, 'remat', REMAT)
   unknown = sorted(set(m.remat_names) - set(REMAT_NAMES))
   checks.require(not unknown, 'model.remat_names',
                  f'unknown {", ".join(unknown)}; tagged are {", ".join(REMAT_NAMES)}')
   checks.one_of(m, 'attention', ('auto', *platforms.ATTENTION))
-
-
-def _validate_rope_scaling(m):
-  checks.one_of(m, 'rope_scaling', ROPE_SCALINGS)
-  if m.rope_scaling == 'none':
-    return
-  checks.require(m.position == 'rope', 'model.rope_scaling',
-                 f'{m.rope_scaling!r} needs model.position=rope')
-  checks.require(m.rope_factor >= 1, 'model.rope_factor', f'must be >= 1, got {m.rope_factor}')
-  checks.require(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, 'model.rope_low_freq_factor',
-                 f'must be positive and below model.rope_high_freq_factor='
-                 f'{m.rope_high_freq_factor}, got {m.rope_low_freq_factor}')
-  checks.positive(m, 'rope_original_max_len')
 
 
 def _output_scale(cfg) -> float:
@@ -172,39 +158,6 @@ def norm(cfg, rngs):
                      param_dtype=cfg.param_dtype, scale_metadata=_axes('norm'), rngs=rngs)
 
 
-def rope_frequencies(cfg, head_dim: int) -> jax.Array:
-  """Rotary angle per position of each pair of the head dimension [K/2] (float32): theta^(-2i/K),
-  then rescaled as `cfg.rope_scaling` says."""
-  freq_K2 = cfg.rope_theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  if cfg.rope_scaling == 'llama3':
-    freq_K2 = _llama3_scaled(freq_K2, cfg)
-  return freq_K2
-
-
-def _llama3_scaled(freq_K2, cfg):
-  """Llama 3.1's RoPE for a context `rope_factor` times the pretrained one: frequencies whose
-  wavelength (2 pi / freq) is longer than original_max_len / low_freq_factor are divided by the
-  factor, those shorter than original_max_len / high_freq_factor are kept, and those between
-  are interpolated linearly in original_max_len / wavelength."""
-  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-  periods_K2 = cfg.rope_original_max_len * freq_K2 / (2 * jnp.pi)  # original_max_len / wavelength
-  kept_K2 = jnp.clip((periods_K2 - low) / (high - low), 0.0, 1.0)  # 0: all divided; 1: as it is
-  return (1 - kept_K2) * freq_K2 / cfg.rope_factor + kept_K2 * freq_K2
-
-
-def rotary(x_BxLxNxK, freq_K2, positions_BxL=None):
-  """Rotary position embedding over the last axis (halves rotated, as in GPT-NeoX/Llama) at the
-  frequencies `freq_K2` (`rope_frequencies`), for tokens at `positions_BxL` (default: 0 .. L-1)."""
-  length = x_BxLxNxK.shape[1]
-  if positions_BxL is None:
-    positions_BxL = jnp.arange(length)[None, :]
-  angle_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * freq_K2
-  sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_BxLxNxK.dtype)
-
-
 class Attention(nnx.Module):
   """Self-attention with grouped-query heads (num_kv_heads == num_heads is plain MHA), causal
   for a decoder, bidirectional for an encoder."""
@@ -228,9 +181,9 @@ class Attention(nnx.Module):
     k_BxLxGxK = k_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     v_BxLxGxK = v_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     if cfg.position == 'rope':
-      freq_K2 = rope_frequencies(cfg, k)
-      q_BxLxHxK = rotary(q_BxLxHxK, freq_K2, positions_BxL)
-      k_BxLxGxK = rotary(k_BxLxGxK, freq_K2, positions_BxL)
+      freq_K2 = rotary.frequencies(cfg, k)
+      q_BxLxHxK = rotary.rotate(q_BxLxHxK, freq_K2, positions_BxL)
+      k_BxLxGxK = rotary.rotate(k_BxLxGxK, freq_K2, positions_BxL)
     return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
 
   def __call__(self, x_BxLxD, kv_mask_BxL=None, segment_ids_BxL=None, positions_BxL=None):

@@ -16,7 +16,7 @@ import safetensors.numpy
 from flax import nnx
 
 from configs import default
-from models import layers, transformer
+from models import rotary, transformer
 from tests.conftest import REPO
 from training import hf, warm_start
 
@@ -160,9 +160,9 @@ def test_llama3_rope_frequencies_follow_the_published_formula():
                (1 - smooth) * freq / m.rope_factor + smooth * freq))
   kinds = (wavelength < high_wavelength).sum(), (wavelength > low_wavelength).sum()
   assert 0 < kinds[0] and 0 < kinds[1] and sum(kinds) < len(freq)  # all three cases occur
-  np.testing.assert_allclose(layers.rope_frequencies(m, head_dim), expected, rtol=2e-6)
+  np.testing.assert_allclose(rotary.frequencies(m, head_dim), expected, rtol=2e-6)
   m.rope_scaling = 'none'  # the default: plain rotary, theta^(-2i/K)
-  np.testing.assert_allclose(layers.rope_frequencies(m, head_dim), freq, rtol=2e-6)
+  np.testing.assert_allclose(rotary.frequencies(m, head_dim), freq, rtol=2e-6)
 
 
 @pytest.mark.parametrize('keys, error', [

@@ -13,7 +13,7 @@ python -m training.hf export --workdir=W --out=DIR [--step=N]
 Both directions are one table per family: HF tensor name <- podium parameter path(s). HF keeps
 torch Linear weights as [out, in] (transposed here; GPT-2's Conv1D is already [in, out]), and
 GPT-2 fuses query, key and value into one `c_attn` (split along its output axis). Rotary
-embeddings need no permutation: HF Llama rotates halves, as podium's `rotary` does; Llama 3.1
+embeddings need no permutation: HF Llama rotates halves, as models/rotary.py does; Llama 3.1
 and 3.2's rope scaling (rope_type 'llama3') is `model.rope_scaling=llama3`. Features podium does
 not have (other rope scalings, Llama biases, another activation, ...) are one-line errors naming
 the HF key. Only numpy and safetensors run here; torch is for the tests.
