@@ -4,7 +4,8 @@ Usage: `python train.py --config=configs/default.py[:preset,preset...] --config.
 Presets (comma-separated; any order gives the same config):
   gpt2 | llama          model style (gpt2 is the default)
   dp | fsdp | fsdp_tp   parallelism within a slice: data, fully sharded, fully sharded x tensor
-  llama3_8b | llama_1b  Llama 3 shapes (sequence 8192, batch 256), scanned, remat, FSDP
+  llama3_8b | llama_1b  Llama 3 8B and Llama 3.2 1B shapes (sequence 8192, batch 256),
+                        scanned, remat, FSDP
   multislice            data parallel across slices (DCN), FSDP within each slice (ICI)
   tiny                  a minimal model and short run, for tests and smoke checks
 Every key is declared here; the config is locked, so a misspelt override is an error.
@@ -43,8 +44,12 @@ def _llama_size(config, preset):
   m = config.model
   if preset == 'llama3_8b':
     m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim = 32, 4096, 32, 8, 14336
-  else:  # Llama 3.2 1B
+  else:  # Llama 3.2 1B: its Hugging Face checkpoint loads into this shape
     m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim = 16, 2048, 32, 8, 8192
+    m.tie_embeddings = True
+    m.rope_scaling, m.rope_factor, m.rope_low_freq_factor, m.rope_high_freq_factor = (
+        'llama3', 32.0, 1.0, 4.0)
+    m.rope_original_max_len = 8192
   m.vocab_size, m.rope_theta = 128256, 500000.0
   m.max_len = config.data.seq_len = 8192
   config.data.global_batch_size = 256

@@ -8,6 +8,9 @@ PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
 # He/Kaiming and LeCun: fan-in) or orthogonal.
 INITS = ('normal', 'truncated_normal', 'xavier_uniform', 'xavier_normal', 'he_uniform',
          'he_normal', 'lecun_uniform', 'lecun_normal', 'orthogonal')
+# A classifier head (`model.head_init`): zeros, the default, starts every model at the loss of
+# a uniform guess, ln(num_classes), whatever its features' scale; or any of INITS.
+HEAD_INITS = ('zeros', *INITS)
 ACTIVATIONS = ('relu', 'leaky_relu', 'gelu', 'silu', 'tanh', 'sigmoid')  # jax.nn's
 
 
@@ -38,6 +41,10 @@ def init(m, *keys: str):
   for key in keys:
     one_of(m, key, INITS)
   require(m.init_std > 0, 'model.init_std', f'must be positive, got {m.init_std}')
+
+
+def head_init(m):
+  one_of(m, 'head_init', HEAD_INITS)
 
 
 def rate(m, key: str):

@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.dense_dim = 256
   m.activation = 'relu'  # relu | leaky_relu | gelu | silu | tanh | sigmoid
   m.init = 'he_uniform'  # convs and hidden layer: an initializer of checks.INITS
-  m.head_init = 'lecun_uniform'  # the linear head: the same choices
+  m.head_init = 'zeros'  # the linear head: zeros (first loss ln(num_classes)) | checks.INITS
   m.init_std = 0.02  # init or head_init 'normal' | 'truncated_normal': the standard deviation
   m.dropout_rate = 0.3  # on the hidden dense layer
   m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
@@ -54,7 +54,8 @@ def validate(m, config):
                  f'{m.image_shape[:2]} is smaller than the {pools}x{pools} that '
                  f'{len(m.conv_features)} 2x2 pools reduce to one pixel')
   checks.one_of(m, 'activation', checks.ACTIVATIONS)
-  checks.init(m, 'init', 'head_init')
+  checks.init(m, 'init')
+  checks.head_init(m)
   checks.dtypes_and_dropout(m)
 
 

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.vocab_size = 264  # 256 bytes, CLS, MASK, SEP, rounded up to a multiple of 8
   m.head = 'mlm'  # mlm (pretraining) | classify (fine-tuning)
   m.num_classes = 2  # head='classify'
+  m.head_init = 'zeros'  # head='classify': zeros (first loss ln(num_classes)) | checks.INITS
   m.pool = 'cls'  # head='classify': cls (pooled [CLS] output) | mean (over non-PAD tokens)
   m.tie_embeddings = True  # head='mlm': logits against the token embedding
   m.dropout_rate = 0.1
@@ -56,6 +57,7 @@ def validate(m, config):
   """Raises ValueError('model.<key>: ...') for the first bad value."""
   checks.one_of(m, 'head', HEADS)
   checks.one_of(m, 'pool', POOLS)
+  checks.head_init(m)
   checks.require(m.head != 'classify' or m.num_classes > 1, 'model.num_classes',
            f'must be at least 2 for head=classify, got {m.num_classes}')
   checks.require(m.vocab_size > SEP_ID, 'model.vocab_size',
@@ -132,7 +134,8 @@ class Model(nnx.Module):
         self.pooler = layers.Dense(cfg.embed_dim, cfg.embed_dim, 'embed', 'mlp', cfg, rngs=rngs)
       wide = None if cfg.dtype == 'float32' else jnp.float32
       self.classifier = layers.Dense(cfg.embed_dim, cfg.num_classes, 'embed', 'classes', cfg,
-                                     rngs=rngs, preferred_element_type=wide)
+                                     rngs=rngs, init=cfg.head_init,
+                                     preferred_element_type=wide)
 
   def __call__(self, tokens_BxL, *, train: bool = False, rngs: nnx.Rngs | None = None):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation). `train` is

@@ -2,7 +2,9 @@
 `nnx.initializers`.
 
 `kernel(name, std, scale)` is the dense layers' initializer; `scale` multiplies the standard
-deviation of what it draws (the Transformer blocks' depth-scaled output projections).
+deviation of what it draws (the Transformer blocks' depth-scaled output projections). 'zeros'
+is for classifier heads only (`model.head_init`, checks.HEAD_INITS): a zero head predicts every
+class equally, so training starts at the loss of a uniform guess, ln(num_classes).
 `conv_kernel(name, std)` is the same distribution for a conv kernel [height, width, in, out].
 """
 
@@ -18,6 +20,8 @@ _SCALED = {'xavier': (1.0, 'fan_avg'), 'he': (2.0, 'fan_in'), 'lecun': (1.0, 'fa
 def kernel(name: str, std: float, scale: float = 1.0) -> nnx.Initializer:
   """normal / truncated_normal: N(0, std) (truncated at two standard deviations: `std` is the
   untruncated one, as in BERT and ViT); the others ignore `std`. Each draws `scale` times it."""
+  if name == 'zeros':
+    return nnx.initializers.zeros_init()
   if name == 'normal':
     return nnx.initializers.normal(std * scale)
   if name == 'truncated_normal':

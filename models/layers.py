@@ -22,7 +22,7 @@ from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import attention, checks, cpu_kernels, initializers, platforms
+from models import attention, checks, cpu_kernels, initializers, platforms, rotary
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -45,6 +45,12 @@ def default_config() -> ml_collections.ConfigDict:
   m.max_len = 128
   m.position = 'learned'  # learned | rope
   m.rope_theta = 10000.0
+  # position=rope: none | llama3 (Llama 3.1's long-context frequencies, models/rotary.py).
+  m.rope_scaling = 'none'
+  m.rope_factor = 8.0  # llama3: low frequencies are divided by this (the context's growth)
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths > original_max_len / this are divided
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths < original_max_len / this are kept
+  m.rope_original_max_len = 8192  # llama3: the context length the model was pretrained at
   m.norm = 'layernorm'  # layernorm | rmsnorm
   m.norm_eps = 1e-5  # added to the variance in every norm (HF: layer_norm_epsilon, rms_norm_eps)
   m.mlp = 'gelu'  # gelu (two layers, `activation` between) | swiglu
@@ -95,6 +101,7 @@ def validate(m):
                  f'{m.num_kv_heads} does not divide model.num_heads={m.num_heads}')
   checks.require(m.position != 'rope' or (m.embed_dim // m.num_heads) % 2 == 0, 'model.num_heads',
                  'rope needs an even head dimension (embed_dim / num_heads)')
+  rotary.validate(m)
   checks.one_of(m, 'remat', REMAT)
   unknown = sorted(set(m.remat_names) - set(REMAT_NAMES))
   checks.require(not unknown, 'model.remat_names',
@@ -130,13 +137,14 @@ def _axes(*names):
 class Dense(nnx.Linear):
   """`nnx.Linear` with logical axes on its parameters and the backend's best matmul."""
 
-  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init_scale=1.0,
+  def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init=None, init_scale=1.0,
                preferred_element_type=None):
+    """`init`: the kernel's initializer name (models/initializers.py); None: `cfg.init`."""
     # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
     dot_general = cpu_kernels.dot_general if cfg.platform == 'cpu' else lax.dot_general
     super().__init__(
         d_in, d_out, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=initializers.kernel(cfg.init, cfg.init_std, init_scale),
+        kernel_init=initializers.kernel(init or cfg.init, cfg.init_std, init_scale),
         dot_general=dot_general, preferred_element_type=preferred_element_type,
         kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
 
@@ -148,20 +156,6 @@ def norm(cfg, rngs):
                          bias_metadata=_axes('norm'), rngs=rngs)
   return nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, scale_metadata=_axes('norm'), rngs=rngs)
-
-
-def rotary(x_BxLxNxK, theta, positions_BxL=None):
-  """Rotary position embedding over the last axis (halves rotated, as in GPT-NeoX/Llama), for
-  tokens at `positions_BxL` (default: 0 .. L-1)."""
-  length, head_dim = x_BxLxNxK.shape[1], x_BxLxNxK.shape[-1]
-  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  if positions_BxL is None:
-    positions_BxL = jnp.arange(length)[None, :]
-  angle_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * freq
-  sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_BxLxNxK.dtype)
 
 
 class Attention(nnx.Module):
@@ -187,8 +181,9 @@ class Attention(nnx.Module):
     k_BxLxGxK = k_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     v_BxLxGxK = v_BxLxGK.reshape(b, l, cfg.num_kv_heads, k)
     if cfg.position == 'rope':
-      q_BxLxHxK = rotary(q_BxLxHxK, cfg.rope_theta, positions_BxL)
-      k_BxLxGxK = rotary(k_BxLxGxK, cfg.rope_theta, positions_BxL)
+      freq_K2 = rotary.frequencies(cfg, k)
+      q_BxLxHxK = rotary.rotate(q_BxLxHxK, freq_K2, positions_BxL)
+      k_BxLxGxK = rotary.rotate(k_BxLxGxK, freq_K2, positions_BxL)
     return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
 
   def __call__(self, x_BxLxD, kv_mask_BxL=None, segment_ids_BxL=None, positions_BxL=None):

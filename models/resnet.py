@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.bn_epsilon = 1e-5
   m.activation = 'relu'  # relu | leaky_relu | gelu | silu | tanh | sigmoid
   m.init = 'he_uniform'  # convs: an initializer of checks.INITS
-  m.head_init = 'lecun_uniform'  # the linear head: the same choices
+  m.head_init = 'zeros'  # the linear head: zeros (first loss ln(num_classes)) | checks.INITS
   m.init_std = 0.02  # init or head_init 'normal' | 'truncated_normal': the standard deviation
   m.dropout_rate = 0.0  # on the pooled features, before the head
   # The last block's probability of skipping its residual branch for an example in training,
@@ -61,7 +61,8 @@ def validate(m, config):
   checks.require(0 <= m.bn_momentum < 1, 'model.bn_momentum',
                  f'must be in [0, 1), got {m.bn_momentum}')
   checks.one_of(m, 'activation', checks.ACTIVATIONS)
-  checks.init(m, 'init', 'head_init')
+  checks.init(m, 'init')
+  checks.head_init(m)
   checks.dtypes_and_dropout(m)
   checks.rate(m, 'stochastic_depth')
 

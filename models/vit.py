@@ -30,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.image_shape = (28, 28, 1)  # height, width, channels
   m.patch_size = 7  # 4 x 4 = 16 patches
   m.num_classes = 10
+  m.head_init = 'zeros'  # the linear head: zeros (first loss ln(num_classes)) | checks.INITS
   m.pool = 'cls'  # cls: the [CLS] token's output | mean: the mean of the patch outputs
   m.num_layers = 6
   m.max_len = 17  # tokens: the patches, plus one for the [CLS] token with pool='cls'
@@ -54,6 +55,7 @@ def validate(m, config):
   checks.require(all(d % m.patch_size == 0 for d in m.image_shape[:2]), 'model.patch_size',
                  f'{m.patch_size} does not divide the image size {m.image_shape[:2]}')
   checks.one_of(m, 'pool', POOLS)
+  checks.head_init(m)
   layers.validate(m)
   checks.require(m.max_len == num_tokens(m), 'model.max_len',
            f'must be the number of tokens, {num_tokens(m)} ({num_patches(m)} patches'
@@ -98,7 +100,7 @@ class Model(nnx.Module):
     # 16-bit activations: the logits are accumulated in float32.
     wide = None if cfg.dtype == 'float32' else jnp.float32
     self.head = layers.Dense(cfg.embed_dim, cfg.num_classes, 'embed', 'classes', cfg, rngs=rngs,
-                             preferred_element_type=wide)
+                             init=cfg.head_init, preferred_element_type=wide)
 
   def __call__(self, images_BxHxWxC, *, train: bool = False, rngs: nnx.Rngs | None = None):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation). `train` is

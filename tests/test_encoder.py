@@ -22,10 +22,12 @@ LAYOUTS = {'data8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'fsdp4_tensor2': (1, 4, 2)}
 
 
 def _cfg(**overrides):
-  """A two-layer encoder with grouped-query heads (4 query heads over 2 kv heads)."""
+  """A two-layer encoder with grouped-query heads (4 query heads over 2 kv heads), and a random
+  classifier: the default zero one gives every input the same logits and passes no gradient
+  back, which would leave the tests of head=classify nothing to compare."""
   m = encoder.default_config()
   m.update(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32,
-           dropout_rate=0.0)
+           dropout_rate=0.0, head_init='normal')
   m.update(overrides)
   return m
 

@@ -105,11 +105,16 @@ def jax_to_numpy(tree):
   return {k: np.asarray(v) for k, v in tree.items()}
 
 
+# Predictions that training leaves as they are: a learning rate of (nearly) zero, and a random
+# head (the default zero head's logits are all near zero, so even 1e-12 steps reorder them).
+FROZEN = ['--config.optim.learning_rate=1e-12', '--config.model.head_init=lecun_uniform']
+
+
 def test_early_stopping_stops_keeps_the_best_and_stays_stopped(idx_dir, tmp_path):
   # A learning rate of zero never improves on the first eval: patience 2 ends it at step 6.
   args = [CNN, *_data(idx_dir), '--config.train.steps=40', '--config.train.eval_every=2',
           '--config.early_stop.metric=accuracy', '--config.early_stop.mode=max',
-          '--config.early_stop.patience=2', '--config.optim.learning_rate=1e-12']
+          '--config.early_stop.patience=2', *FROZEN]
   result = run_train(tmp_path, *args)
   assert result.returncode == 0, result.stderr
   assert 'early stopping at step 6' in result.stdout
@@ -123,8 +128,7 @@ def test_early_stopping_stops_keeps_the_best_and_stays_stopped(idx_dir, tmp_path
 def test_early_stopping_patience_survives_a_resume(idx_dir, tmp_path):
   args = [CNN, *_data(idx_dir), '--config.train.steps=40', '--config.train.eval_every=2',
           '--config.train.checkpoint_every=2', '--config.early_stop.metric=accuracy',
-          '--config.early_stop.mode=max', '--config.early_stop.patience=2',
-          '--config.optim.learning_rate=1e-12']
+          '--config.early_stop.mode=max', '--config.early_stop.patience=2', *FROZEN]
   assert run_train(tmp_path, *args, '--config.train.stop_after=4').returncode == 0
   result = run_train(tmp_path, *args)  # one bad eval already counted at step 4
   assert result.returncode == 0, result.stderr

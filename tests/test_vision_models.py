@@ -3,6 +3,8 @@ layout gives the single-device loss and gradients, the ViT's memory levers, Batc
 statistics, config validation, FLOP counts, and that each can learn."""
 
 import functools
+import importlib
+import math
 
 import chex
 import jax
@@ -17,15 +19,22 @@ from configs import default
 from models import MODELS, cnn
 from models.platforms import resolve_for_platform
 from parallel import sharding
+from tasks import TASKS
 
 NAMES = ('cnn', 'resnet', 'vit')
-# Widths divisible by 8 so that fsdp=8 and tensor=2 really split them.
+# Widths divisible by 8 so that fsdp=8 and tensor=2 really split them. A random head: the
+# default zero head passes no gradient back at the first step, which would leave the layers
+# before it untested.
 TINY = {
-    'cnn': dict(image_shape=(8, 8, 1), conv_features=(8, 16), dense_dim=16, num_classes=4),
-    'resnet': dict(image_shape=(8, 8, 3), stage_sizes=(1, 1), width=8, num_classes=4),
+    'cnn': dict(image_shape=(8, 8, 1), conv_features=(8, 16), dense_dim=16, num_classes=4,
+                head_init='lecun_uniform'),
+    'resnet': dict(image_shape=(8, 8, 3), stage_sizes=(1, 1), width=8, num_classes=4,
+                   head_init='lecun_uniform'),
     'vit': dict(image_shape=(8, 8, 1), patch_size=4, max_len=5, num_layers=2, num_heads=2,
-                num_kv_heads=2, embed_dim=16, mlp_dim=32, num_classes=4),
+                num_kv_heads=2, embed_dim=16, mlp_dim=32, num_classes=4, head_init='normal'),
 }
+# Image classification configs and the rest of their name after configs/.
+CONFIGS = ('fashion_mnist_cnn', 'fashion_mnist_resnet', 'cifar10_resnet', 'vit')
 LAYOUTS = {
     'data8': dict(data=8, fsdp=1, tensor=1),
     'fsdp8': dict(data=1, fsdp=8, tensor=1),
@@ -289,3 +298,24 @@ def test_max_pool_2x2_is_flax_max_pool_in_value_and_gradient(shape):
   flax = jax.value_and_grad(
       lambda x: jnp.sum(nnx.max_pool(x, (2, 2), strides=(2, 2)) * weights))(x)
   jax.tree.map(np.testing.assert_array_equal, ours, flax)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_first_loss_is_a_uniform_guess(name):
+  """The first training step's loss, the task's on a batch of the config's shape, is within 10%
+  of ln(num_classes): a fresh model guesses every class equally (its head starts at zero), so
+  early steps are not spent shrinking overconfident logits. One init and one forward."""
+  config = importlib.import_module(f'configs.{name}').get_config('tiny')
+  m = resolve_for_platform(config.model, 'cpu')
+  task = TASKS[config.task.name].Task(config, MODELS[m.name])
+  rng = np.random.default_rng(0)
+  batch = {'inputs': rng.normal(size=(8, *m.image_shape)).astype(np.float32),
+           'label': rng.integers(0, m.num_classes, 8).astype(np.int32)}
+
+  @jax.jit
+  def first_loss(batch):
+    model = MODELS[m.name].Model(m, rngs=nnx.Rngs(params=config.seed))
+    return task.loss(model, batch, nnx.Rngs(dropout=1))[0]
+
+  chance = math.log(m.num_classes)
+  assert abs(first_loss(batch) - chance) <= 0.1 * chance

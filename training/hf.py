@@ -13,9 +13,10 @@ python -m training.hf export --workdir=W --out=DIR [--step=N]
 Both directions are one table per family: HF tensor name <- podium parameter path(s). HF keeps
 torch Linear weights as [out, in] (transposed here; GPT-2's Conv1D is already [in, out]), and
 GPT-2 fuses query, key and value into one `c_attn` (split along its output axis). Rotary
-embeddings need no permutation: HF Llama rotates halves, as podium's `rotary` does. Features
-podium does not have (rope scaling, Llama biases, another activation, ...) are one-line errors
-naming the HF key. Only numpy and safetensors run here; torch is for the tests.
+embeddings need no permutation: HF Llama rotates halves, as models/rotary.py does; Llama 3.1
+and 3.2's rope scaling (rope_type 'llama3') is `model.rope_scaling=llama3`. Features podium does
+not have (other rope scalings, Llama biases, another activation, ...) are one-line errors naming
+the HF key. Only numpy and safetensors run here; torch is for the tests.
 """
 
 import json
@@ -90,17 +91,36 @@ def _llama_model(c: dict) -> dict:
   # rope_theta at the top level (older files) or in rope_parameters / rope_scaling (newer).
   rope_key = 'rope_parameters' if c.get('rope_parameters') else 'rope_scaling'
   rope = c.get(rope_key) or {}
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  _require(rope_type == 'default',
-           f'{rope_key}: rope_type={rope_type!r} is not supported (only plain rotary)')
   return dict(num_layers=c['num_hidden_layers'], num_heads=heads,
               num_kv_heads=c.get('num_key_value_heads') or heads, embed_dim=c['hidden_size'],
               mlp_dim=c['intermediate_size'], max_len=c['max_position_embeddings'],
               vocab_size=c['vocab_size'], position='rope',
               rope_theta=float(rope.get('rope_theta', c.get('rope_theta', 10000.0))),
+              **_rope_scaling(rope, rope_key),
               norm='rmsnorm', norm_eps=c.get('rms_norm_eps', 1e-6), mlp='swiglu',
               activation='gelu', use_bias=False,
               tie_embeddings=c.get('tie_word_embeddings', False))
+
+
+# HF's llama3 rope parameters -> podium's model keys (models/layers.py).
+_LLAMA3_KEYS = {'factor': 'rope_factor', 'low_freq_factor': 'rope_low_freq_factor',
+                'high_freq_factor': 'rope_high_freq_factor',
+                'original_max_position_embeddings': 'rope_original_max_len'}
+
+
+def _rope_scaling(rope: dict, rope_key: str) -> dict:
+  """The rope_scaling model keys of a Llama config's `rope_key` section (Llama 3.1 and 3.2
+  files carry rope_type 'llama3'; plain rotary has none or 'default')."""
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  if rope_type == 'default':
+    return dict(rope_scaling='none')
+  _require(rope_type == 'llama3', f'{rope_key}: rope_type={rope_type!r} is not supported (only '
+           "'default' and 'llama3')")
+  missing = [k for k in _LLAMA3_KEYS if rope.get(k) is None]
+  _require(not missing, f'{rope_key}: rope_type llama3 lacks {", ".join(missing)}')
+  keys = {ours: float(rope[hf_key]) for hf_key, ours in _LLAMA3_KEYS.items()}
+  keys['rope_original_max_len'] = int(keys['rope_original_max_len'])
+  return dict(rope_scaling='llama3', **keys)
 
 
 _MODEL_KEYS = {GPT2: _gpt2_model, LLAMA: _llama_model}
@@ -115,11 +135,15 @@ def _hf_config(m, family: str, dtype: str) -> dict:
     return dict(common, n_layer=m.num_layers, n_head=m.num_heads, n_embd=m.embed_dim,
                 n_inner=m.mlp_dim, n_positions=m.max_len, layer_norm_epsilon=m.norm_eps,
                 activation_function='gelu_new')
+  rope = {}
+  if m.rope_scaling == 'llama3':  # as Llama 3.1 and 3.2 files write it
+    rope = dict(rope_scaling=dict(rope_type='llama3',
+                                  **{hf_key: m[ours] for hf_key, ours in _LLAMA3_KEYS.items()}))
   return dict(common, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
               num_key_value_heads=m.num_kv_heads, hidden_size=m.embed_dim,
               intermediate_size=m.mlp_dim, max_position_embeddings=m.max_len,
               rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, hidden_act='silu',
-              attention_bias=False, mlp_bias=False)
+              attention_bias=False, mlp_bias=False, **rope)
 
 
 def _family_of(m) -> str:
