@@ -45,7 +45,7 @@ def validate(m, config):
                  f'must be positive widths (or none), got {m.hidden_dims}')
   checks.one_of(m, 'activation', checks.ACTIVATIONS)
   checks.init(m, 'init')
-  checks.one_of(m, 'head_init', ('zeros', *checks.INITS))
+  checks.head_init(m)
   checks.dtypes_and_dropout(m)
 
 
@@ -81,11 +81,9 @@ class Model(nnx.Module):
         bias_metadata={'logical_axes': ('mlp',)}, rngs=rngs)
         for d_in, d_out in zip(widths[:-2], widths[1:-1])])
     self.dropout = nnx.Dropout(cfg.dropout_rate)
-    head_init = (nnx.initializers.zeros_init() if cfg.head_init == 'zeros' else
-                 initializers.kernel(cfg.head_init, cfg.init_std))
     # 16-bit activations: the logits are accumulated in float32.
     self.head = nnx.Linear(
-        widths[-2], cfg.num_classes, kernel_init=head_init,
+        widths[-2], cfg.num_classes, kernel_init=initializers.kernel(cfg.head_init, cfg.init_std),
         dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         preferred_element_type=None if cfg.dtype == 'float32' else jnp.float32,
         kernel_metadata={'logical_axes': ('mlp', 'classes')},

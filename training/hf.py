@@ -273,11 +273,11 @@ def from_hf(hf_dir: str, scan_layers: bool = False) -> tuple[dict, dict]:
     tensors = {k if k.startswith(('transformer.', 'lm_head.')) else 'transformer.' + k: v
                for k, v in tensors.items()}
   flat = {}
-  for hf_name, paths, transposed in _table(family, m):
+  for hf_name, param_paths, transposed in _table(family, m):
     _require(hf_name in tensors, f'{hf_dir} lacks the tensor {hf_name}')
     tensor = tensors.pop(hf_name)
-    for path, part in zip(paths, np.split(tensor.T if transposed else tensor, len(paths), -1)):
-      flat[path] = part
+    parts = np.split(tensor.T if transposed else tensor, len(param_paths), -1)
+    flat.update(zip(param_paths, parts))
   if m.tie_embeddings:
     tensors.pop('lm_head.weight', None)  # some files store the tied copy
   extra = sorted(k for k in tensors if not k.endswith(_BUFFERS))
@@ -292,8 +292,8 @@ def to_hf(model_config, params: dict, out_dir: str):
   family = _family_of(model_config)
   flat = _flat_params(params, model_config)
   tensors = {}
-  for hf_name, paths, transposed in _table(family, model_config):
-    tensor = np.concatenate([flat[path] for path in paths], axis=-1)
+  for hf_name, param_paths, transposed in _table(family, model_config):
+    tensor = np.concatenate([flat[path] for path in param_paths], axis=-1)
     tensors[hf_name] = np.ascontiguousarray(tensor.T if transposed else tensor)
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
