@@ -11,13 +11,15 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from training import exit_codes
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 FLAGS = flags.FLAGS
 
 
 def _usage_error(message: str):
   sys.stderr.write(f'train.py: error: {" ".join(str(message).split())}\n')
-  sys.exit(2)
+  sys.exit(exit_codes.BAD_INPUT)
 
 
 def _first_and_last_line(error: Exception) -> str:
@@ -127,25 +129,54 @@ def main(argv):
   from parallel import multihost, sharding  # pylint: disable=g-import-not-at-top
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from training import checkpointing, config_check, loop, warm_start  # pylint: disable=g-import-not-at-top
+  from data import pipeline  # pylint: disable=g-import-not-at-top
+  from training import checkpointing, config_check, loop, paths, warm_start  # pylint: disable=g-import-not-at-top
+  workdir = paths.absolute(FLAGS.workdir)
+  _resolve_paths(config, paths.absolute)
   try:
     multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
     _usage_error(e)
   try:
-    config_check.check_workdir(FLAGS.workdir)
+    config_check.check_workdir(workdir)
     config_check.validate(config, jax.device_count(), jax.process_count(),
                           sharding.num_slices(jax.devices()), jax.default_backend(),
                           overridden=_overridden_keys())
-    compile_cache = FLAGS.compile_cache or str(epath.Path(FLAGS.workdir) / 'compile_cache')
-    loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
+    status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute))
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
-  except (checkpointing.IncompatibleCheckpointError, warm_start.InitFromError) as e:
+  except (checkpointing.IncompatibleCheckpointError, checkpointing.NoUsableCheckpointError,
+          warm_start.InitFromError, pipeline.UnusableDataError) as e:
     _usage_error(e)
-  except (checkpointing.NoUsableCheckpointError, loop.TrainingHalted) as e:
+  except loop.TrainingHalted as e:
     _halt(f'train.py: error: {e}')
+  sys.exit(status)
+
+
+def _resolve_paths(config, absolute):
+  """The config's local paths made absolute once, here (`absolute`: training.paths.absolute):
+  Orbax and TensorStore refuse relative ones, and config.json must name the folders meant."""
+  config.init_from = absolute(config.init_from)
+  data = config.data
+  for key in ('path', 'files', 'tfds_data_dir'):
+    if key in data:
+      data[key] = absolute(data[key])
+  if data.get('tokenizer', '').endswith(('.model', '.json')):
+    data.tokenizer = absolute(data.tokenizer)
+  if data.get('mixture'):
+    from data import sources  # pylint: disable=g-import-not-at-top
+    try:
+      parts = sources.parse_mixture(data.mixture)
+    except ValueError:
+      return  # the config check names the problem
+    data.mixture = ','.join(f'{absolute(path)}:{weight!r}' for path, weight in parts)
+
+
+def _compile_cache(workdir: str, absolute) -> str | None:
+  """--compile_cache as a directory, or None for 'none'."""
+  if FLAGS.compile_cache == 'none':
+    return None
+  return absolute(FLAGS.compile_cache) or f'{workdir.rstrip("/")}/compile_cache'
 
 
 def _overridden_keys() -> set[str]:
@@ -166,7 +197,7 @@ def _compile_only(config):
 
 
 def _halt(message: str):
-  """Prints `message` as the last line and exits 1, after checkpoints and metrics are closed.
+  """Prints `message` as the last line and exits FAILED, after checkpoints and metrics are closed.
 
   A checkpoint write that failed (disk full) leaves errors in Orbax's and TensorStore's threads
   that nobody awaits; they print tracebacks, from Python and from C++, until the process is gone.
@@ -180,7 +211,7 @@ def _halt(message: str):
   for fd in (1, 2):
     os.dup2(devnull, fd)
   os.write(stderr, f'\n{message}\n'.encode())
-  os._exit(1)  # pylint: disable=protected-access
+  os._exit(exit_codes.FAILED)  # pylint: disable=protected-access
 
 if __name__ == '__main__':
   _define_flags()
