@@ -1,7 +1,8 @@
 """Trains a model: `python train.py --workdir=DIR [--config=configs/default.py[:presets]]`.
 
 Override any config key with `--config.<section>.<key>=<value>`. Rerunning the same command
-resumes from the newest checkpoint in DIR. Config problems exit with status 2 and one line.
+resumes from the newest checkpoint in DIR. Config problems exit with status 2 and one line; the
+exit statuses are in training/exit_codes.py.
 """
 
 import os
