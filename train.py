@@ -198,7 +198,7 @@ def _compile_only(config):
 
 
 def _halt(message: str):
-  """Prints `message` as the last line and exits FAILED, after checkpoints and metrics are closed.
+  """Prints `message` as the last line and exits 1, after checkpoints and metrics are closed.
 
   A checkpoint write that failed (disk full) leaves errors in Orbax's and TensorStore's threads
   that nobody awaits; they print tracebacks, from Python and from C++, until the process is gone.
