@@ -1,8 +1,9 @@
 """Trains a model: `python train.py --workdir=DIR [--config=configs/default.py[:presets]]`.
 
 Override any config key with `--config.<section>.<key>=<value>`. Rerunning the same command
-resumes from the newest checkpoint in DIR. Config problems exit with status 2 and one line.
-`--print_config` prints the resolved config (every key, its value and its comment) and exits.
+resumes from the newest checkpoint in DIR. Config problems exit with status 2 and one line; the
+exit statuses are in training/exit_codes.py. `--print_config` prints the resolved config (every
+key, its value and its comment) and exits.
 """
 
 import os
@@ -13,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hardware import console
+from training import exit_codes
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 FLAGS = flags.FLAGS
@@ -132,26 +134,63 @@ def main(argv):
   from parallel import multihost, sharding  # pylint: disable=g-import-not-at-top
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from training import checkpointing, config_check, loop, warm_start  # pylint: disable=g-import-not-at-top
+  from data import pipeline  # pylint: disable=g-import-not-at-top
+  from training import checkpointing, config_check, loop, paths, warm_start  # pylint: disable=g-import-not-at-top
+  workdir = paths.absolute(FLAGS.workdir)
+  _resolve_paths(config, paths.absolute)
   try:
     multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
     _usage_error(e)
   try:
-    config_check.check_workdir(FLAGS.workdir)
+    config_check.check_workdir(workdir)
     config_check.validate(config, jax.device_count(), jax.process_count(),
                           sharding.num_slices(jax.devices()), jax.default_backend(),
                           overridden=_overridden_keys())
-    console.log_to_file(FLAGS.workdir, 'train')
-    compile_cache = FLAGS.compile_cache or str(epath.Path(FLAGS.workdir) / 'compile_cache')
-    loop.train(config, FLAGS.workdir, None if compile_cache == 'none' else compile_cache)
+    _open_log(workdir)
+    status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute))
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
-  except (checkpointing.IncompatibleCheckpointError, warm_start.InitFromError) as e:
+  except (checkpointing.IncompatibleCheckpointError, checkpointing.NoUsableCheckpointError,
+          warm_start.InitFromError, pipeline.UnusableDataError) as e:
     _usage_error(e)
-  except (checkpointing.NoUsableCheckpointError, loop.TrainingHalted) as e:
+  except loop.TrainingHalted as e:
     _halt(f'train.py: error: {e}')
+  sys.exit(status)
+
+
+def _resolve_paths(config, absolute):
+  """The config's local paths made absolute once, here (`absolute`: training.paths.absolute):
+  Orbax and TensorStore refuse relative ones, and config.json must name the folders meant."""
+  config.init_from = absolute(config.init_from)
+  data = config.data
+  for key in ('path', 'files', 'tfds_data_dir'):
+    if key in data:
+      data[key] = absolute(data[key])
+  if data.get('tokenizer', '').endswith(('.model', '.json')):
+    data.tokenizer = absolute(data.tokenizer)
+  if data.get('mixture'):
+    from data import sources  # pylint: disable=g-import-not-at-top
+    try:
+      parts = sources.parse_mixture(data.mixture)
+    except ValueError:
+      return  # the config check names the problem
+    data.mixture = ','.join(f'{absolute(path)}:{weight!r}' for path, weight in parts)
+
+
+def _open_log(workdir: str):
+  """The full log goes to WORKDIR/logs/ on every host (a refusal later removes it again)."""
+  try:
+    console.log_to_file(workdir, 'train')
+  except OSError as e:  # under a file, on a read-only disk, in /proc, ...
+    _usage_error(f'--workdir: cannot create {workdir}: {e.strerror or type(e).__name__}')
+
+
+def _compile_cache(workdir: str, absolute) -> str | None:
+  """--compile_cache as a directory, or None for 'none'."""
+  if FLAGS.compile_cache == 'none':
+    return None
+  return absolute(FLAGS.compile_cache) or f'{workdir.rstrip("/")}/compile_cache'
 
 
 def _print_config(config):
@@ -201,7 +240,7 @@ def _halt(message: str):
   for fd in (1, 2):
     os.dup2(devnull, fd)
   os.write(stderr, f'\n{message}\n'.encode())
-  os._exit(1)  # pylint: disable=protected-access
+  os._exit(exit_codes.FAILED)  # pylint: disable=protected-access
 
 if __name__ == '__main__':
   __doc__ = _usage()  # what absl's --help prints  # pylint: disable=redefined-builtin

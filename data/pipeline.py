@@ -112,10 +112,21 @@ class _TimedIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
-def _load(source, stats: RecordStats, tokenizer=None):  # source: a data.sources class
+class UnusableDataError(ValueError):
+  """Not one record of a source could be used: its pipeline would wait forever for a batch."""
+
+
+def _load(source, stats: RecordStats, tokenizer=None, documents: int | None = None):
   """Index -> tokens, or None (counted) for a record that cannot be read, is empty, is not text,
-  or holds ids outside the tokenizer's vocabulary."""
+  or holds ids outside the tokenizer's vocabulary.
+
+  The pipeline reads the `documents` of its share of `source` (default: all) over and over, so
+  twice as many unusable reads in a row as there are documents means none of them is usable:
+  UnusableDataError then, rather than a pipeline that filters every record out forever.
+  """
   tokenizer = tokenizer or tokenizers.load('')
+  limit = 2 * (len(source) if documents is None else documents) + 64  # + reads out of order
+  lock, unusable_in_a_row = threading.Lock(), [0]
 
   def load(index):
     tokens = None
@@ -127,7 +138,13 @@ def _load(source, stats: RecordStats, tokenizer=None):  # source: a data.sources
       problem = f'invalid UTF-8 at byte {e.start}'
     except Exception as e:  # pylint: disable=broad-except; a bad record must not stop training
       problem = f'{type(e).__name__}: {e}'
-    stats.count(problem and f'{source.record_name(index)}: {problem}')
+    problem = problem and f'{source.record_name(index)}: {problem}'
+    stats.count(problem)
+    with lock:
+      unusable_in_a_row[0] = unusable_in_a_row[0] + 1 if problem else 0
+      if unusable_in_a_row[0] > limit:
+        raise UnusableDataError(f'data: none of the documents of {source!r} is usable, '
+                                f'e.g. {problem}')
     return None if problem else tokens
 
   return load
@@ -149,7 +166,7 @@ def batches(source, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
   """
   stats = stats or RecordStats()
   threads = max(1, resolve_threads(worker_threads) // len(streams))
-  load = lambda s: _load(s, stats, tokenizer)
+  load = lambda s, documents: _load(s, stats, tokenizer, documents)
   ds = StreamsIterDataset({stream: _stream(
       source, stream, num_streams, seq_len=seq_len, rows=batch_size // len(streams), seed=seed,
       shuffle=shuffle, threads=threads, load=load) for stream in streams}, num_streams)
@@ -214,7 +231,7 @@ def _documents(source, stream, num_streams, *, seed, shuffle, load):
                      f'{_fewer_documents_fix(source)}')
   if shuffle:
     docs = docs.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-  return docs.repeat().map(load(source))
+  return docs.repeat().map(load(source, len(docs)))
 
 
 def _fewer_documents_fix(source) -> str:

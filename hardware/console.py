@@ -183,7 +183,7 @@ def usage_error(message) -> NoReturn:
   file of this attempt is removed (a refused run writes nothing)."""
   _discard_log()
   sys.stderr.write(f'{program()}: error: {" ".join(str(message).split())}\n')
-  sys.exit(2)
+  sys.exit(2)  # training/exit_codes.py: BAD_INPUT
 
 
 def parse_flags(argv):

@@ -140,9 +140,10 @@ with open(os.path.join(home, 'lock'), 'w') as lock:
       if behaviour == 'preempt':
         preempt(node)
         status = 255
-      elif behaviour == 'sigterm':
+      elif behaviour == 'sigterm':  # train.py saves the step and exits PREEMPTED
         out += ('\nSIGTERM received: saved step 40 to gs://bucket/runs/8b/checkpoints/40; '
                 'rerun to resume.')
+        status = 75
       elif behaviour.startswith('exit'):
         status = int(behaviour[4:])
   else:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.test_faults import _assert_same_state, _losses, _state, _wait_for_step
 from tests.test_train_e2e import REPO, TINY, run_train
+from training import exit_codes
 
 # FSDP x tensor over both processes, so parameters and checkpoints are split between them.
 # Two data streams: one per process here, both in the one-process run.
@@ -38,10 +39,10 @@ def _start(workdir, *args, num_processes=2):
       cwd=REPO, env=env) for i in range(num_processes)]
 
 
-def _finish(processes, timeout=600):
+def _finish(processes, timeout=600, status=exit_codes.DONE):
   outputs = [p.communicate(timeout=timeout) for p in processes]
   for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == status, err[-3000:]
   return outputs
 
 
@@ -144,7 +145,7 @@ def test_sigterm_to_every_process_saves_one_agreed_step(two_process_run, tmp_pat
   signalled = time.time()
   for p in processes:
     p.send_signal(signal.SIGTERM)
-  outputs = _finish(processes, timeout=120)
+  outputs = _finish(processes, timeout=120, status=exit_codes.PREEMPTED)
   assert time.time() - signalled < 60
   saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints')]
   assert len(saved) == 1 and 3 <= saved[0] < 12

@@ -12,6 +12,7 @@ import pytest
 from tests.fake_gcloud import (FakeCloud, SCRIPTS, TRAIN_FLAGS, ZONE, check_syntax, is_train,
                                 parse_call, positions, slice_flags, train_argv, train_calls,
                                 verbs)
+from training import exit_codes
 
 
 def test_shellcheck_clean():
@@ -165,15 +166,34 @@ def test_supervisor_relaunches_after_sigterm_on_the_same_slice(tmp_path):
 
 
 def test_supervisor_does_not_retry_a_config_error(tmp_path):
-  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=['exit2'])
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=[f'exit{exit_codes.BAD_INPUT}'])
   result = cloud.run('supervise.sh', *slice_flags('v5p-8', '--backoff_seconds=0'), '--',
                      *TRAIN_FLAGS)
   assert result.returncode == 2
   assert len(train_calls(cloud.calls)) == 1
 
 
+def test_supervisor_relaunches_a_hung_run(tmp_path):
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=[f'exit{exit_codes.HUNG}'])
+  result = cloud.run('supervise.sh', *slice_flags('v5p-8', '--backoff_seconds=0'), '--',
+                     *TRAIN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  assert len(train_calls(cloud.calls)) == 2
+  assert 'status 3 (hung' in result.stderr
+
+
+def test_supervisor_does_not_count_preemptions_as_failures(tmp_path):
+  """Each preempted attempt saved its step: more of them than --max_restarts is no crash loop."""
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=[f'exit{exit_codes.PREEMPTED}'] * 4)
+  result = cloud.run('supervise.sh', *slice_flags('v5p-8', '--backoff_seconds=0',
+                                                  '--max_restarts=1'), '--', *TRAIN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  assert len(train_calls(cloud.calls)) == 5
+  assert 'training finished in attempt 5' in result.stderr
+
+
 def test_supervisor_gives_up_after_max_restarts(tmp_path):
-  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=['exit1'] * 10)
+  cloud = FakeCloud(tmp_path, nodes={'job': 'READY'}, train=[f'exit{exit_codes.FAILED}'] * 10)
   result = cloud.run('supervise.sh', *slice_flags('v5p-8', '--backoff_seconds=0',
                                                   '--max_restarts=2'), '--', *TRAIN_FLAGS)
   assert result.returncode == 1

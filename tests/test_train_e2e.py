@@ -24,11 +24,11 @@ TINY = ['--config=' + os.path.join(REPO, 'configs', 'default.py') + ':tiny']
 CACHE_ALL = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
 
 
-def run_train(workdir, *args, env=None):
-  """train.py on the tiny default config, unless `args` name another --config."""
+def run_train(workdir, *args, env=None, cwd=REPO):
+  """train.py on the tiny default config, unless `args` name another --config; run in `cwd`."""
   config = [] if any(a.startswith('--config=') for a in args) else TINY
   return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}',
-                         *config, *args], capture_output=True, text=True, cwd=REPO,
+                         *config, *args], capture_output=True, text=True, cwd=cwd,
                         timeout=600, check=False, env={**CACHE_ALL, **(env or {})})
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Keeps a training job going until train.py finishes: launches it on every worker (launch.sh);
-# after a preemption, a non-zero exit, or a train.py stopped by a signal, relaunches the same
-# command, first recreating the slice (delete, create, setup) when it is preempted or gone.
-# Each relaunch resumes bit for bit from the newest checkpoint in --workdir, which must be a
-# gs:// bucket. Exit status 2 (bad flags or config) is not retried.
+# after a preemption or a failed attempt, relaunches the same command, first recreating the
+# slice (delete, create, setup) when it is preempted or gone. Each relaunch resumes bit for bit
+# from the newest checkpoint in --workdir, which must be a gs:// bucket. It acts on train.py's
+# exit status (training/exit_codes.py): 0 done; 2 bad input, which a relaunch would repeat:
+# stop; 75 preempted with its step saved: relaunch, not counted as a failure; 3 hung, 1 or any
+# other (255: ssh lost the slice): relaunch, at most --max_restarts times in a row.
 # Takes the same flags as launch.sh, with --max_restarts, --backoff_seconds and
 # --delete_when_done; attempt k's logs go to LOG_DIR/attempt-k/. A slice that already exists
 # is taken as set up (setup.sh); a missing one is created and set up.
@@ -24,11 +26,16 @@ source "$HERE/delete.sh"
 # An attempt that ran this long was not a crash loop: the backoff and the restart count reset.
 LONG_ATTEMPT_SECONDS=3600
 
-# SIGTERM (a maintenance event, or a person) makes train.py save, say so, and exit 0.
-stopped_by_signal() {
-  local log
-  log=$1/$(node_names | head -n 1)-worker0.log
-  [[ -f $log ]] && grep -q 'received: saved step' "$log"
+# train.py's exit statuses, as training/exit_codes.py defines them.
+readonly DONE=0 BAD_INPUT=2 HUNG=3 PREEMPTED=75
+
+# What an attempt's status means, for the log.
+describe_status() {
+  case $1 in
+    "$HUNG") echo ' (hung: no step finished in time)' ;;
+    "$PREEMPTED") echo ' (preempted; its step is saved)' ;;
+    255) echo ' (ssh: the slice may be gone)' ;;
+  esac
 }
 
 # Stops a train.py left running by a failed attempt on a slice that survived it: SIGTERM (it
@@ -71,26 +78,30 @@ pretend_preempted() {
 }
 
 supervise() {
-  local attempt=0 failures=0 status started log_dir delay=$BACKOFF_SECONDS
+  local attempt=0 failures=0 status started log_dir delay=$BACKOFF_SECONDS saved
   while :; do
-    attempt=$((attempt + 1)) started=$SECONDS status=0
+    attempt=$((attempt + 1)) started=$SECONDS status=0 saved=0
     log_dir=$LOG_DIR/attempt-$attempt
     note "attempt $attempt"
     if prepare_slice "$attempt"; then
       launch_job "$log_dir" || status=$?
       if ((DRY_RUN_PREEMPT_ONCE && attempt == 1)); then pretend_preempted; status=255; fi
-      if ((status == 0)) && ! stopped_by_signal "$log_dir"; then break; fi
-      if ((status == 2)); then
-        note "train.py exited with status 2 (bad flags or config); a relaunch would too"
+      if ((status == DONE)); then break; fi
+      if ((status == BAD_INPUT)); then
+        note "train.py exited with status 2 (bad flags, config, data or workdir); a relaunch would too"
         return 2
       fi
-      note "attempt $attempt ended with status $status$( ((status)) || echo ', stopped by a signal')"
+      note "attempt $attempt ended with status $status$(describe_status "$status")"
+      if ((status == PREEMPTED)); then saved=1; fi
     else
       status=$?
       note "attempt $attempt: no working slice (status $status)"
     fi
-    if ((SECONDS - started >= LONG_ATTEMPT_SECONDS)); then failures=0 delay=$BACKOFF_SECONDS; fi
-    failures=$((failures + 1))
+    # A preempted attempt saved its step: no failure, and the next waits the shortest time.
+    if ((saved || SECONDS - started >= LONG_ATTEMPT_SECONDS)); then
+      failures=0 delay=$BACKOFF_SECONDS
+    fi
+    if ((!saved)); then failures=$((failures + 1)); fi
     if ((failures > MAX_RESTARTS)); then
       note "giving up: $failures attempts in a row failed (--max_restarts=$MAX_RESTARTS)"
       return 1

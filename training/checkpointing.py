@@ -7,6 +7,8 @@ thread writes them, so the next steps (which donate the state's buffers) can sta
 
 import dataclasses
 import json
+import logging as pylogging
+import os
 import sys
 import time
 import traceback
@@ -22,6 +24,7 @@ from jax.experimental import multihost_utils as multihost
 
 def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointManager:
   _drop_closed_loop_reports()
+  _quiet_orbax_errors()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=train_config.keep_checkpoints,
       enable_async_checkpointing=asynchronous,
@@ -34,35 +37,60 @@ def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointMana
                                item_handlers=handlers)
 
 
-def _drop_closed_loop_reports():
-  """Keeps TensorStore from printing a traceback for each write still running when a save fails.
+def _is_closed_loop_report(kind, error, tb) -> bool:
+  frames = traceback.extract_tb(tb)
+  return (kind is RuntimeError and str(error) == 'Event loop is closed' and bool(frames)
+          and frames[0].name == 'call_soon_threadsafe')
 
-  Orbax closes a save's event loop as soon as one of its writes fails; the writes still running
-  then finish into the closed loop, and TensorStore reports each through `sys.excepthook`
-  (`RuntimeError: Event loop is closed`, raised in `call_soon_threadsafe` called from C), dozens
-  of times and up to the process's last line. The failure itself is reported once, by `save`.
+
+def _drop_closed_loop_reports():
+  """Keeps TensorStore from printing a traceback for each read or write still running when a
+  save or a restore fails.
+
+  Orbax closes the operation's event loop as soon as one of its reads or writes fails; those
+  still running then finish into the closed loop, and TensorStore reports each (`RuntimeError:
+  Event loop is closed`, raised in `call_soon_threadsafe` called from C) through
+  `sys.excepthook` or `sys.unraisablehook`: thousands of times for a truncated checkpoint, up to
+  the process's last line. The failure itself is reported once, by `save` or `restore_latest`.
   """
-  previous = sys.excepthook
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_reports', False):
     return
 
   def hook(kind, error, tb):
-    frames = traceback.extract_tb(tb)
-    if not (kind is RuntimeError and str(error) == 'Event loop is closed' and frames
-            and frames[0].name == 'call_soon_threadsafe'):
+    if not _is_closed_loop_report(kind, error, tb):
       previous(kind, error, tb)
 
+  def unraisable_hook(report):
+    if not _is_closed_loop_report(report.exc_type, report.exc_value, report.exc_traceback):
+      previous_unraisable(report)
+
   hook.drops_closed_loop_reports = True
-  sys.excepthook = hook
+  sys.excepthook, sys.unraisablehook = hook, unraisable_hook
+
+
+class _OrbaxErrorFilter(pylogging.Filter):
+  """Orbax logs a failed write's error, with its traceback, from each thread it passes through
+  (four to eight tracebacks per failure), and asyncio logs each read a failed restore abandoned
+  ("Task exception was never retrieved"; asyncio runs only Orbax's reads and writes here). The
+  loop reports the failure once, in one line, so these are left out below --verbosity=1."""
+
+  def filter(self, record):
+    abandoned = record.name == 'asyncio' and 'exception was never retrieved' in str(record.msg)
+    return not (record.levelno >= pylogging.ERROR
+                and logging.get_verbosity() < logging.DEBUG
+                and (f'{os.sep}orbax{os.sep}' in record.pathname or abandoned))
+
+
+def _quiet_orbax_errors():
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OrbaxErrorFilter) for f in handler.filters):
+    handler.addFilter(_OrbaxErrorFilter())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every: int,
          final: bool, loop_state: dict | None = None) -> bool:
-  """Saves on every `every`-th step and the final one; returns whether a save started.
-
-  Raises what went wrong in an earlier background write, if anything did.
-  """
-  raise_failed_save(manager)
+  """Saves on every `every`-th step and the final one; returns whether a save started."""
   if step % every and not final:
     return False
   items = {'state': ocp.args.StandardSave(state),
@@ -90,35 +118,47 @@ class NoUsableCheckpointError(RuntimeError):
   """Checkpoints exist but none can be read; starting over would discard the user's run."""
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator):
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, announce=print):
   """(step, state, loop state or None) from the newest readable checkpoint, moving
   `data_iterator` to match.
 
-  Returns None when there are no checkpoints. An unreadable checkpoint is moved aside into
-  `checkpoints_unreadable/` (never deleted) and the next older one is tried.
+  Returns None when there are no checkpoints. Unreadable checkpoints newer than the one restored
+  are moved aside into `checkpoints_unreadable/` (never deleted), each `announce`d in one line.
+  When none is readable, nothing is moved: NoUsableCheckpointError, on this run and every rerun,
+  until a person decides.
   """
   steps = sorted(manager.all_steps(), reverse=True)
+  unreadable = []
   for step in steps:
     _check_shapes(manager, step, abstract_state)
     try:
-      items = {'state': ocp.args.StandardRestore(abstract_state),
-               'data': DataIteratorRestore(data_iterator)}
-      if (manager.directory / str(step) / 'loop').exists():
-        items['loop'] = ocp.args.JsonRestore()
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-      return step, restored['state'], restored['loop'] if 'loop' in items else None
+      restored = _restore(manager, step, abstract_state, data_iterator)
     except IncompatibleCheckpointError:
       raise  # readable, but not by this run: the user must say how to go on
     except Exception as e:  # pylint: disable=broad-except; any failure to read means unusable
-      aside = _set_aside(manager, step, 'checkpoints_unreadable')
-      logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '
-                      'trying the one before.', step, type(e).__name__,
-                      (str(e).splitlines() or [''])[0][:200], aside)
+      unreadable.append((step, f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:160]}'))
+      continue
+    for bad, reason in unreadable:
+      aside = _set_aside(manager, bad, 'checkpoints_unreadable')
+      announce(f'Skipped the checkpoint at step {bad}: it is unreadable ({reason}); moved it to '
+               f'{aside}.')
+    return restored
   if steps:
+    step, reason = unreadable[0]
     raise NoUsableCheckpointError(
-        f'none of the checkpoints {steps} in {manager.directory} can be read; they were moved '
-        'to checkpoints_unreadable/. Refusing to start over in this workdir.')
+        f'none of the checkpoints {steps} in {manager.directory} can be read (step {step}: '
+        f'{reason}); refusing to start over. To start over, move {manager.directory} away; to '
+        'resume, put a readable checkpoint back in it.')
   return None
+
+
+def _restore(manager, step, abstract_state, data_iterator):
+  items = {'state': ocp.args.StandardRestore(abstract_state),
+           'data': DataIteratorRestore(data_iterator)}
+  if (manager.directory / str(step) / 'loop').exists():
+    items['loop'] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return step, restored['state'], restored['loop'] if 'loop' in items else None
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -15,7 +15,8 @@ import tqdm
 from data import pipeline
 from parallel import sharding
 from tasks import base
-from training import checkpointing, config_check, health, parts as parts_lib, preemption
+from training import checkpointing, config_check, exit_codes, health, parts as parts_lib
+from training import preemption
 from training import step as step_lib
 from training import warm_start, watchdog
 from training import state as state_lib
@@ -23,9 +24,10 @@ from training import state as state_lib
 TrainingHalted = parts_lib.TrainingHalted
 
 
-def train(config, workdir: str, compile_cache: str | None = None):
+def train(config, workdir: str, compile_cache: str | None = None) -> int:
   """Trains to `config.train.steps` (or `stop_after`, or an early stop), resuming from `workdir`
-  if it has a run. `compile_cache`: a directory for compiled programs, or None.
+  if it has a run. `compile_cache`: a directory for compiled programs, or None. Returns the exit
+  status: exit_codes.DONE, or PREEMPTED when a signal stopped it with its step saved.
   """
   mesh = sharding.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
@@ -36,24 +38,58 @@ def train(config, workdir: str, compile_cache: str | None = None):
     train_iter = iter(setup.task.train_batches(record_stats))
   except ValueError as e:  # no files match, unknown dataset
     raise config_check.ConfigError(str(e)) from None
-  if compile_cache:  # only now: a run refused for its config must write nothing
-    use_compile_cache(compile_cache)
-  manager = checkpointing.make_manager(workdir, config.train)
   try:
-    with sharding.activate(mesh, config.mesh.rules):
-      run = Run(config, workdir, mesh, setup, manager, train_iter)
-      return run.train(record_stats)
+    _refuse_a_bad_init_from(config, workdir, setup)
+    eval_batches = _eval_batches(setup.task)
+    # Only now: a run refused for its config, data or init_from must write nothing.
+    _create_workdir(workdir)
+    if compile_cache:
+      use_compile_cache(compile_cache)
+    manager = checkpointing.make_manager(workdir, config.train)
+    try:
+      with sharding.activate(mesh, config.mesh.rules):
+        run = Run(config, workdir, mesh, setup, manager, train_iter, eval_batches)
+        run.train(record_stats)
+        return run.exit_status()
+    finally:
+      manager.close()  # waits for a save still being written
   finally:
-    manager.close()  # waits for a save still being written
     train_iter.close()
+
+
+def _refuse_a_bad_init_from(config, workdir, setup):
+  """InitFromError for an `init_from` this run would fail to load, checked before anything is
+  written (it is read only by a run with no checkpoint of its own)."""
+  checkpoints = epath.Path(workdir) / 'checkpoints'
+  if config.init_from and not (checkpoints.exists() and any(
+      p.name.isdigit() for p in checkpoints.iterdir())):
+    warm_start.check(config.init_from, setup.abstract_state['params'])
+
+
+def _eval_batches(task):
+  try:
+    return task.eval_batches()
+  except pipeline.UnusableDataError:
+    raise  # bad data, not a bad config
+  except ValueError as e:  # the eval split is missing or unreadable
+    raise config_check.ConfigError(str(e)) from None
+
+
+def _create_workdir(workdir: str):
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # under a file, on a read-only disk, in /proc, ...
+    raise config_check.ConfigError(
+        f'--workdir: cannot create {workdir}: {e.strerror or type(e).__name__}') from None
 
 
 class Run:
   """One training run: the state of the loop, and what parts may ask of it."""
 
-  def __init__(self, config, workdir, mesh, setup, manager, train_iter):
+  def __init__(self, config, workdir, mesh, setup, manager, train_iter, eval_batches):
     self.config, self.workdir, self.mesh, self.setup = config, workdir, mesh, setup
     self.task, self.manager, self.train_iter = setup.task, manager, train_iter
+    self.eval_batches = eval_batches  # on the host
     self.train_step, self.eval_step = step_lib.compile_steps(setup, config, mesh)
     rules = config.mesh.rules
     self.place_train = base.batch_placer(self.task.batch_spec('train'), mesh, rules)
@@ -65,6 +101,11 @@ class Run:
     self.report_sections = {}  # parts' own sections of summary.json, e.g. the class histogram
     self._rolled_back_to = None
     self.parts = []
+    self.checkpointer = None  # made when steps start
+
+  def exit_status(self) -> int:
+    preempted = self.checkpointer is not None and self.checkpointer.preempted
+    return exit_codes.PREEMPTED if preempted else exit_codes.DONE
 
   def stop(self, reason: str, complete: bool = True):
     """Ends training after the current step (which is then saved). A `complete` run is done
@@ -84,12 +125,9 @@ class Run:
 
   def train(self, record_stats):
     self.data_health = parts_lib.DataHealth(self, record_stats)
-    try:
-      self.evaluator = parts_lib.Evaluator(self)
-    except ValueError as e:  # the eval split is missing or unreadable
-      raise config_check.ConfigError(str(e)) from None
+    self.evaluator = parts_lib.Evaluator(self)
     restored = checkpointing.restore_latest(self.manager, self.setup.abstract_state,
-                                            self.train_iter)
+                                            self.train_iter, announce)
     early = ([parts_lib.EarlyStopping(self)] if self.config.early_stop.metric else [])
     plateau = ([parts_lib.ReduceOnPlateau(self)]
                if self.config.optim.schedule == 'reduce_on_plateau' else [])
@@ -137,6 +175,7 @@ class Run:
       self.parts += [self.checkpointer, parts_lib.NonFinitePolicy(self), self.data_health,
                      self.logger, parts_lib.Profiler(self, start), *self.task.parts(self)]
       state = self._steps(state, start, dog)
+    self.checkpointer.check_saved(self, self.step)
     if self.stop_reason:
       announce(self.stop_reason)
     if self.step == config.train.steps or self.complete:

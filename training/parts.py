@@ -30,7 +30,7 @@ class Evaluator(Part):
   summed over every batch on device, then turned into figures on the host."""
 
   def __init__(self, run):
-    self.batches = [run.place_eval(b) for b in run.task.eval_batches()]
+    self.batches = [run.place_eval(b) for b in run.eval_batches]
     self.every = run.config.train.eval_every
 
   def after_step(self, run, step, state, metrics):
@@ -153,17 +153,22 @@ class Checkpointer(Part):
 
   def __init__(self, run, watcher):
     self.watcher = watcher
+    self.preempted = False
+    self.failure = ''  # the last failed write's error, for the run's last line
 
   def after_step(self, run, step, state, metrics):
-    preempted = self.watcher.should_stop(step)
-    final = step == run.end or preempted
+    self.preempted = self.watcher.should_stop(step)
+    final = step == run.end or self.preempted
     self.save(run, step, state, run.config.train.checkpoint_every, final)
-    if preempted:
+    if self.preempted:
       run.stop(f'{self.watcher.signal_name or "Preemption"} received: saved step {step} to '
                f'{run.manager.directory / str(step)}; rerun to resume.', complete=False)
     return None
 
   def save(self, run, step, state, every, final):
+    # An earlier write's failure is reported first, on its own: this step is saved regardless.
+    with self._save_errors(run, step):
+      checkpointing.raise_failed_save(run.manager)
     with self._save_errors(run, step):
       checkpointing.save(run.manager, step, state, run.train_iter, every, final=final,
                          loop_state=run.loop_state())
@@ -174,17 +179,27 @@ class Checkpointer(Part):
         # wait returns (the disk-full test with on_save_error=warn misses it otherwise).
         run.manager.check_for_errors()
 
+  def check_saved(self, run, step):
+    """TrainingHalted unless the checkpoint of `step`, where the run ended, is complete."""
+    run.manager.reload()  # its list of steps, as the storage has it
+    if step in run.manager.all_steps():
+      return
+    kept = run.manager.latest_step()
+    raise TrainingHalted(
+        f'step {step} was not saved ({self.failure or "its checkpoint is missing"}); a rerun '
+        + (f'resumes from step {kept}' if kept is not None else 'starts from scratch'))
+
   @contextlib.contextmanager
   def _save_errors(self, run, step):
     """A failed checkpoint write (disk full, storage down) warns or stops, as configured."""
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except; whatever the storage raised
-      message = (f'checkpoint write failed (noticed at step {step}; {type(e).__name__}: '
-                 f'{" ".join(str(e).split())[:300]}); earlier checkpoints are intact')
+      self.failure = (f'checkpoint write failed (noticed at step {step}; {type(e).__name__}: '
+                      f'{" ".join(str(e).split())[:300]})')
       if run.config.train.on_save_error == 'stop':
-        raise TrainingHalted(message) from e
-      run.announce(f'WARNING: {message}; training continues')
+        raise TrainingHalted(f'{self.failure}; the checkpoints already written are kept') from e
+      run.announce(f'WARNING: {self.failure}; training continues')
 
 
 class NonFinitePolicy(Part):

@@ -88,3 +88,15 @@ def load(init_from: str, state: dict) -> tuple[dict, int]:
 
     out[key] = jax.tree_util.tree_map_with_path(take, state[key])
   return out, loaded
+
+
+def check(init_from: str, abstract_params):
+  """InitFromError unless `init_from` holds a checkpoint whose parameters fit `abstract_params`:
+  checked before a run writes anything."""
+  try:
+    backbone(init_from, abstract_params)
+  except InitFromError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except; whatever reading its metadata raised
+    raise InitFromError(f'init_from: cannot read the checkpoint in {init_from}: '
+                        f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}') from None

@@ -2,7 +2,7 @@
 
 The loop calls `beat()` once per step. If no beat comes for `factor` times the median of the
 recent step times (and at least `min_seconds`), the watchdog prints every thread's stack and
-ends the process with EXIT_CODE, so the job scheduler restarts it from the last checkpoint.
+ends the process with exit_codes.HUNG, so the job scheduler restarts it from the last checkpoint.
 """
 
 import faulthandler
@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 
-EXIT_CODE = 3
+from training import exit_codes
+
 _WARMUP_BEATS = 3  # the first steps include compilation
 _RECENT = 50
 _SAVE_WAIT_SECONDS = 120
@@ -59,4 +60,4 @@ class Watchdog:
           saving = threading.Thread(target=self._finish_saves, daemon=True)
           saving.start()
           saving.join(_SAVE_WAIT_SECONDS)
-        os._exit(EXIT_CODE)  # pylint: disable=protected-access; the main thread is stuck
+        os._exit(exit_codes.HUNG)  # pylint: disable=protected-access; the main thread is stuck
