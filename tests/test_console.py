@@ -116,10 +116,12 @@ def test_tool_errors_are_one_line_and_status_2(trained, tmp_path):
 
 def test_a_missing_optional_dependency_names_its_extra(tmp_path):
   """--compile_only on a host without libtpu (hidden from the import system here)."""
-  hide_libtpu = ('import importlib.util, runpy, sys\n'
-                 'find_spec = importlib.util.find_spec\n'
-                 'importlib.util.find_spec = lambda name, *a: (None if name == "libtpu" else\n'
-                 '                                             find_spec(name, *a))\n'
+  hide_libtpu = ('import runpy, sys\n'
+                 'class HideLibtpu:\n'
+                 '  def find_spec(self, name, path=None, target=None):\n'
+                 '    if name.split(".")[0] == "libtpu":\n'
+                 '      raise ModuleNotFoundError(f"No module named {name!r}", name=name)\n'
+                 'sys.meta_path.insert(0, HideLibtpu())\n'
                  'sys.argv = sys.argv[1:]\n'
                  'runpy.run_path(sys.argv[0], run_name="__main__")\n')
   result = _run(tmp_path, '-c', hide_libtpu, os.path.join(REPO, 'train.py'), '--compile_only',
