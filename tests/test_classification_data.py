@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data import classification, images
+from data import classification, images, splits
 from data.pipeline import RecordStats
 
 
@@ -113,6 +113,17 @@ def test_tfds_mnist_through_data_source():
   assert len(validation) == 1 and not set(validation.indices()) & set(source.indices())
   assert batch['inputs'].shape == (4, 28, 28, 1) and batch['inputs'].dtype == np.float32
   assert batch['label'].dtype == np.int32 and abs(batch['inputs'].mean()) < 0.5
+
+
+def test_a_tfds_validation_split_is_used_where_the_dataset_has_one(monkeypatch):
+  # mock_data's datasets list no splits; a prepared one's dataset_info does.
+  monkeypatch.setattr(splits, '_tfds_splits', lambda name, data_dir: frozenset(
+      {'train', 'validation', 'test'}))
+  d = classification.default_data_config()
+  d.update(source='tfds', name='mnist', normalize='none')
+  with tfds.testing.mock_data(num_examples=10):
+    train, validation = (classification.make_source(d, s) for s in ('train', 'validation'))
+  assert len(train) == 10 and "split='validation'" in repr(validation)  # no holdout
 
 
 def test_tfds_dataset_not_prepared_says_where_and_how(tmp_path):
