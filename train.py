@@ -135,7 +135,8 @@ def main(argv):
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
   import jax  # pylint: disable=g-import-not-at-top; after flags, so --help stays fast
   from data import pipeline  # pylint: disable=g-import-not-at-top
-  from training import checkpointing, config_check, loop, paths, warm_start  # pylint: disable=g-import-not-at-top
+  from hardware import paths  # pylint: disable=g-import-not-at-top
+  from training import checkpointing, config_check, loop, warm_start  # pylint: disable=g-import-not-at-top
   workdir = paths.absolute(FLAGS.workdir)
   _resolve_paths(config, paths.absolute)
   try:
@@ -160,7 +161,7 @@ def main(argv):
 
 
 def _resolve_paths(config, absolute):
-  """The config's local paths made absolute once, here (`absolute`: training.paths.absolute):
+  """The config's local paths made absolute once, here (`absolute`: hardware.paths.absolute):
   Orbax and TensorStore refuse relative ones, and config.json must name the folders meant."""
   config.init_from = absolute(config.init_from)
   data = config.data

@@ -14,8 +14,7 @@ import dataclasses
 from absl import app, flags
 
 from data import cleaning, tokenizers
-from hardware import console
-from training import paths
+from hardware import console, paths
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,9 +30,9 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from hardware import console, cpu_runtime
+from hardware import console, cpu_runtime, paths
 from models import transformer
-from training import paths, sample
+from training import sample
 
 GPT2, LLAMA = 'gpt2', 'llama'
 _ARCHITECTURES = {GPT2: 'GPT2LMHeadModel', LLAMA: 'LlamaForCausalLM'}

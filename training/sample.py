@@ -22,10 +22,10 @@ from absl import app, flags
 from etils import epath
 from flax import nnx
 
-from hardware import console, cpu_runtime
+from hardware import console, cpu_runtime, paths
 from models import MODELS
 from tasks import language_model, lm_samples
-from training import paths, warm_start
+from training import warm_start
 
 
 class SampleError(ValueError):
