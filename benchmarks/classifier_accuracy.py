@@ -10,7 +10,8 @@ WORKDIR/train.log. `--steps` overrides `train.steps` (and shrinks a warmup that 
 to a tenth of it); `--extra` (repeatable, split like a shell line, after the others so it wins)
 passes more train.py flags to every run. Then one line per config:
 
-  accuracy   final eval/accuracy, and the best with its step;
+  accuracy   final eval/accuracy (validation), and the best with its step; then test/accuracy,
+             evaluated once at the end (on best/ with early stopping, else the last step);
   wall       the whole process: start-up, data, compiling, evaluation and checkpoints;
   to target  when eval/accuracy first reached --target. The metrics have no timestamps, so
              this script watches them while train.py runs and notes when each record appears,
@@ -166,6 +167,9 @@ def summary(run: Run, keys: dict[str, str]) -> str:
     got = final_and_best(run.records, key, mode)
     if got:
       parts.append(f'{key.removeprefix("eval/")} {got[0]:.4f} (best {got[1]:.4f} @{got[2]})')
+    test = final_and_best(run.records, 'test/' + key.removeprefix('eval/'), mode)
+    if test:
+      parts.append(f'test {test[0]:.4f}')
   return ', '.join(parts) or 'no eval records'
 
 

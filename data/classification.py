@@ -17,7 +17,16 @@ makes epoch e a list of N slots, each class in an equal share of them (in an ord
 (repeated as often as needed), so every class is equally likely and an epoch is still N
 examples, not one pass over each record.
 
-Evaluation reads the eval split once in source order; the last global batch is padded, and
+Splits: `make_source(data_cfg, split)` gives 'train', 'validation' or 'test'. Validation is the
+source's own split when it has one (`data.validation_split`: auto takes TFDS 'validation' or a
+folder's `val/` or `validation/`), else a holdout carved from the training split: a share
+`data.validation_fraction` of each class (of all records when the source has no label index,
+TFDS), drawn from (`data.validation_seed`, class) by record index before any per-process
+sharding, so it is the same set for any number of processes and across resumes, and training
+never reads it. Periodic evaluation, early stopping, reduce_on_plateau and `best/` read
+validation; the test split is evaluated once, at the end of training.
+
+Evaluation reads a split once in source order; the last global batch is padded, and
 eval batches (only they) carry 'mask': 1.0 for a real example, 0.0 for padding or an unusable
 record.
 """
@@ -33,10 +42,12 @@ import numpy as np
 from data import augment
 from data import images
 from data import pipeline
+from data import splits
 from data.pipeline import RecordStats
 
 IMAGE_SOURCES = ('idx', 'tfds', 'cifar_bin', 'folder')
 TEXT_SOURCES = ('csv', 'jsonl', 'stdlib_packages')  # data/text.py
+SPLITS = ('train', 'validation', 'test')
 _MAX_BAD_IN_A_ROW = 100  # so many unusable records in a row is a wrong path, not bad luck
 
 
@@ -48,8 +59,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.tfds_data_dir = ''  # '' = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
   d.path = '/usr/share/datasets/fashion-mnist'  # idx/cifar_bin/folder/csv/jsonl: Debian's F-MNIST
   d.train_split = 'train'  # TFDS split, IDX prefix ('test' reads t10k-*) or folder name
-  d.eval_split = 'test'
-  d.eval_percent = 10  # folder without split subfolders: share of files hashed into eval
+  # auto: the source's validation split (TFDS 'validation', a folder's val/ or validation/)
+  # if it has one, else a holdout; holdout: always carved from train; or a split's name.
+  d.validation_split = 'auto'
+  d.validation_fraction = 0.1  # holdout: the share of each class's train records held out
+  d.validation_seed = 0  # holdout: which records (the same for any process count)
+  d.test_split = 'test'  # evaluated once, at the end of training
+  d.test_percent = 10  # folder/csv/jsonl without split files, stdlib_packages: hashed into test
   d.class_names = ()  # idx: names for labels 0..; () = '0'..'9'
   d.image_size = ()  # (H, W): resize tfds/folder images to it; () = keep (folder: the first's)
   d.image_channels = 3  # folder: 1 (grey) or 3 (RGB)
@@ -82,9 +98,24 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def make_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
-  """The examples of `split` ('train' or 'eval') for `data_cfg.source`."""
-  if split not in ('train', 'eval'):
-    raise ValueError(f'split {split!r}: must be train or eval')
+  """The examples of `split` ('train', 'validation' or 'test') for `data_cfg.source`."""
+  if split not in SPLITS:
+    raise ValueError(f'split {split!r}: must be one of {", ".join(SPLITS)}')
+  if split == 'test' or splits.validation_split_name(data_cfg):
+    return _split_source(data_cfg, split)
+  train = _split_source(data_cfg, 'train')
+  # Stratified when the source has a label index; reading every TFDS record would be slow.
+  labels = source_labels(train) if hasattr(train, 'labels') else None
+  held_out = splits.holdout(labels, len(train), data_cfg.validation_fraction,
+                            data_cfg.validation_seed)
+  kept = np.flatnonzero(held_out == (split == 'validation'))
+  if not len(kept):
+    raise ValueError(f'data.validation_fraction: {data_cfg.validation_fraction} leaves no '
+                     f'{split} example of the {len(train)} in {train!r}')
+  return splits.Subset(train, kept, split)
+
+
+def _split_source(data_cfg, split):
   if data_cfg.source in TEXT_SOURCES or (data_cfg.source == 'tfds' and _is_text_tfds(data_cfg)):
     from data import text  # pylint: disable=g-import-not-at-top; text sources are optional
     return text.make_text_source(data_cfg, split)
@@ -143,8 +174,8 @@ def train_batches(source, data_cfg, *, process_index: int, process_count: int,
 
 def eval_batches(source, data_cfg, *, process_index: int, process_count: int,
                  stats: RecordStats | None = None) -> list[dict]:
-  """The whole eval split, each example once, as this process's rows: 'inputs', 'label' and
-  'mask' (float32 [b]; 0 for padding and unusable records)."""
+  """The whole of an evaluated split (validation or test), each example once, as this process's
+  rows: 'inputs', 'label' and 'mask' (float32 [b]; 0 for padding and unusable records)."""
   d = data_cfg
   rows = _rows_per_process(d, process_count)
   load = _loader(source, d, stats or RecordStats(), substitute=False)
@@ -345,7 +376,7 @@ def normalization(data_cfg) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=8)  # once per data config, shared by train and eval batches
 def _dataset_statistics(frozen_data_cfg):
-  train = images.make_image_source(frozen_data_cfg, 'train')
+  train = make_source(frozen_data_cfg, 'train')  # the holdout's pixels stay unseen
   picked = np.random.default_rng(0).permutation(len(train))[:frozen_data_cfg.normalize_sample]
   total = squares = count = 0
   for index in picked:

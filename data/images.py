@@ -14,6 +14,8 @@ import grain
 import numpy as np
 from etils import epath
 
+from data import splits
+
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -138,7 +140,7 @@ class CifarBinSource(grain.sources.RandomAccessDataSource):
     if (root / 'cifar-10-batches-bin').is_dir():  # the folder the archive unpacks into
       root = root / 'cifar-10-batches-bin'
     if split not in ('train', 'test'):
-      raise ValueError(f'data.train_split/eval_split: {split!r}; the CIFAR-10 binary files '
+      raise ValueError(f'data.train_split/test_split: {split!r}; the CIFAR-10 binary files '
                        'have train (data_batch_1..5.bin) and test (test_batch.bin)')
     names = CIFAR_TRAIN_FILES if split == 'train' else CIFAR_TEST_FILES
     missing = [n for n in names if not (root / n).exists()]
@@ -305,22 +307,25 @@ def _subfolders(root: str) -> list[str]:
                 if not p.name.startswith('.') and p.is_dir())
 
 
-def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
-                  eval_percent: int, image_size=(), channels: int = 3) -> FolderSource:
-  """`root/<train_split>/<class>/*` and `root/<eval_split>/<class>/*` if both exist, else
-  `root/<class>/*` split by a hash of `<class>/<file>` (`eval_percent` of them for eval).
+def folder_source(root: str, split: str, *, split_names: dict, test_percent: int, image_size=(),
+                  channels: int = 3) -> FolderSource:
+  """`root/<split_names[split]>/<class>/*` if the train and test folders exist, else
+  `root/<class>/*` split by a hash of `<class>/<file>` (`test_percent` of them for test; the
+  caller carves validation from train).
 
   Classes are the training folder's subfolders, sorted by name.
   """
   if not epath.Path(root).is_dir():
     raise ValueError(f'data.path: {root!r} is not a folder')
-  split_folders = all((epath.Path(root) / s).is_dir() for s in (train_split, eval_split))
-  class_root = str(epath.Path(root) / train_split) if split_folders else root
+  split_folders = all((epath.Path(root) / split_names[s]).is_dir() for s in ('train', 'test'))
+  class_root = str(epath.Path(root) / split_names['train']) if split_folders else root
   class_names = _subfolders(class_root)
   if not class_names:
     raise ValueError(f'data.path: no class subfolders in {class_root}')
-  if split_folders:
-    split_root = str(epath.Path(root) / (train_split if split == 'train' else eval_split))
+  if split_folders or split == 'validation':
+    split_root = str(epath.Path(root) / split_names[split])
+    if not epath.Path(split_root).is_dir():
+      raise ValueError(f'data.validation_split: no folder {split_root}')
     unknown = sorted(set(_subfolders(split_root)) - set(class_names))
     if unknown:
       raise ValueError(f'data.path: {split_root} has classes {unknown} that '
@@ -328,7 +333,7 @@ def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
     files, labels = _images_by_class(split_root, class_names)
   else:
     files, labels = _images_by_class(root, class_names)
-    keep = [_is_eval(str(epath.Path(f).relative_to(root)), eval_percent) == (split == 'eval')
+    keep = [_is_test(str(epath.Path(f).relative_to(root)), test_percent) == (split == 'test')
             for f in files]
     files = [f for f, k in zip(files, keep) if k]
     labels = [l for l, k in zip(labels, keep) if k]
@@ -337,17 +342,20 @@ def folder_source(root: str, split: str, *, train_split: str, eval_split: str,
   return FolderSource(files, labels, class_names, image_size, channels)
 
 
-def _is_eval(relative_path: str, eval_percent: int) -> bool:
-  return zlib.crc32(relative_path.encode()) % 100 < eval_percent
+def _is_test(relative_path: str, test_percent: int) -> bool:
+  return zlib.crc32(relative_path.encode()) % 100 < test_percent
 
 
 # ---------------------------------------------------------------------------------------------
 
 def make_image_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
-  """The images of `split` ('train' or 'eval') for `data_cfg.source` in tfds | idx | cifar_bin |
-  folder."""
+  """The images of `split` ('train', 'test', or 'validation' when it is a named split) for
+  `data_cfg.source` in tfds | idx | cifar_bin | folder."""
   d = data_cfg
-  name = d.train_split if split == 'train' else d.eval_split
+  names = {'train': d.train_split, 'validation': d.validation_split, 'test': d.test_split}
+  if split == 'validation' and d.validation_split == 'auto':
+    names['validation'] = splits.validation_split_name(d)
+  name = names[split]
   if d.source == 'tfds':
     return TfdsImageSource(d.name, name, d.tfds_data_dir, d.image_size)
   if d.source == 'idx':
@@ -355,8 +363,7 @@ def make_image_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSou
   if d.source == 'cifar_bin':
     return CifarBinSource(d.path, name, d.class_names)
   if d.source == 'folder':
-    return folder_source(d.path, split, train_split=d.train_split, eval_split=d.eval_split,
-                         eval_percent=d.eval_percent, image_size=d.image_size,
-                         channels=d.image_channels)
+    return folder_source(d.path, split, split_names=names, test_percent=d.test_percent,
+                         image_size=d.image_size, channels=d.image_channels)
   raise ValueError(f'data.source: {d.source!r} is not an image source (tfds | idx | cifar_bin | '
                    'folder)')

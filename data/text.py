@@ -8,32 +8,34 @@ text pairs; VOCAB_SIZE = 264 (the encoder's default) rounds that up to a multipl
 {'inputs': bytes, 'label': int} with `num_classes`, `class_names`, `kind = 'text'` and
 `record_name(index)`, for data_cfg.source:
   tfds             name (imdb_reviews, glue/sst2, or any with a Text and a ClassLabel feature),
-                   tfds_data_dir, train_split / eval_split (split names; '' = the dataset's usual
+                   tfds_data_dir, train_split / test_split (split names; '' = the dataset's usual
                    ones), text_key ('' or 'text' = the dataset's text feature), label_key.
   csv, jsonl       path, text_key, label_key. A folder: train files `{train_split}*.csv`
-                   (.jsonl) in it, eval files `{eval_split}*`. A file or glob: its records split
-                   by a hash of their text, eval_percent of them for eval.
-  stdlib_packages  seq_len, eval_percent (below).
-Labels are ints (class names '0'..max) or strings (class names sorted); eval files may only use
+                   (.jsonl) in it, test files `{test_split}*`. A file or glob: its records split
+                   by a hash of their text, test_percent of them for test.
+  stdlib_packages  seq_len, test_percent (below).
+Validation (data/classification.py) is a holdout carved from train, or a named split
+(`data.validation_split`: TFDS, or files `{validation_split}*` in a folder).
+Labels are ints (class names '0'..max) or strings (class names sorted); other files may only use
 the train files' classes. A CSV/JSONL record with bad JSON, no text or no label is dropped as the
 file is loaded and counted in `source.stats` (a data.pipeline.RecordStats): the file is read
 whole anyway, to split it and learn its classes, and dropping then gives an exact len(), so an
-eval pass counts every example once and no batch has holes.
+evaluation counts every example once and no batch has holes.
 
 stdlib_packages, a download-free task: which of STDLIB_PACKAGES a snippet of its source comes
 from. Snippets are non-overlapping runs of seq_len - 1 bytes (a full row after CLS) from each
 package's .py files, test folders left out. A file's first snippet starts between seq_len - 1
 and 2 * (seq_len - 1) bytes in, at an offset fixed by a hash of its path, so the licence and
-docstring heading a file (which often name the package) are never shown. Eval holds whole
+docstring heading a file (which often name the package) are never shown. Test holds whole
 files, chosen per package by a hash of their paths relative to the stdlib root (see
-`stdlib_eval_files`): no file is in both splits, every class is in both, and the split is the
-same on any machine with the same Python. Snippets (train / eval), CPython 3.11.7, seq_len 512,
-eval_percent 10:
+`stdlib_test_files`): no file is in both splits, every class is in both, and the split is the
+same on any machine with the same Python. Snippets (train / test), CPython 3.11.7, seq_len 512,
+test_percent 10 (validation is then carved from train):
   asyncio 805/89  concurrent 111/17  email 614/68  http 353/52  importlib 337/38
   logging 276/70  multiprocessing 434/54  unittest 413/49  urllib 282/23  xml 490/63
   (4115/523). Unbalanced: the largest class is 20% of train; report balanced accuracy too.
 Learnable but not easy: one in ten snippets names its package; naive Bayes on byte pairs gets
-63% of eval right.
+63% of test right.
 
 Masked-language-model batches for pretraining are in data/mlm.py.
 """
@@ -52,7 +54,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from data import pipeline, sources
+from data import pipeline, sources, splits
 from models import encoder
 from models.encoder import CLS_ID, MASK_ID, PAD_ID, SEP_ID  # noqa: F401  # pylint: disable=unused-import
 
@@ -61,7 +63,7 @@ VOCAB_SIZE = encoder.default_config().vocab_size
 STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
                    'multiprocessing', 'unittest', 'urllib', 'xml')
 _TEST_FOLDERS = {'test', 'tests', 'idle_test'}  # unittest's tests moved out in 3.12: skip them all
-# Known text datasets: (text feature, the split that evaluates).
+# Known text datasets: (text feature, the split that tests; glue's test labels are hidden).
 TFDS_TEXT = {'imdb_reviews': ('text', 'test'), 'glue/sst2': ('sentence', 'validation')}
 _INT = re.compile(r'-?\d+')
 
@@ -270,22 +272,24 @@ def _classes(labels) -> tuple[str, ...]:
 def _file_source(cfg, split) -> TextClassificationSource:
   stats = pipeline.RecordStats()
   if epath.Path(cfg.path).is_dir():
-    if not (cfg.train_split and cfg.eval_split):
-      raise ValueError(f'data.train_split, data.eval_split: name the files in {cfg.path}')
+    names = {'train': cfg.train_split, 'validation': cfg.validation_split,
+             'test': cfg.test_split}
+    if not (cfg.train_split and cfg.test_split):
+      raise ValueError(f'data.train_split, data.test_split: name the files in {cfg.path}')
     files = lambda name: str(epath.Path(cfg.path) / f'{name}*.{cfg.source}')
     train = _read_files(cfg, files(cfg.train_split), 'train_split',
                         stats if split == 'train' else pipeline.RecordStats())
     class_names = _classes([label for _, label, _ in train])
     records = (train if split == 'train' else
-               _read_files(cfg, files(cfg.eval_split), 'eval_split', stats))
+               _read_files(cfg, files(names[split]), f'{split}_split', stats))
   else:  # by text, so duplicate texts never straddle the splits
     records = _read_files(cfg, cfg.path, 'path', stats)
     class_names = _classes([label for _, label, _ in records])
     records = [r for r in records
-               if (zlib.crc32(r[0]) % 100 < cfg.eval_percent) == (split == 'eval')]
+               if (zlib.crc32(r[0]) % 100 < cfg.test_percent) == (split == 'test')]
   if not records:
     raise ValueError(f'data: no usable {split} records in {cfg.path} ({stats.bad} dropped, '
-                     f'eval_percent={cfg.eval_percent})')
+                     f'test_percent={cfg.test_percent})')
   ids = {name: i for i, name in enumerate(class_names)}
   for _, label, name in records:
     if label not in ids:
@@ -311,11 +315,11 @@ def _snippet_starts(data: bytes, relative: str, size: int) -> range:
   return range(size + zlib.crc32(relative.encode()) % size, len(data) - size + 1, size)
 
 
-def stdlib_eval_files(snippets: dict[str, int], eval_percent: int) -> set[str]:
-  """A package's eval files, from {file: its snippet count}: in the order of a hash of their
-  paths, each that brings the eval count nearer to eval_percent of the package's snippets (or
-  the smallest useful file, when none does). eval_percent < 50, so train keeps some."""
-  target = sum(snippets.values()) * eval_percent / 100
+def stdlib_test_files(snippets: dict[str, int], test_percent: int) -> set[str]:
+  """A package's test files, from {file: its snippet count}: in the order of a hash of their
+  paths, each that brings the test count nearer to test_percent of the package's snippets (or
+  the smallest useful file, when none does). test_percent < 50, so train keeps some."""
+  target = sum(snippets.values()) * test_percent / 100
   held_out, total = set(), 0
   for f in sorted(snippets, key=lambda f: (zlib.crc32(f.encode()), f)):
     if abs(total + snippets[f] - target) < abs(total - target):
@@ -324,11 +328,11 @@ def stdlib_eval_files(snippets: dict[str, int], eval_percent: int) -> set[str]:
   return held_out or {min((n, f) for f, n in snippets.items() if n)[1]}
 
 
-def stdlib_packages_source(seq_len: int, split: str, eval_percent: int):
+def stdlib_packages_source(seq_len: int, split: str, test_percent: int):
   """Snippets of STDLIB_PACKAGES' source, labelled by package (see the module docstring)."""
   size = seq_len - 1
-  if not 0 <= eval_percent < 50:
-    raise ValueError(f'data.eval_percent: {eval_percent} is not in [0, 50) for stdlib_packages')
+  if not 0 <= test_percent < 50:
+    raise ValueError(f'data.test_percent: {test_percent} is not in [0, 50) for stdlib_packages')
   root, files = stdlib_package_files()
   texts, labels, names = [], [], []
   for label, package in enumerate(STDLIB_PACKAGES):
@@ -340,9 +344,9 @@ def stdlib_packages_source(seq_len: int, split: str, eval_percent: int):
     if sum(map(bool, snippets.values())) < 2:
       raise ValueError(f'data.source=stdlib_packages: {root}/{package} has under two files long '
                        'enough to give snippets; both splits need one')
-    held_out = stdlib_eval_files(snippets, eval_percent)
+    held_out = stdlib_test_files(snippets, test_percent)
     for relative, data in contents.items():
-      if (relative in held_out) == (split == 'eval'):
+      if (relative in held_out) == (split == 'test'):
         for start in _snippet_starts(data, relative, size):
           texts.append(data[start:start + size])
           labels.append(label)
@@ -350,20 +354,25 @@ def stdlib_packages_source(seq_len: int, split: str, eval_percent: int):
   return TextClassificationSource(texts, labels, names, STDLIB_PACKAGES)
 
 
+def tfds_test_split(data_cfg) -> str:
+  """The TFDS split that tests: data.test_split, or for '' the dataset's usual one."""
+  return data_cfg.test_split or (_known_tfds(data_cfg.name) or ('', 'test'))[1]
+
+
 def make_text_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
-  """The labelled texts of `split` ('train' or 'eval') for data_cfg.source."""
-  if split not in ('train', 'eval'):
-    raise ValueError(f'split {split!r} is neither train nor eval')
+  """The labelled texts of `split` ('train', 'test', or 'validation' when it is a named split)
+  for data_cfg.source."""
+  if split not in ('train', 'validation', 'test'):
+    raise ValueError(f'split {split!r} is not train, validation or test')
   if data_cfg.source == 'tfds':
-    usual_eval = (_known_tfds(data_cfg.name) or ('', 'test'))[1]
-    tfds_split = ((data_cfg.train_split or 'train') if split == 'train' else
-                  (data_cfg.eval_split or usual_eval))
+    tfds_split = {'train': data_cfg.train_split or 'train', 'test': tfds_test_split(data_cfg),
+                  'validation': splits.validation_split_name(data_cfg)}[split]
     return TfdsTextClassificationSource(
         data_cfg.name, tfds_split, data_dir=data_cfg.tfds_data_dir, text_key=data_cfg.text_key,
         label_key=data_cfg.label_key)
   if data_cfg.source in ('csv', 'jsonl'):
     return _file_source(data_cfg, split)
   if data_cfg.source == 'stdlib_packages':
-    return stdlib_packages_source(data_cfg.seq_len, split, data_cfg.eval_percent)
+    return stdlib_packages_source(data_cfg.seq_len, split, data_cfg.test_percent)
   raise ValueError(f'data.source: {data_cfg.source!r} is not a text classification source '
                    '(csv, jsonl, stdlib_packages, tfds)')

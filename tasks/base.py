@@ -10,9 +10,11 @@ The trainer (`training/`) names no task and no model. It asks the task for:
                          sums and counts over a batch (padding rows weigh 0), so that adding them
                          up over batches and hosts gives the whole eval set's figures exactly.
   eval_metrics(sums)     host-side: the eval figures from those sums (logged as eval/*).
-  train_batches / eval_batches
+  train_batches / eval_batches / test_batches
                          this process's rows of each global batch (a checkpointable Grain
-                         iterator for training; a fixed list for evaluation).
+                         iterator for training; fixed lists for evaluation: eval_batches on a
+                         validation split, for every periodic evaluation and all model selection;
+                         test_batches, if the task has a test split, once at the end).
   unit, units_per_example
                          the unit of throughput ('tokens', 'images', 'examples').
   parts(run)             extra loop parts, e.g. samples or a confusion matrix at the end.
@@ -94,6 +96,9 @@ class Task:
     raise NotImplementedError
 
   def eval_batches(self) -> list[dict]:
+    return []
+
+  def test_batches(self) -> list[dict]:
     return []
 
   def parts(self, run) -> list:

@@ -10,8 +10,10 @@ and written to summary.json as 'train_classes'. The model is called as
 `model(inputs, train=..., rngs=...)` and returns logits [B, C].
 
 Eval figures: loss, accuracy, top-k accuracy (k = `task.top_k`, when there are more classes), and
-macro-F1 in the metrics files; per-class precision, recall and F1 and the confusion matrix in
-WORKDIR/confusion_matrix.json and .png after every evaluation.
+macro-F1. On the validation split (data/classification.py) every `train.eval_every` steps, as
+eval/* in the metrics files, with per-class precision, recall and F1 and the confusion matrix in
+WORKDIR/confusion_matrix_validation.json and .png; on the test split once, when training is
+complete, as test/* (metrics files and summary.json) and confusion_matrix_test.json and .png.
 """
 
 import jax
@@ -68,6 +70,8 @@ class Task(base.Task):
     _require(0 <= smoothing < 1, 'task.label_smoothing', f'must be in [0, 1), got {smoothing}')
     augment.names(d, 'image' if _is_image(self.config) else 'text')
     data_lib.check_balance(d)
+    _require(0 < d.validation_fraction < 1, 'data.validation_fraction',
+             f'{d.validation_fraction} is not in (0, 1)')
 
   def batch_spec(self, split):
     d = self.config.data
@@ -138,7 +142,13 @@ class Task(base.Task):
   def eval_batches(self):
     if not self.config.train.eval_every:
       return []
-    source = data_lib.make_source(self.config.data, 'eval')
+    return self._whole_split('validation')
+
+  def test_batches(self):
+    return self._whole_split('test')
+
+  def _whole_split(self, split):
+    source = data_lib.make_source(self.config.data, split)
     self._check_source(source)
     return data_lib.eval_batches(source, self.config.data, process_index=jax.process_index(),
                                  process_count=jax.process_count())

@@ -1,5 +1,5 @@
-"""Classification reports: the confusion matrix (JSON and PNG) after evaluations, and the
-training split's class histogram at the start of a run."""
+"""Classification reports: the confusion matrices (JSON and PNG) of the validation and test
+splits, and the training split's class histogram at the start of a run."""
 
 import io
 import json
@@ -13,25 +13,34 @@ from tasks.classification import per_class
 
 
 class ConfusionMatrix(base.Part):
-  """After each evaluation: WORKDIR/confusion_matrix.json (matrix, per-class precision, recall,
-  F1 and support, the step) and confusion_matrix.png."""
+  """After each evaluation: WORKDIR/confusion_matrix_validation.json (matrix, per-class
+  precision, recall, F1 and support, the step) and .png; when training is complete, the same for
+  the test split: confusion_matrix_test.json and .png."""
 
   def __init__(self, class_names):
     self.class_names = class_names
 
   def after_step(self, run, step, state, metrics):
-    if 'eval/accuracy' not in metrics or jax.process_index() != 0:
-      return None
-    confusion = np.asarray(run.last_eval_sums['confusion']).round().astype(np.int64)
+    if 'eval/accuracy' in metrics:
+      self._write(run, 'validation', run.last_eval_sums, step)
+
+  def at_end(self, run, state):
+    if run.test_sums is not None:
+      self._write(run, 'test', run.test_sums, run.test_step)
+
+  def _write(self, run, split, sums, step):
+    if jax.process_index() != 0:
+      return
+    confusion = np.asarray(sums['confusion']).round().astype(np.int64)
     scores = per_class(confusion)
-    report = {'step': step, 'classes': self.class_names, 'confusion': confusion.tolist(),
-              'rows': 'true class', 'columns': 'predicted class',
-              **{k: v.tolist() for k, v in scores.items()}}
+    report = {'step': step, 'split': split, 'classes': self.class_names,
+              'confusion': confusion.tolist(), 'rows': 'true class',
+              'columns': 'predicted class', **{k: v.tolist() for k, v in scores.items()}}
     workdir = epath.Path(run.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'confusion_matrix.json').write_text(json.dumps(report, indent=1))
-    (workdir / 'confusion_matrix.png').write_bytes(_plot(confusion, self.class_names, step))
-    return None
+    (workdir / f'confusion_matrix_{split}.json').write_text(json.dumps(report, indent=1))
+    (workdir / f'confusion_matrix_{split}.png').write_bytes(
+        _plot(confusion, self.class_names, f'{split}, step {step}'))
 
 
 class ClassHistogram(base.Part):
@@ -46,7 +55,7 @@ class ClassHistogram(base.Part):
     run.report_sections['train_classes'] = dict(zip(class_names, counts))
 
 
-def _plot(confusion, class_names, step) -> bytes:
+def _plot(confusion, class_names, title) -> bytes:
   import matplotlib  # pylint: disable=g-import-not-at-top; only when a report is written
   matplotlib.use('Agg')
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
@@ -61,7 +70,7 @@ def _plot(confusion, class_names, step) -> bytes:
   axes.set_yticks(range(n), class_names)
   axes.set_xlabel('predicted class')
   axes.set_ylabel('true class')
-  axes.set_title(f'confusion matrix at step {step}')
+  axes.set_title(f'confusion matrix: {title}')
   figure.tight_layout()
   png = io.BytesIO()
   figure.savefig(png, format='png', dpi=100)

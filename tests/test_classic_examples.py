@@ -89,7 +89,7 @@ def test_cifar_binary_records_become_hwc_images_with_their_labels(tmp_path):
   for i in range(1, 6):  # the training split is the five files in order
     _write_cifar_bin(tmp_path / f'data_batch_{i}.bin', images[i - 1:i + 1], labels[i - 1:i + 1])
   _write_cifar_bin(tmp_path / 'test_batch.bin', images[5:], labels[5:])
-  train, test = _cifar_source(tmp_path, 'train'), _cifar_source(tmp_path, 'eval')
+  train, test = _cifar_source(tmp_path, 'train'), _cifar_source(tmp_path, 'test')
   assert (len(train), len(test)) == (10, 2)
   record = train[3]  # data_batch_2.bin's second record: image 2
   np.testing.assert_array_equal(record['inputs'], images[2])
@@ -105,7 +105,9 @@ def test_cifar_binary_records_become_hwc_images_with_their_labels(tmp_path):
 
 def test_cifar_class_names_come_from_batches_meta(cifar_dir):
   source = _cifar_source(cifar_dir, 'train')  # the folder above cifar-10-batches-bin/
-  assert source.class_names == list(CIFAR_CLASSES) and len(source) == 72
+  validation = _cifar_source(cifar_dir, 'validation')  # carved from the five training files
+  assert source.class_names == list(CIFAR_CLASSES) and len(source) + len(validation) == 72
+  assert len(validation) and not set(source.indices()) & set(validation.indices())
 
 
 @pytest.mark.parametrize('damage, message', [
@@ -211,7 +213,8 @@ def test_classic_config_trains_through_train_py(name, data, request, tmp_path):
   with open(tmp_path / 'run' / 'summary.json') as f:
     summary = json.load(f)
   assert summary['complete'] and summary['step'] == 8
-  assert math.isfinite(summary['last']['eval/loss'])
+  assert math.isfinite(summary['last']['eval/loss'])  # validation, every eval
+  assert summary['test']['step'] == 8 and 0 <= summary['test']['test/accuracy'] <= 1  # once
 
 
 @pytest.mark.parametrize('name, data', [('mnist_cnn', 'mnist_dir'),
@@ -227,7 +230,8 @@ def test_classic_config_validates_reads_its_data_and_takes_a_loss(name, data, re
   task = TASKS[config.task.name].Task(config, MODELS[m.name])
   batch = next(iter(task.train_batches(RecordStats())))
   chex.assert_shape(batch['inputs'], (config.data.global_batch_size, *m.image_shape))
-  assert len(task.eval_batches()) == 2  # 24 test images in batches of 16
+  assert len(task.test_batches()) == 2  # 24 test images in batches of 16
+  assert len(task.eval_batches()) == 1  # about a tenth of the 96 training images
 
   @jax.jit
   def first_loss(batch):

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data import classification, images
+from data import classification, images, splits
 from data.pipeline import RecordStats
 
 
@@ -68,7 +68,7 @@ def _take(iterator, n):
 @pytest.mark.parametrize('gz', [True, False])
 def test_idx_files_round_trip(tmp_path, gz):
   _write_mnist_like(tmp_path, gz=gz)
-  source = classification.make_source(_config(tmp_path), 'eval')  # eval_split=test: t10k-*
+  source = classification.make_source(_config(tmp_path), 'test')  # test_split=test: t10k-*
   assert len(source) == 21 and source.kind == 'image' and source.num_classes == 10
   assert source.class_names == [str(i) for i in range(10)]
   item = source[13]
@@ -106,9 +106,24 @@ def test_tfds_mnist_through_data_source():
     source = classification.make_source(d, 'train')
     batch = next(iter(classification.train_batches(source, d, process_index=0,
                                                    process_count=1)))
-  assert len(source) == 10 and source.class_names == [str(i) for i in range(10)]
+    validation = classification.make_source(d, 'validation')
+  # TFDS mnist has no validation split: a tenth of train is held out (no label index: not by
+  # class), and training never reads it.
+  assert len(source) == 9 and source.class_names == [str(i) for i in range(10)]
+  assert len(validation) == 1 and not set(validation.indices()) & set(source.indices())
   assert batch['inputs'].shape == (4, 28, 28, 1) and batch['inputs'].dtype == np.float32
   assert batch['label'].dtype == np.int32 and abs(batch['inputs'].mean()) < 0.5
+
+
+def test_a_tfds_validation_split_is_used_where_the_dataset_has_one(monkeypatch):
+  # mock_data's datasets list no splits; a prepared one's dataset_info does.
+  monkeypatch.setattr(splits, '_tfds_splits', lambda name, data_dir: frozenset(
+      {'train', 'validation', 'test'}))
+  d = classification.default_data_config()
+  d.update(source='tfds', name='mnist', normalize='none')
+  with tfds.testing.mock_data(num_examples=10):
+    train, validation = (classification.make_source(d, s) for s in ('train', 'validation'))
+  assert len(train) == 10 and "split='validation'" in repr(validation)  # no holdout
 
 
 def test_tfds_dataset_not_prepared_says_where_and_how(tmp_path):
@@ -142,8 +157,8 @@ def test_folder_with_split_subfolders(tmp_path):
       for i in range(count):
         _write_png(tmp_path / split / name / f'{i}.png', i)
   d = _config(tmp_path, source='folder')
-  train, evaluation = (classification.make_source(d, s) for s in ('train', 'eval'))
-  assert train.class_names == ['a_cat', 'b_dog'] and (len(train), len(evaluation)) == (10, 4)
+  train, test = (classification.make_source(d, s) for s in ('train', 'test'))
+  assert train.class_names == ['a_cat', 'b_dog'] and (len(train), len(test)) == (10, 4)
   item = train[7]  # sorted: a_cat 0..4, then b_dog 0..4
   assert item['label'] == 1 and item['inputs'].shape == (5, 6, 3)
   assert tuple(item['inputs'][0, 1]) == (2, 2, 2)
@@ -153,12 +168,14 @@ def test_folder_split_by_hash_is_disjoint_and_complete(tmp_path):
   for name in ('x', 'y', 'z'):
     for i in range(20):
       _write_png(tmp_path / name / f'img{i}.jpg', i)
-  d = _config(tmp_path, source='folder', eval_percent=30)
-  train, evaluation = (classification.make_source(d, s) for s in ('train', 'eval'))
+  d = _config(tmp_path, source='folder', test_percent=30, validation_fraction=0.2)
+  train, validation, test = (classification.make_source(d, s) for s in classification.SPLITS)
   names = lambda s: {s.record_name(i) for i in range(len(s))}
-  assert len(evaluation) and not names(train) & names(evaluation)
-  assert len(train) + len(evaluation) == 60
-  assert names(evaluation) == names(classification.make_source(d, 'eval'))
+  assert len(validation) and len(test)
+  assert not (names(train) & names(validation) or names(train) & names(test) or
+              names(validation) & names(test))
+  assert len(train) + len(validation) + len(test) == 60
+  assert names(test) == names(classification.make_source(d, 'test'))
 
 
 def test_unreadable_and_misshapen_images_are_skipped_and_counted(tmp_path):
@@ -171,12 +188,66 @@ def test_unreadable_and_misshapen_images_are_skipped_and_counted(tmp_path):
   batches = _take(iter(_train(_config(tmp_path, source='folder', global_batch_size=7),
                               stats=stats)), 6)
   seen = set(np.concatenate([_index_of(b['inputs']) for b in batches]))
-  assert seen == set(range(12))  # the two bad files never reach a batch
+  held_out = classification.make_source(_config(tmp_path, source='folder'), 'validation')
+  held_out = {int(held_out.record_name(i).split('/')[-1][:2]) for i in range(len(held_out))}
+  assert seen == set(range(12)) - held_out  # the two bad files never reach a batch
   problems = ' | '.join(stats.examples)
   assert stats.bad >= 2 and '50_broken.png: UnidentifiedImageError' in problems
   assert '51_big.png: ValueError: shape (9, 9, 3), expected (5, 6, 3)' in problems
   resized = _train(_config(tmp_path, source='folder', image_size=(4, 4), image_channels=1))
   assert next(iter(resized))['inputs'].shape == (8, 4, 4, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_validation_holdout_is_stratified_and_never_trained_on(tmp_path, process_count):
+  """The holdout is a fifth of each class, chosen before the processes share the batches: the
+  validation rows of all processes together are exactly it, and two epochs of training rows
+  are exactly the rest, for one process or two."""
+  _write_mnist_like(tmp_path, n_train=200)  # 20 of each class
+  d = _config(tmp_path, validation_fraction=0.2, validation_seed=3)
+  held_out = classification.make_source(d, 'validation').indices()
+  assert np.array_equal(np.bincount(held_out % 10), [4] * 10)  # label = index % 10
+  evaluated = [classification.eval_batches(classification.make_source(d, 'validation'), d,
+                                           process_index=p, process_count=process_count)
+               for p in range(process_count)]
+  rows = np.concatenate([_index_of(b['inputs'])[b['mask'] > 0] for p in evaluated for b in p])
+  assert sorted(rows) == sorted(held_out)
+  trained = set()
+  for p in range(process_count):
+    batches = _take(iter(_train(d, process_index=p, process_count=process_count)), 40)
+    trained |= set(np.concatenate([_index_of(b['inputs']) for b in batches]))
+  assert trained == set(range(200)) - set(held_out)
+
+
+def test_validation_holdout_depends_on_its_seed_only(tmp_path):
+  _write_mnist_like(tmp_path, n_train=200)
+  held_out = lambda **kw: set(classification.make_source(_config(tmp_path, **kw),
+                                                         'validation').indices())
+  assert held_out() == held_out(shuffle_seed=5, global_batch_size=4)  # as on a resume
+  assert held_out() != held_out(validation_seed=1)
+
+
+def test_a_named_validation_folder_is_used_as_it_is(tmp_path):
+  for split, count in (('train', 4), ('val', 2), ('test', 3)):
+    for name in ('a', 'b'):
+      for i in range(count):
+        _write_png(tmp_path / split / name / f'{i}.png', i)
+  d = _config(tmp_path, source='folder')
+  train, validation, test = (classification.make_source(d, s) for s in classification.SPLITS)
+  assert (len(train), len(validation), len(test)) == (8, 4, 6)
+  assert all('/val/' in validation.record_name(i) for i in range(4))
+  d.update(validation_split='holdout', validation_fraction=0.5)
+  validation = classification.make_source(d, 'validation')
+  assert '/train/' in validation.record_name(0)
+
+
+def test_a_holdout_too_small_for_a_split_is_a_one_line_error(tmp_path):
+  _write_mnist_like(tmp_path)  # 5 of each class: a tenth of 5 rounds to none
+  with pytest.raises(ValueError, match=r'^data.validation_fraction: 0.1 leaves no validation '):
+    classification.make_source(_config(tmp_path), 'validation')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +327,7 @@ def test_batch_that_processes_cannot_share_and_unknown_augment_are_errors(tmp_pa
 def test_eval_batches_cover_every_example_once_with_masks(tmp_path, process_count):
   _write_mnist_like(tmp_path, n_test=21)  # 21 = 2 full batches of 8 and 5 over
   d = _config(tmp_path)
-  source = classification.make_source(d, 'eval')
+  source = classification.make_source(d, 'test')
   per_process = [classification.eval_batches(source, d, process_index=p,
                                              process_count=process_count)
                  for p in range(process_count)]
@@ -279,7 +350,7 @@ def test_eval_masks_out_unreadable_images(tmp_path):
   _write_png(tmp_path / 'train' / 'a' / 'only.png', 99)
   d = _config(tmp_path, source='folder', image_channels=1)
   stats = RecordStats()
-  [batch] = classification.eval_batches(classification.make_source(d, 'eval'), d,
+  [batch] = classification.eval_batches(classification.make_source(d, 'test'), d,
                                         process_index=0, process_count=1, stats=stats)
   np.testing.assert_array_equal(batch['mask'], [1, 1, 0, 1, 1, 0, 0, 0])
   assert stats.bad == 1 and '2.png' in stats.examples[0]

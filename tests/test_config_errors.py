@@ -35,6 +35,9 @@ CASES = {
                                      '--config.data.augment=flip,mixup'], 'data.augment'),
     'unknown class balance': (['--config=configs/fashion_mnist_cnn.py:tiny',
                                '--config.data.balance=undersample'], 'data.balance'),
+    'validation holdout of all': (['--config=configs/fashion_mnist_cnn.py:tiny',
+                                   '--config.data.validation_fraction=1.0'],
+                                  'data.validation_fraction: 1.0 is not in (0, 1)'),
 }
 
 

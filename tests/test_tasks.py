@@ -5,11 +5,17 @@ import gzip
 import json
 import os
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import fashion_mnist_cnn
+from data import classification as data_classification
+from data import images as images_lib
+from models import MODELS
+from models.platforms import resolve_for_platform
 from tasks import classification
 from tests.test_faults import _assert_same_state, _losses
 from tests.test_train_e2e import REPO, run_train, saved_state
@@ -68,15 +74,29 @@ def test_resnet_stopped_and_resumed_matches_the_unbroken_run(resnet_unbroken, id
   _assert_same_state(state, saved_state(resnet_unbroken, 8))
 
 
-def test_classification_reports_whole_split_metrics_and_a_confusion_matrix(resnet_unbroken):
-  evals = [r for r in metrics.read_metrics(resnet_unbroken) if 'eval/accuracy' in r]
+def test_classification_reports_validation_and_test_metrics_and_confusion_matrices(
+    resnet_unbroken, idx_dir):
+  """eval/* on the validation holdout at every eval; test/* once, on the whole test split."""
+  records = metrics.read_metrics(resnet_unbroken)
+  evals = [r for r in records if 'eval/accuracy' in r]
   assert [r['step'] for r in evals] == [4, 8]
   assert all(0 <= r['eval/accuracy'] <= 1 and 'eval/top5_accuracy' in r for r in evals)
-  report = json.loads((resnet_unbroken / 'confusion_matrix.json').read_text())
-  assert report['step'] == 8 and np.sum(report['confusion']) == 40  # every test image, once
-  assert len(report['classes']) == 10 and report['classes'][0] == 'T-shirt/top'
-  assert (resnet_unbroken / 'confusion_matrix.png').stat().st_size > 1000
-  assert np.trace(report['confusion']) / 40 == pytest.approx(evals[-1]['eval/accuracy'])
+  d = fashion_mnist_cnn.get_config('tiny').data
+  d.path = str(idx_dir)
+  held_out = len(data_classification.make_source(d, 'validation'))
+  validation = json.loads((resnet_unbroken / 'confusion_matrix_validation.json').read_text())
+  # About a tenth of the 160 training images, class by class.
+  assert validation['step'] == 8 and np.sum(validation['confusion']) == held_out == 18
+  assert np.trace(validation['confusion']) / 18 == pytest.approx(evals[-1]['eval/accuracy'])
+  [tested] = [r for r in records if 'test/accuracy' in r]
+  test = json.loads((resnet_unbroken / 'confusion_matrix_test.json').read_text())
+  assert test['step'] == tested['step'] == 8 and np.sum(test['confusion']) == 40  # each once
+  assert len(test['classes']) == 10 and test['classes'][0] == 'T-shirt/top'
+  assert (resnet_unbroken / 'confusion_matrix_test.png').stat().st_size > 1000
+  assert np.trace(test['confusion']) / 40 == pytest.approx(tested['test/accuracy'])
+  summary = json.loads((resnet_unbroken / 'summary.json').read_text())
+  assert summary['test'] == {'step': 8, 'parameters': 'last',
+                             **{k: v for k, v in tested.items() if k.startswith('test/')}}
 
 
 def test_eval_metrics_match_a_hand_computation_with_a_padded_last_batch():
@@ -133,6 +153,71 @@ def test_early_stopping_patience_survives_a_resume(idx_dir, tmp_path):
   result = run_train(tmp_path, *args)  # one bad eval already counted at step 4
   assert result.returncode == 0, result.stderr
   assert 'early stopping at step 6' in result.stdout
+
+
+# Early stopping on validation accuracy, with real learning, so that the choices have some
+# room to differ; pixels / 255 as inputs, so that a test can compute the model's predictions.
+SELECTING = [CNN, '--config.train.steps=12', '--config.train.eval_every=2',
+             '--config.early_stop.metric=accuracy', '--config.early_stop.mode=max',
+             '--config.early_stop.patience=2', '--config.data.normalize=none',
+             '--config.data.normalize_sample=100']
+
+
+@pytest.fixture(scope='module')
+def honest_and_scrambled(tmp_path_factory, idx_dir):
+  """Two runs: on idx_dir, and on a copy whose test labels are all shifted by one class."""
+  scrambled = tmp_path_factory.mktemp('scrambled_idx')
+  for name in os.listdir(idx_dir):
+    data = gzip.decompress((idx_dir / name).read_bytes())
+    if name.startswith('t10k-labels'):
+      data = data[:8] + bytes((b + 1) % 10 for b in data[8:])
+    (scrambled / name).write_bytes(gzip.compress(data))
+  workdirs = []
+  for data_dir in (idx_dir, scrambled):
+    workdir = tmp_path_factory.mktemp('selecting')
+    result = run_train(workdir, *SELECTING, f'--config.data.path={data_dir}')
+    assert result.returncode == 0, result.stderr
+    workdirs.append(workdir)
+  return workdirs
+
+
+def _choices(workdir):
+  """What training chose by: the eval figures, where it stopped and the step kept as best."""
+  records = metrics.read_metrics(workdir)
+  evals = [{k: v for k, v in r.items() if k.startswith(('eval/', 'early_stop/')) or k == 'step'}
+           for r in records if 'eval/loss' in r]
+  return evals, records[-1]['step'], sorted(os.listdir(workdir / 'best'))
+
+
+def test_the_test_labels_change_no_choice_made_in_training(honest_and_scrambled):
+  honest, scrambled = honest_and_scrambled
+  assert _choices(honest) == _choices(scrambled)
+  confusion = [json.loads((w / 'confusion_matrix_test.json').read_text())['confusion']
+               for w in honest_and_scrambled]
+  # The same predictions, each against its label + 1: the rows move down by one class.
+  np.testing.assert_array_equal(np.roll(confusion[0], 1, axis=0), confusion[1])
+
+
+def test_test_figures_are_the_best_steps_predictions_scored_by_hand(honest_and_scrambled,
+                                                                    idx_dir):
+  honest = honest_and_scrambled[0]
+  summary = json.loads((honest / 'summary.json').read_text())
+  [best] = os.listdir(honest / 'best')
+  assert summary['test']['parameters'] == 'best/' and summary['test']['step'] == int(best)
+  config = fashion_mnist_cnn.get_config('tiny')
+  model = MODELS['cnn'].Model(resolve_for_platform(config.model, 'cpu'), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, ocp.StandardCheckpointer().restore(
+      honest / 'best' / best / 'default')['params'])
+  nnx.update(model, params)
+  images = images_lib.read_idx(str(idx_dir / 't10k-images-idx3-ubyte.gz'), 3)
+  labels = images_lib.read_idx(str(idx_dir / 't10k-labels-idx1-ubyte.gz'), 1)
+  logits = np.asarray(model(jnp.float32(images[..., None] / 255), train=False), np.float64)
+  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  test = summary['test']
+  assert test['test/accuracy'] == np.mean(logits.argmax(-1) == labels)
+  assert test['test/loss'] == pytest.approx(-np.mean(log_softmax[np.arange(40), labels]),
+                                            rel=1e-5)
 
 
 @pytest.fixture(scope='module')
@@ -193,8 +278,11 @@ def test_mixup_cutmix_and_reweighting_train_and_the_class_histogram_is_reported(
                      '--config.data.augment=flip,crop,jitter,mixup,cutmix',
                      '--config.data.balance=reweight')
   assert result.returncode == 0, result.stderr
-  counts = np.bincount(np.random.default_rng(0).integers(0, 10, 160), minlength=10)  # idx_dir's
-  assert f'train classes: T-shirt/top {counts[0]} ({counts[0] / 160:.1%})' in result.stdout
+  labels = np.random.default_rng(0).integers(0, 10, 160)  # idx_dir's training labels
+  # Less the validation holdout, a tenth of each class.
+  counts = np.array([c - round(0.1 * c) for c in np.bincount(labels, minlength=10)])
+  assert (f'train classes: T-shirt/top {counts[0]} ({counts[0] / counts.sum():.1%})'
+          in result.stdout)
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert list(summary['train_classes'].values()) == counts.tolist()
   assert summary['train_classes'].keys() == set(fashion_mnist_cnn.base_config().data.class_names)

@@ -13,8 +13,8 @@ from data import mlm, pipeline, sources, text
 
 def _cfg(**overrides):
   cfg = ml_collections.ConfigDict(dict(
-      source='csv', name='', tfds_data_dir='', path='', train_split='', eval_split='',
-      eval_percent=30, text_key='text', label_key='label', seq_len=64))
+      source='csv', name='', tfds_data_dir='', path='', train_split='', test_split='',
+      validation_split='auto', test_percent=30, text_key='text', label_key='label', seq_len=64))
   cfg.update(overrides)
   return cfg
 
@@ -47,7 +47,7 @@ def _reviews(n=60):
 def test_csv_string_labels_become_sorted_classes_split_by_text_hash(tmp_path):
   rows = _reviews()
   cfg = _cfg(path=_write_csv(tmp_path / 'reviews.csv', rows))
-  train, evaluation = (text.make_text_source(cfg, split) for split in ('train', 'eval'))
+  train, evaluation = (text.make_text_source(cfg, split) for split in ('train', 'test'))
   assert train.class_names == evaluation.class_names == ('meh', 'neg', 'pos')
   assert train.kind == 'text' and train.num_classes == 3
   got = {s[i]['inputs'].decode(): s.class_names[s[i]['label']]
@@ -59,7 +59,7 @@ def test_csv_string_labels_become_sorted_classes_split_by_text_hash(tmp_path):
 
 def test_csv_int_labels_are_class_ids(tmp_path):
   cfg = _cfg(path=_write_csv(tmp_path / 'a.csv', [('x', '2'), ('y', '0'), ('z', '02')]),
-             eval_percent=0)
+             test_percent=0)
   source = text.make_text_source(cfg, 'train')
   assert source.class_names == ('0', '1', '2')
   assert sorted(source[i]['label'] for i in range(3)) == [0, 2, 2]
@@ -92,7 +92,7 @@ def test_jsonl_bad_lines_are_dropped_and_counted(tmp_path):
   good = [{'text': f'line {i}', 'label': i % 2} for i in range(10)]
   bad = ['{"text": "cut off', {'text': '', 'label': 1}, '[1, 2]', {'text': 'no label'}]
   cfg = _cfg(source='jsonl', path=_write_jsonl(tmp_path / 'a.jsonl', good + bad),
-             eval_percent=0)
+             test_percent=0)
   source = text.make_text_source(cfg, 'train')
   assert len(source) == 10 and source.class_names == ('0', '1')
   assert {source[i]['inputs'] for i in range(10)} == {f'line {i}'.encode() for i in range(10)}
@@ -110,19 +110,19 @@ def test_jsonl_bad_input_is_a_one_line_error(tmp_path, record, match):
     text.make_text_source(cfg, 'train')
 
 
-def test_a_folder_holds_separate_train_and_eval_files(tmp_path):
+def test_a_folder_holds_separate_train_and_test_files(tmp_path):
   _write_csv(tmp_path / 'train-0.csv', [('a', 'pos'), ('b', 'neg')])
   _write_csv(tmp_path / 'train-1.csv', [('c', 'pos')])
   _write_csv(tmp_path / 'test.csv', [('d', 'pos')])
   _write_csv(tmp_path / 'other.csv', [('e', 'sarcastic')])
-  cfg = _cfg(path=str(tmp_path), train_split='train', eval_split='test')
-  train, evaluation = (text.make_text_source(cfg, split) for split in ('train', 'eval'))
+  cfg = _cfg(path=str(tmp_path), train_split='train', test_split='test')
+  train, evaluation = (text.make_text_source(cfg, split) for split in ('train', 'test'))
   assert len(train) == 3 and train.record_name(2).endswith('train-1.csv:2')
   assert evaluation.class_names == ('neg', 'pos')
   assert evaluation[0] == {'inputs': b'd', 'label': 1}
-  cfg.eval_split = 'other'
+  cfg.test_split = 'other'
   with pytest.raises(ValueError, match="label 'sarcastic' at .*other.csv:2 is not a class"):
-    text.make_text_source(cfg, 'eval')
+    text.make_text_source(cfg, 'test')
 
 
 def test_tfds_imdb_reviews_through_mock_data():
@@ -130,7 +130,7 @@ def test_tfds_imdb_reviews_through_mock_data():
   assert not text.is_text_tfds('mnist')
   cfg = _cfg(source='tfds', name='imdb_reviews', text_key='', label_key='')
   with tfds.testing.mock_data(num_examples=5):
-    source = text.make_text_source(cfg, 'eval')
+    source = text.make_text_source(cfg, 'test')
     item = source[3]
   assert len(source) == 5 and source.class_names == ('neg', 'pos') and source.kind == 'text'
   assert isinstance(item['inputs'], bytes) and item['label'] in (0, 1)
@@ -145,8 +145,8 @@ def test_unprepared_tfds_dataset_says_where_podium_looked(tmp_path):
 
 @pytest.fixture(scope='module')
 def stdlib_splits():
-  cfg = _cfg(source='stdlib_packages', seq_len=512, eval_percent=10)
-  return [text.make_text_source(cfg, split) for split in ('train', 'eval')]
+  cfg = _cfg(source='stdlib_packages', seq_len=512, test_percent=10)
+  return [text.make_text_source(cfg, split) for split in ('train', 'test')]
 
 
 def test_stdlib_packages_split_files_and_classes(stdlib_splits):
@@ -161,14 +161,14 @@ def test_stdlib_packages_split_files_and_classes(stdlib_splits):
 
 
 def test_stdlib_packages_are_deterministic(stdlib_splits):
-  again = text.make_text_source(_cfg(source='stdlib_packages', seq_len=512, eval_percent=10),
-                                'eval')
+  again = text.make_text_source(_cfg(source='stdlib_packages', seq_len=512, test_percent=10),
+                                'test')
   first = stdlib_splits[1]
   assert [first.record_name(i) for i in range(len(first))] == [
       again.record_name(i) for i in range(len(again))]
   counts = {'a/x.py': 3, 'a/y.py': 40, 'a/z.py': 5, 'a/w.py': 0}
-  held_out = text.stdlib_eval_files(counts, 10)
-  assert held_out == text.stdlib_eval_files(dict(reversed(counts.items())), 10)
+  held_out = text.stdlib_test_files(counts, 10)
+  assert held_out == text.stdlib_test_files(dict(reversed(counts.items())), 10)
   assert held_out and held_out != set(counts)
 
 

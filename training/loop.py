@@ -40,7 +40,7 @@ def train(config, workdir: str, compile_cache: str | None = None) -> int:
     raise config_check.ConfigError(str(e)) from None
   try:
     _refuse_a_bad_init_from(config, workdir, setup)
-    eval_batches = _eval_batches(setup.task)
+    eval_batches, test_batches = _whole_splits(setup.task)
     # Only now: a run refused for its config, data or init_from must write nothing.
     _create_workdir(workdir)
     if compile_cache:
@@ -48,7 +48,7 @@ def train(config, workdir: str, compile_cache: str | None = None) -> int:
     manager = checkpointing.make_manager(workdir, config.train)
     try:
       with sharding.activate(mesh, config.mesh.rules):
-        run = Run(config, workdir, mesh, setup, manager, train_iter, eval_batches)
+        run = Run(config, workdir, mesh, setup, manager, train_iter, eval_batches, test_batches)
         run.train(record_stats)
         return run.exit_status()
     finally:
@@ -66,12 +66,13 @@ def _refuse_a_bad_init_from(config, workdir, setup):
     warm_start.check(config.init_from, setup.abstract_state['params'])
 
 
-def _eval_batches(task):
+def _whole_splits(task):
+  """The task's (validation, test) batches, read before anything is written."""
   try:
-    return task.eval_batches()
+    return task.eval_batches(), task.test_batches()
   except pipeline.UnusableDataError:
     raise  # bad data, not a bad config
-  except ValueError as e:  # the eval split is missing or unreadable
+  except ValueError as e:  # a split is missing or unreadable
     raise config_check.ConfigError(str(e)) from None
 
 
@@ -86,10 +87,11 @@ def _create_workdir(workdir: str):
 class Run:
   """One training run: the state of the loop, and what parts may ask of it."""
 
-  def __init__(self, config, workdir, mesh, setup, manager, train_iter, eval_batches):
+  def __init__(self, config, workdir, mesh, setup, manager, train_iter, eval_batches,
+               test_batches):
     self.config, self.workdir, self.mesh, self.setup = config, workdir, mesh, setup
     self.task, self.manager, self.train_iter = setup.task, manager, train_iter
-    self.eval_batches = eval_batches  # on the host
+    self.eval_batches, self.test_batches = eval_batches, test_batches  # on the host
     self.train_step, self.eval_step = step_lib.compile_steps(setup, config, mesh)
     rules = config.mesh.rules
     self.place_train = base.batch_placer(self.task.batch_spec('train'), mesh, rules)
@@ -98,6 +100,7 @@ class Run:
     self.state = None
     self.stop_reason, self.complete = '', False
     self.last_eval_sums, self.eval_seconds = None, 0.0
+    self.test_sums, self.test_step = None, None  # the test split's, once training is complete
     self.report_sections = {}  # parts' own sections of summary.json, e.g. the class histogram
     self._rolled_back_to = None
     self.parts = []
@@ -174,7 +177,7 @@ class Run:
       self.logger = parts_lib.MetricsLogger(self, start)
       self.parts += [self.checkpointer, parts_lib.NonFinitePolicy(self), self.data_health,
                      self.logger, parts_lib.Profiler(self, start), *self.task.parts(self)]
-      state = self._steps(state, start, dog)
+      state = self._steps(state, start, dog)  # the logger stays open for at_end's test figures
     self.checkpointer.check_saved(self, self.step)
     if self.stop_reason:
       announce(self.stop_reason)
@@ -186,12 +189,6 @@ class Run:
   def _steps(self, state, step, dog):
     """Steps after `step` up to `self.end`, reading step N's metrics only after step N+1 is
     dispatched; returns the final state."""
-    try:
-      return self._overlapped_steps(state, step, dog)
-    finally:
-      self.logger.close()
-
-  def _overlapped_steps(self, state, step, dog):
     previous = None  # (step, metrics): device arrays, and host floats added by parts
     while step < self.end or previous:
       dog.beat()

@@ -58,6 +58,18 @@ class MetricsWriter:
     for name, value in metrics.items():
       self._tensorboard.add_scalar(name, value, step)
 
+  def add_to_last(self, metrics: dict):
+    """Adds `metrics` to the last record written (e.g. the test figures once training is
+    complete), so that every record keeps the training figures of its step."""
+    if not self.enabled or not self._lines:
+      return
+    record = json.loads(self._lines[-1])
+    record.update({k: float(v) for k, v in metrics.items()})
+    self._lines[-1] = json.dumps(record) + '\n'
+    _write_whole(_chunk_path(self.directory, self._chunk), ''.join(self._lines))
+    for name, value in metrics.items():
+      self._tensorboard.add_scalar(name, value, record['step'])
+
   def histogram(self, step: int, name: str, values):
     """A TensorBoard histogram (not in the metrics files); nothing for no values."""
     if self.enabled and len(values):

@@ -26,8 +26,10 @@ class TrainingHalted(RuntimeError):
 
 
 class Evaluator(Part):
-  """Every `train.eval_every` steps and at the last one: the task's metrics on its eval set,
-  summed over every batch on device, then turned into figures on the host."""
+  """Every `train.eval_every` steps and at the last one: the task's metrics on its validation
+  split (eval/*), summed over every batch on device, then turned into figures on the host; all
+  model selection reads these. When training is complete: the test split's (test/*), once, on
+  early stopping's best parameters if it kept some, else the last."""
 
   def __init__(self, run):
     self.batches = [run.place_eval(b) for b in run.eval_batches]
@@ -36,18 +38,38 @@ class Evaluator(Part):
   def after_step(self, run, step, state, metrics):
     if not (self.batches and self.every and (step % self.every == 0 or step == run.end)):
       return None
-    started, sums = time.perf_counter(), None
-    for batch in self.batches:
-      # Fetched batch by batch and added up on the host: the sums are small, an add on the
-      # devices is one more multi-device program per batch, and on XLA:CPU eval steps queued
-      # behind each other stalled in an all-gather (7 of 8 devices arrived) when all were
-      # dispatched before any was fetched.
-      batch_sums = jax.device_get(run.eval_step(state['params'], state.get('model_state'), batch))
-      sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
-    run.last_eval_sums = sums
+    started = time.perf_counter()
+    run.last_eval_sums = _sums(run, state, self.batches)
     run.eval_seconds += time.perf_counter() - started  # kept out of training throughput
     figures = run.task.eval_metrics(run.last_eval_sums)
     return {f'eval/{k}': float(v) for k, v in figures.items()}
+
+  def at_end(self, run, state):
+    if not run.test_batches:
+      return
+    early = next((p for p in run.parts if isinstance(p, EarlyStopping)), None)
+    kept = early.best_state(run) if early else None
+    run.test_step = early.best_step if kept else run.step
+    run.test_sums = _sums(run, kept or state, [run.place_eval(b) for b in run.test_batches])
+    figures = {f'test/{k}': float(v) for k, v in run.task.eval_metrics(run.test_sums).items()}
+    which = 'best/' if kept else 'last'
+    run.logger.writer.add_to_last(figures)
+    run.report_sections['test'] = {'step': run.test_step, 'parameters': which, **figures}
+    run.announce(f'test split, step {run.test_step} ({which} parameters): ' +
+                 '  '.join(f'{k} {v:.4f}' for k, v in figures.items()))
+
+
+def _sums(run, state, batches):
+  """The task's eval sums over `batches` (placed), as host arrays."""
+  sums = None
+  for batch in batches:
+    # Fetched batch by batch and added up on the host: the sums are small, an add on the
+    # devices is one more multi-device program per batch, and on XLA:CPU eval steps queued
+    # behind each other stalled in an all-gather (7 of 8 devices arrived) when all were
+    # dispatched before any was fetched.
+    batch_sums = jax.device_get(run.eval_step(state['params'], state.get('model_state'), batch))
+    sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
+  return sums
 
 
 def improved(value, best, mode: str, min_delta: float) -> bool:
@@ -89,6 +111,15 @@ class EarlyStopping(Part):
                       f'{self.best_manager.directory}')
       run.stop(self.stopped)
     return {'early_stop/best': self.best, 'early_stop/bad_evals': self.bad_evals}
+
+  def best_state(self, run):
+    """{'params', 'model_state'} of the best step, placed as training places them, or None if
+    no evaluation has been kept."""
+    if not self.best_step:
+      return None
+    abstract = {k: run.setup.abstract_state[k] for k in ('params', 'model_state')
+                if k in run.setup.abstract_state}
+    return self.best_manager.restore(self.best_step, args=ocp.args.StandardRestore(abstract))
 
   def checkpoint_state(self):
     return {'best': self.best, 'best_step': self.best_step, 'bad_evals': self.bad_evals,
