@@ -1,5 +1,6 @@
 """The folders are layers: a module may import its own folder and the folders below it, never
-one above (train.py and benchmarks/ sit on top of them all)."""
+one above (train.py and benchmarks/ sit on top of them all; tools/ is the top layer: programs
+over a workdir that train.py wrote)."""
 
 import ast
 import pathlib
@@ -7,7 +8,7 @@ import pathlib
 from tests.conftest import REPO
 
 # Lowest first.
-LAYERS = ('hardware', 'parallel', 'models', 'data', 'tasks', 'configs', 'training')
+LAYERS = ('hardware', 'parallel', 'models', 'data', 'tasks', 'configs', 'training', 'tools')
 
 
 def _imported_packages(path: pathlib.Path):

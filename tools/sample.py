@@ -1,6 +1,6 @@
 """Samples from a trained decoder's newest (or chosen) checkpoint, and exports its decode step.
 
-python -m training.sample --workdir=DIR [--prompt='def ' ...] [--new_tokens=256]
+python -m tools.sample --workdir=DIR [--prompt='def ' ...] [--new_tokens=256]
     [--temperature=0.8] [--top_k=0] [--top_p=1.0] [--seed=0] [--step=N] [--export=FILE]
 
 The model is rebuilt from DIR/config.json and its parameters are read from the checkpoint onto
