@@ -145,11 +145,11 @@ def main(argv):
     _usage_error(e)
   try:
     config_check.check_workdir(workdir)
-    config_check.validate(config, jax.device_count(), jax.process_count(),
-                          sharding.num_slices(jax.devices()), jax.default_backend(),
-                          overridden=_overridden_keys())
+    resolved = config_check.validate(config, jax.device_count(), jax.process_count(),
+                                     sharding.num_slices(jax.devices()), jax.default_backend(),
+                                     overridden=_overridden_keys())
     _open_log(workdir)
-    status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute))
+    status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute), resolved)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
   except (checkpointing.IncompatibleCheckpointError, checkpointing.NoUsableCheckpointError,
