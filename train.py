@@ -165,13 +165,13 @@ def main(argv):
     _usage_error(e)
   try:
     config_check.check_workdir(workdir)
-    config_check.validate(config, jax.device_count(), jax.process_count(),
-                          sharding.num_slices(jax.devices()), jax.default_backend(),
-                          overridden=_overridden_keys())
+    resolved = config_check.validate(config, jax.device_count(), jax.process_count(),
+                                     sharding.num_slices(jax.devices()), jax.default_backend(),
+                                     overridden=_overridden_keys())
     if FLAGS.mode == 'evaluate':
-      _evaluate(config, workdir)
+      _evaluate(config, workdir, resolved)
     _open_log(workdir)
-    status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute))
+    status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute), resolved)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
   except (checkpointing.IncompatibleCheckpointError, checkpointing.NoUsableCheckpointError,
@@ -249,9 +249,17 @@ def _compile_only(config):
 
 
 def _evaluated_config(config):
-  """--mode=evaluate's config: the run's own, unless --config names one."""
-  if _config_named():
-    return config
+  """--mode=evaluate's config: the run's own, unless --config names one; with an eval set
+  even if the run evaluated never (tasks build none for train.eval_every=0)."""
+  if not _config_named():
+    config = _saved_config()
+  with config.unlocked():
+    config.train.eval_every = max(config.train.eval_every, 1)
+  return config
+
+
+def _saved_config():
+  """The run's WORKDIR/config.json (overrides need the --config they apply to)."""
   if any(a.startswith('--config.') for a in sys.argv[1:]):
     _usage_error('--config.* overrides need --config=FILE with --mode=evaluate (without it the '
                  "config is the run's WORKDIR/config.json)")
@@ -263,12 +271,12 @@ def _evaluated_config(config):
     _usage_error(e)
 
 
-def _evaluate(config, workdir: str):
+def _evaluate(config, workdir: str, resolved):
   """Prints and writes the eval figures of the checkpoint --step picks, then exits 0."""
   import jax  # pylint: disable=g-import-not-at-top
   from training import evaluate  # pylint: disable=g-import-not-at-top
   try:
-    result = evaluate.evaluate(config, workdir, FLAGS.split, FLAGS.step)
+    result = evaluate.evaluate(config, workdir, FLAGS.split, FLAGS.step, resolved)
   except evaluate.EvaluateError as e:
     _usage_error(e)
   if jax.process_index() == 0:

@@ -116,7 +116,8 @@ def time_config(name, matmul_rate):
     others = max(0.0, (_busy_seconds_of_others() - others0) / sum(times))
   step_s = statistics.median(times)
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
-  flops_xla, flops_model = xla_flops(compiled), aot.train_flops_per_step(config)
+  flops_xla = xla_flops(compiled)
+  flops_model = aot.train_flops_per_step(config, setup.model_module)
   rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
   print(f'[{name}] {state_lib.count_params(state["params"]) / 1e6:.2f}M params, batch '
         f'{config.data.global_batch_size} x {config.data.seq_len}, compiled in {compile_s:.1f} s, '

@@ -1,6 +1,6 @@
 """What podium's tools print: their own lines on the terminal, every library's log in a file.
 
-Each tool (train.py, training.sample, training.hf, data.prepare) calls, once, in its `main`:
+Each tool (train.py, tools.sample, tools.hf, data.prepare) calls, once, in its `main`:
 
   console.quiet_libraries(console.verbose())  # first, before JAX starts a backend
   ...
@@ -173,7 +173,7 @@ def _discard_log():
 
 
 def program() -> str:
-  """The running tool as typed: 'train.py', or 'training.sample' for `python -m training.sample`."""
+  """The running tool as typed: 'train.py', or 'tools.sample' for `python -m tools.sample`."""
   spec = getattr(sys.modules.get('__main__'), '__spec__', None)
   return spec.name if spec else os.path.basename(sys.argv[0])
 

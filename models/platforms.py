@@ -10,6 +10,16 @@ import ml_collections
 PLATFORMS = ('cpu', 'gpu', 'tpu')
 # Attention kernels: 'cpu' is XLA:CPU's tuned equivalent of 'xla' (models/cpu_kernels.py).
 ATTENTION = ('cpu', 'xla', 'cudnn', 'splash')
+_KERNEL_PLATFORM = {'splash': 'tpu', 'cudnn': 'gpu'}  # kernels that exist on one platform only
+
+
+def check_platform(model_config, platform: str):
+  """Raises ValueError('model.attention: ...') for a kernel that `platform` lacks."""
+  attention = model_config.get('attention')
+  needs = _KERNEL_PLATFORM.get(attention)
+  if needs not in (None, platform):
+    raise ValueError(f'model.attention: {attention} runs on {needs.upper()} only, and this run '
+                     f'is on {platform.upper()}; use auto')
 
 
 def resolve_for_platform(model_config, platform: str) -> ml_collections.ConfigDict:

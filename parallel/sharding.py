@@ -9,12 +9,42 @@ import contextlib
 import math
 
 import jax
+import ml_collections
 from flax import linen
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axes. Each mesh axis is used at most once per array: a later rule for an
+# axis already taken leaves that dimension unsharded, which is how activations (batch over
+# data+fsdp) and parameters (embed over fsdp) share one table. Names not listed stay unsharded.
+RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('layers', None),  # the stacked axis of scanned blocks: each device holds every layer
+)
+
+
+def mesh_config():
+  mesh = ml_collections.ConfigDict()
+  # Sizes within a slice (ICI); -1 fills in the devices the other axes leave.
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  # Sizes across slices (DCN) of a multi-slice job; an axis's full size is ici * dcn.
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  mesh.dcn_tensor = 1
+  mesh.rules = RULES
+  return mesh
 
 
 def _resolve(sizes: dict[str, int], total: int, of_what: str) -> tuple[int, ...]:

@@ -77,6 +77,9 @@ class Task:
   def validate(self):
     """Raises ValueError('<section>.<key>: ...') for task and data keys that cannot work."""
 
+  def validate_processes(self, num_processes: int):
+    """Raises ValueError('data.<key>: ...') for data that `num_processes` cannot share out."""
+
   def batch_spec(self, split: str) -> dict[str, Field]:
     raise NotImplementedError
 

@@ -173,6 +173,14 @@ class Task(base.Task):
     _require(not t.num_samples or bool(t.sample_prompts), 'task.sample_prompts',
              'is empty but task.num_samples > 0')
 
+  def validate_processes(self, num_processes):
+    d = self.config.data  # streams are owned by one process each
+    streams = d.num_streams or num_processes
+    _require(streams >= 0 and streams % num_processes == 0, 'data.num_streams',
+             f'{d.num_streams} streams cannot be shared by {num_processes} processes')
+    _require(d.global_batch_size % streams == 0, 'data.global_batch_size',
+             f'{d.global_batch_size} is not divisible by {streams} data streams')
+
   def batch_spec(self, split):
     d = self.config.data
     field = base.Field((d.global_batch_size, d.seq_len + 1), jnp.int32, ('batch', 'length'))

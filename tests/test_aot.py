@@ -122,7 +122,8 @@ def test_small_model_compiles_for_a_tpu_slice(topology):
   assert 0 <= report.opt_state_bytes - 2 * report.params_bytes < 64
   assert 0 < report.temp_bytes < report.total_bytes < report.hbm_bytes
   assert report.fits and report.free_fraction > 0.99
-  assert report.model_flops == aot.train_flops_per_step(config) / devices
+  model = MODELS[config.model.name]
+  assert report.model_flops == aot.train_flops_per_step(config, model) / devices
   assert report.compiled_flops > 0
   printed = aot.format_report(report, config)
   assert f'{topology}: {devices} x TPU v' in printed and 'free)' in printed

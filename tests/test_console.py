@@ -55,7 +55,7 @@ def test_train_prints_its_own_lines_and_keeps_the_library_log_in_the_workdir(tra
 def test_sample_from_another_folder_with_a_relative_workdir(trained, tmp_path):
   workdir, _ = trained
   relative = os.path.relpath(workdir, tmp_path)
-  sample = ['-m', 'training.sample', f'--workdir={relative}', '--prompt=def ', '--new_tokens=4']
+  sample = ['-m', 'tools.sample', f'--workdir={relative}', '--prompt=def ', '--new_tokens=4']
   quiet = _run(tmp_path, *sample)
   _assert_quiet(quiet)
   assert quiet.stdout.startswith('--- sample ---\ndef ')
@@ -66,14 +66,14 @@ def test_sample_from_another_folder_with_a_relative_workdir(trained, tmp_path):
 
 def test_hf_export_and_import_from_another_folder(trained, tmp_path):
   workdir, _ = trained
-  exported = _run(tmp_path, '-m', 'training.hf', 'export', f'--workdir={workdir}', '--out=hf')
+  exported = _run(tmp_path, '-m', 'tools.hf', 'export', f'--workdir={workdir}', '--out=hf')
   _assert_quiet(exported)
-  imported = _run(tmp_path, '-m', 'training.hf', 'import', '--hf_dir=hf', '--workdir=imported',
+  imported = _run(tmp_path, '-m', 'tools.hf', 'import', '--hf_dir=hf', '--workdir=imported',
                   TINY)
   _assert_quiet(imported)
   assert f'--config.init_from={tmp_path / "imported"}' in imported.stdout
   assert glob.glob(str(tmp_path / 'imported' / 'logs' / 'hf.*.log'))
-  _assert_quiet(_run(tmp_path, '-m', 'training.sample', '--workdir=imported', '--new_tokens=2'))
+  _assert_quiet(_run(tmp_path, '-m', 'tools.sample', '--workdir=imported', '--new_tokens=2'))
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
@@ -98,19 +98,19 @@ def _one_line_error(result, *expected):
 ])
 def test_sample_checks_its_flags_before_loading_anything(tmp_path, flag, expected):
   """The workdir does not exist: the flag is what the error names, so it was checked first."""
-  result = _run(tmp_path, '-m', 'training.sample', '--workdir=nowhere', flag)
-  _one_line_error(result, 'training.sample: error: ', expected)
+  result = _run(tmp_path, '-m', 'tools.sample', '--workdir=nowhere', flag)
+  _one_line_error(result, 'tools.sample: error: ', expected)
 
 
 def test_tool_errors_are_one_line_and_status_2(trained, tmp_path):
   workdir, _ = trained
-  _one_line_error(_run(tmp_path, '-m', 'training.sample'), '--workdir')
-  _one_line_error(_run(tmp_path, '-m', 'training.sample', f'--workdir={workdir}',
+  _one_line_error(_run(tmp_path, '-m', 'tools.sample'), '--workdir')
+  _one_line_error(_run(tmp_path, '-m', 'tools.sample', f'--workdir={workdir}',
                        '--top_k=1000'), '--top_k=1000: the model has only 256 tokens')
-  _one_line_error(_run(tmp_path, '-m', 'training.hf'), 'import|export')
+  _one_line_error(_run(tmp_path, '-m', 'tools.hf'), 'import|export')
   (tmp_path / 'hf').mkdir()
   (tmp_path / 'hf' / 'config.json').write_text(json.dumps({'model_type': 'gpt2', 'n_head': 4}))
-  _one_line_error(_run(tmp_path, '-m', 'training.hf', 'import', '--hf_dir=hf', '--workdir=w'),
+  _one_line_error(_run(tmp_path, '-m', 'tools.hf', 'import', '--hf_dir=hf', '--workdir=w'),
                   f"{tmp_path / 'hf' / 'config.json'} lacks the key 'n_layer'")
 
 

@@ -14,8 +14,8 @@ from tests.conftest import REPO
 # The tools' flags that --help must list, by command.
 TOOLS = {
     ('-m', 'train'): '--workdir',
-    ('-m', 'training.sample'): '--new_tokens',
-    ('-m', 'training.hf'): '--hf_dir',
+    ('-m', 'tools.sample'): '--new_tokens',
+    ('-m', 'tools.hf'): '--hf_dir',
     ('-m', 'data.prepare'): '--eval_percent',
 }
 

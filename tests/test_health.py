@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common, default
+from configs import default
 from parallel import sharding
 from tasks import language_model
 from tests.test_train_e2e import run_train
@@ -17,7 +17,7 @@ from training import step as step_lib
 
 
 def _health(**overrides):
-  return ml_collections.ConfigDict({**common.health_config().to_dict(), **overrides})
+  return ml_collections.ConfigDict({**health.default_config().to_dict(), **overrides})
 
 
 def _setup_and_batch(config):

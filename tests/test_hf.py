@@ -1,4 +1,4 @@
-"""Hugging Face weights in and out (training/hf.py).
+"""Hugging Face weights in and out (tools/hf.py).
 
 The logits tests build small random GPT-2 and Llama models with `transformers` and `torch` (the
 test-only extra: pip install -e '.[test,hf]') and are skipped without them, as in CI, which
@@ -18,7 +18,8 @@ from flax import nnx
 from configs import default
 from models import rotary, transformer
 from tests.conftest import REPO
-from training import hf, warm_start
+from tools import hf
+from training import warm_start
 
 TOLERANCE = 1e-4  # float32 logits, max abs difference
 PRESETS = {hf.GPT2: 'tiny', hf.LLAMA: 'tiny,llama'}  # llama: 4 heads, 2 kv heads, untied
@@ -238,7 +239,7 @@ def test_import_cli_writes_a_run_that_init_from_and_export_read(tmp_path):
   hf.to_hf(m, params, tmp_path / 'hf')
   workdir = tmp_path / 'imported'
   result = subprocess.run(
-      [sys.executable, '-m', 'training.hf', 'import', f'--hf_dir={tmp_path / "hf"}',
+      [sys.executable, '-m', 'tools.hf', 'import', f'--hf_dir={tmp_path / "hf"}',
        f'--workdir={workdir}', '--config=configs/default.py:tiny,llama',
        '--config.model.scan_layers=true'], cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr

@@ -13,7 +13,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data import pipeline, sources, tokenizers
 from tasks import language_model, lm_samples
 from tests.test_train_e2e import run_train
-from training import config_check, metrics, sample
+from tools import sample
+from training import config_check, metrics
 
 
 def write_prepared(directory, splits, tokenizer='bytes', vocab_size=256, eos_id=0):
@@ -205,7 +206,7 @@ def test_bits_per_byte_counts_the_bytes_each_token_stands_for(kind, trained, tex
 
 def test_a_mixture_of_sentencepiece_datasets_trains_and_samples(tmp_path, trained, text):
   """train.py end to end on prepared data: eval on the mixture, samples decoded with the
-  datasets' tokenizer, and training.sample finds the same tokenizer from the workdir."""
+  datasets' tokenizer, and tools.sample finds the same tokenizer from the workdir."""
   tokenizer = tokenizers.load(trained['sentencepiece'])
   encoded = [tokenizer.encode(t[start:start + 400]) for t in text for start in (0, 2000, 4000)]
   components = [write_prepared(tmp_path / name, {'train': part[2:], 'eval': part[:2]},

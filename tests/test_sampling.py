@@ -16,7 +16,7 @@ from configs import default
 from models import transformer
 from tasks import lm_samples
 from tests.test_train_e2e import REPO, run_train
-from training import sample
+from tools import sample
 
 STYLES = {'gpt2': 'tiny', 'llama': 'tiny,llama'}  # learned positions / rotary, GQA
 
@@ -125,12 +125,12 @@ def test_a_workdir_samples_as_training_did_and_its_decode_step_exports(tmp_path)
   want = make_model(params).decode(tokens, positions, cache)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
-  cli = subprocess.run([sys.executable, '-m', 'training.sample', f'--workdir={tmp_path}',
+  cli = subprocess.run([sys.executable, '-m', 'tools.sample', f'--workdir={tmp_path}',
                         '--prompt=def ', '--temperature=0', '--new_tokens=12'],
                        capture_output=True, text=True, cwd=REPO, check=False)
   assert cli.returncode == 0, cli.stderr
   assert f'--- sample ---\n{texts[0]}\n' in cli.stdout
-  bad = subprocess.run([sys.executable, '-m', 'training.sample',
+  bad = subprocess.run([sys.executable, '-m', 'tools.sample',
                         f'--workdir={tmp_path / "nothing"}'], capture_output=True, text=True,
                        cwd=REPO, check=False)
   saved = json.loads((tmp_path / 'config.json').read_text())
@@ -138,5 +138,5 @@ def test_a_workdir_samples_as_training_did_and_its_decode_step_exports(tmp_path)
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   assert sample.load(str(tmp_path))[0].model.norm_eps == 1e-5
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
-      f'training.sample: error: {tmp_path / "nothing" / "config.json"} does not exist: not a '
+      f'tools.sample: error: {tmp_path / "nothing" / "config.json"} does not exist: not a '
       'train.py workdir')

@@ -16,7 +16,6 @@ import time
 import jax
 
 from hardware import chips, tpu_slices
-from models import MODELS
 from parallel import sharding
 from tasks import base
 from training import config_check
@@ -74,10 +73,10 @@ def _slice_devices(topology_name: str) -> list:
 
 def _mesh(config, devices, overridden):
   num_processes = len({d.process_index for d in devices})
-  config_check.validate(config, len(devices), num_processes, sharding.num_slices(devices), 'tpu',
-                        overridden)
+  resolved = config_check.validate(config, len(devices), num_processes,
+                                   sharding.num_slices(devices), 'tpu', overridden)
   try:
-    return sharding.make_mesh(config.mesh, devices)
+    return sharding.make_mesh(config.mesh, devices), resolved
   except ValueError as e:
     raise config_check.ConfigError(str(e)) from None
 
@@ -116,8 +115,8 @@ def _compiled_flops(compiled) -> float:
 def compile_report(config, topology_name: str, overridden=()) -> Report:
   """Compiles the train step for the named slice and measures it (see `Report`)."""
   devices = _slice_devices(topology_name)
-  mesh = _mesh(config, devices, overridden)
-  setup = state_lib.make_setup(config, mesh)
+  mesh, resolved = _mesh(config, devices, overridden)
+  setup = state_lib.make_setup(config, mesh, resolved=resolved)
   state = setup.abstract_state
   batch = base.abstract_batch(setup.task.batch_spec('train'), mesh, config.mesh.rules)
   report = Report(
@@ -126,7 +125,7 @@ def compile_report(config, topology_name: str, overridden=()) -> Report:
       param_count=state_lib.count_params(state['params']),
       params_bytes=_bytes_per_device(state['params']),
       opt_state_bytes=_bytes_per_device(state['opt_state']),
-      model_flops=train_flops_per_step(config) / len(devices),
+      model_flops=train_flops_per_step(config, setup.model_module) / len(devices),
       unsharded=tuple(sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules)),
       batch_shapes=', '.join(f'{k} {"x".join(map(str, f.shape))}'
                              for k, f in setup.task.batch_spec('train').items()))
@@ -144,10 +143,11 @@ def compile_report(config, topology_name: str, overridden=()) -> Report:
   return report
 
 
-def train_flops_per_step(config) -> float:
-  """Analytic FLOPs of one optimiser update on the global batch (all devices together)."""
-  model = MODELS[config.model.name]
-  return config.data.global_batch_size * model.train_flops_per_example(config.model, config)
+def train_flops_per_step(config, model_module) -> float:
+  """Analytic FLOPs of one optimiser update on the global batch (all devices together);
+  `model_module`: the config's (`Setup.model_module`)."""
+  return (config.data.global_batch_size
+          * model_module.train_flops_per_example(config.model, config))
 
 
 def _size(n) -> str:

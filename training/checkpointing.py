@@ -21,6 +21,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils as multihost
 
+from data import iterator_state
+
 
 def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointManager:
   _drop_closed_loop_reports()
@@ -169,31 +171,24 @@ class IncompatibleCheckpointError(ValueError):
 class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
   """Grain's handler (each process saves its iterator's state as `process_I-of-N.json`), made
   elastic: a run resumed on another number of processes merges the states of all the processes
-  that saved, and each process takes its part.
-
-  Pipelines whose state is the same on every process (the classifier's and the masked LM's)
-  resume on any number of processes. The LM's names its streams ({'num_streams', 'streams'}):
-  each process takes the positions of the streams it owns now, so the global batches go on
-  exactly as before whenever the streams can be shared out (`data.num_streams` fixed and
-  divisible by the new process count).
+  that saved, and each process takes its part (data/iterator_state.py says when it can).
   """
 
   def restore(self, directory: epath.Path, item=None, args=None):
     item = item or args.item
     own = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-    if own.exists():
-      saved = json.loads(own.read_text())
-    else:
-      files = sorted(directory.glob('process_*-of-*.json'))
-      if not files:
-        raise FileNotFoundError(f'no data iterator state in {directory}')
-      try:
-        saved = _merge_states([json.loads(f.read_text()) for f in files])
-      except ValueError:
-        raise IncompatibleCheckpointError(
-            f'the checkpoint in {directory.parent} holds a data position per process that '
-            f'this run cannot divide: resume it on {len(files)} processes') from None
-    _check_streams(saved, item.get_state(), directory.parent)
+    try:
+      if own.exists():
+        saved = json.loads(own.read_text())
+      else:
+        files = sorted(directory.glob('process_*-of-*.json'))
+        if not files:
+          raise FileNotFoundError(f'no data iterator state in {directory}')
+        saved = iterator_state.merged([json.loads(f.read_text()) for f in files],
+                                      directory.parent)
+      iterator_state.check(saved, item.get_state(), directory.parent)
+    except iterator_state.ResumeError as e:
+      raise IncompatibleCheckpointError(str(e)) from None
     item.set_state(saved)
     item.start_prefetch()  # as Grain's handler does: the first batches load while arrays do
     return item
@@ -209,60 +204,6 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
   item: Any
-
-
-def _merge_states(states: list):
-  """One state from every process's: stream positions pooled, all else equal on every process
-  (ValueError otherwise)."""
-  first = states[0]
-  if all(s == first for s in states):
-    return first
-  if all(isinstance(s, dict) and s.keys() == first.keys() for s in states):
-    if 'num_streams' in first:
-      if any(s['num_streams'] != first['num_streams'] for s in states):
-        raise ValueError('different stream counts')
-      return {**first, 'streams': {k: v for s in states for k, v in s['streams'].items()}}
-    return {k: _merge_states([s[k] for s in states]) for k in first}
-  if all(isinstance(s, list) and len(s) == len(first) for s in states):
-    return [_merge_states(list(column)) for column in zip(*states)]
-  raise ValueError('states differ')
-
-
-def _streams_of(state):
-  """The {'num_streams', 'streams'} part of an iterator state, or None."""
-  if isinstance(state, dict):
-    if 'num_streams' in state:
-      return state
-    found = [_streams_of(v) for v in state.values()]
-  elif isinstance(state, list):
-    found = [_streams_of(v) for v in state]
-  else:
-    return None
-  return next((f for f in found if f is not None), None)
-
-
-def _check_streams(saved, current, checkpoint: epath.Path):
-  """IncompatibleCheckpointError unless `saved` has a position for each stream `current` reads."""
-  now = _streams_of(current)
-  if now is None:
-    return
-  then = _streams_of(saved)
-  if then is None:
-    raise IncompatibleCheckpointError(
-        f'the checkpoint in {checkpoint} saved its data position in an older format; resume '
-        'it with the podium version that wrote it')
-  count = then['num_streams']
-  if count != now['num_streams']:
-    hint = ('' if count % jax.process_count() == 0 else
-            f', on a number of processes that divides {count}')
-    raise IncompatibleCheckpointError(
-        f'data.num_streams: the checkpoint in {checkpoint} read the data in {count} stream(s) '
-        f'and this run would read {now["num_streams"]} (0 means one per process); resume with '
-        f'--config.data.num_streams={count}{hint}')
-  missing = sorted(now['streams'].keys() - then['streams'].keys(), key=int)
-  if missing:
-    raise IncompatibleCheckpointError(
-        f'the checkpoint in {checkpoint} has no position for data streams {", ".join(missing)}')
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state):

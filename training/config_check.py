@@ -1,16 +1,36 @@
-"""Validates a config before anything compiles, with one-line errors that name the key."""
+"""Validates a config before anything compiles, with one-line errors that name the key; and the
+sections of the trainer's own keys (`train`, `early_stop`, `finetune`), declared beside their
+checks."""
 
+import dataclasses
 import os
+import types
+
+import ml_collections
 
 from configs import common
-from models import MODELS
+from models import MODELS, platforms
 from parallel import sharding
-from tasks import TASKS
+from tasks import TASKS, base
 from training import optimizer, precision
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message starts with the key's name."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """The run's choices looked up once: the model module and the task built on it (the task's
+  tokenizer, if any, loads once). Validation makes it; state, parts and AOT use it."""
+  model: types.ModuleType
+  task: base.Task
+
+
+def resolve(config) -> Resolved:
+  """The config's choices, for callers that do not validate it (tests, benchmarks)."""
+  model = MODELS[config.model.name]
+  return Resolved(model, TASKS[config.task.name].Task(config, model))
 
 
 def _require(ok: bool, key: str, message: str):
@@ -25,20 +45,24 @@ def _one_of(config, key: str, choices):
   _require(value in choices, key, f'{value!r} is not one of {", ".join(map(str, choices))}')
 
 
-def check_model(config):
+def check_model(config) -> types.ModuleType:
   _one_of(config, 'model.name', sorted(MODELS))
-  _from_value_error(lambda: MODELS[config.model.name].validate(config.model, config))
+  model = MODELS[config.model.name]
+  _from_value_error(lambda: model.validate(config.model, config))
+  return model
 
 
-def check_task(config):
+def check_task(config, model=None) -> base.Task:
+  """The task, built on `model` (default: the config's) once its keys are checked."""
   _one_of(config, 'task.name', sorted(TASKS))
   d = config.data
   _require(d.global_batch_size > 0, 'data.global_batch_size', 'must be positive')
   _require(0 <= d.max_bad_fraction <= 1, 'data.max_bad_fraction', 'must be in [0, 1]')
   _require(0 < d.warn_wait_share <= 1, 'data.warn_wait_share', 'must be in (0, 1]')
   _require(d.worker_threads >= 0, 'data.worker_threads', 'must be >= 0 (0: half the CPUs)')
-  task = TASKS[config.task.name].Task(config, MODELS[config.model.name])
+  task = TASKS[config.task.name].Task(config, model or MODELS[config.model.name])
   _from_value_error(task.validate)
+  return task
 
 
 def _from_value_error(check):
@@ -54,6 +78,50 @@ def check_optim(config, overridden=()):
   _from_value_error(lambda: optimizer.validate(
       config.optim, config.train.steps, config.train.eval_every, common.optim_config(),
       overridden))
+
+
+def train_config():
+  t = ml_collections.ConfigDict()
+  t.steps = 600
+  t.grad_accum_steps = 1
+  t.log_every = 10
+  t.eval_every = 100
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+  t.on_save_error = 'warn'  # warn | stop, when a checkpoint cannot be written (e.g. disk full)
+  t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
+  t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
+  t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
+  t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
+  # auto (dynamic with model.dtype=float16) | dynamic | none; training/precision.py
+  t.loss_scale = 'auto'
+  t.loss_scale_init = 2.0**15
+  t.loss_scale_period = 2000  # finite steps in a row before the scale doubles
+  # (first step, count): a JAX profiler trace of those steps in WORKDIR/tensorboard, for
+  # TensorBoard's Profile tab; (0, 0): off. Process 0 only, unless profile_all_hosts.
+  t.profile_steps = (0, 0)
+  t.profile_all_hosts = False
+  t.hang_factor = 10.0  # a step this many times the median step time is a hang (0: no watchdog)
+  t.hang_min_seconds = 300.0  # ... but never less than this
+  t.debug_nan_at_step = 0  # fault injection: make this step's loss and gradients NaN
+  t.debug_hang_at_step = 0  # fault injection: hang the host loop at this step
+  return t
+
+
+def early_stop_config():
+  e = ml_collections.ConfigDict()
+  e.metric = ''  # an eval metric of the task, e.g. 'loss' or 'accuracy'; '' turns it off
+  e.mode = 'min'  # min | max: whether smaller or larger is better
+  e.patience = 3  # evaluations without improvement before stopping
+  e.min_delta = 0.0  # an improvement must exceed this
+  return e
+
+
+def finetune_config():
+  f = ml_collections.ConfigDict()
+  f.freeze_backbone = False  # backbone: the parameters `init_from` loaded
+  f.backbone_lr_scale = 1.0  # their learning rate, relative to optim.learning_rate
+  return f
 
 
 def check_train(config):
@@ -100,7 +168,8 @@ def check_health(config):
   _require(h.window > 0, 'health.window', f'must be positive, got {h.window}')
 
 
-def check_mesh(config, num_devices: int, num_processes: int, num_slices: int = 1):
+def check_mesh(config, resolved: Resolved, num_devices: int, num_processes: int,
+               num_slices: int = 1):
   try:
     shape = sharding.mesh_shape(config.mesh, num_devices, num_slices)
   except ValueError as e:
@@ -112,18 +181,13 @@ def check_mesh(config, num_devices: int, num_processes: int, num_slices: int = 1
   _require(config.data.global_batch_size % per_update == 0, 'data.global_batch_size',
            f'{config.data.global_batch_size} is not divisible by {shards} data shards x '
            f'{config.train.grad_accum_steps} micro-batches')
-  validate_sharding = getattr(MODELS[config.model.name], 'validate_sharding', None)
+  validate_sharding = getattr(resolved.model, 'validate_sharding', None)
   if validate_sharding:  # e.g. attention heads that the tensor axis must divide
     ways = lambda name: sharding.shards(sizes, sharding.logical_spec(rules, name)[0])
     _from_value_error(lambda: validate_sharding(config.model, ways))
   _require(config.data.global_batch_size % num_processes == 0, 'data.global_batch_size',
            f'is not divisible by the {num_processes} processes')
-  if 'num_streams' in config.data:  # data read in streams, each owned by one process
-    streams = config.data.num_streams or num_processes
-    _require(streams >= 0 and streams % num_processes == 0, 'data.num_streams',
-             f'{config.data.num_streams} streams cannot be shared by {num_processes} processes')
-    _require(config.data.global_batch_size % streams == 0, 'data.global_batch_size',
-             f'{config.data.global_batch_size} is not divisible by {streams} data streams')
+  _from_value_error(lambda: resolved.task.validate_processes(num_processes))
 
 
 def check_workdir(workdir: str):
@@ -137,28 +201,16 @@ def check_workdir(workdir: str):
   _require(os.access(path, os.W_OK | os.X_OK), '--workdir', f'{path} is not writable')
 
 
-_KERNEL_PLATFORM = {'splash': 'tpu', 'cudnn': 'gpu'}
-
-
-def check_platform(config, platform: str):
-  """Attention kernels that exist on one platform only."""
-  needs = _KERNEL_PLATFORM.get(config.model.get('attention'))
-  if needs is None:
-    return
-  _require(needs in (None, platform), 'model.attention',
-           f'{config.model.attention} runs on {(needs or "").upper()} only, and this run is on '
-           f'{platform.upper()}; use auto')
-
-
 def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
-             platform: str = '', overridden=()):
-  """Raises ConfigError for the first problem found; `platform` ('cpu'|'gpu'|'tpu') if known;
-  `overridden`: the config keys set on the command line."""
-  check_model(config)
-  if platform:
-    check_platform(config, platform)
-  check_task(config)
+             platform: str = '', overridden=()) -> Resolved:
+  """The config's Resolved choices, or ConfigError for the first problem found; `platform`
+  ('cpu'|'gpu'|'tpu') if known; `overridden`: the config keys set on the command line."""
+  model = check_model(config)
+  if platform:  # kernels that exist on one platform only
+    _from_value_error(lambda: platforms.check_platform(config.model, platform))
+  resolved = Resolved(model, check_task(config, model))
   check_train(config)
   check_health(config)
   check_optim(config, overridden)
-  check_mesh(config, num_devices, num_processes, num_slices)
+  check_mesh(config, resolved, num_devices, num_processes, num_slices)
+  return resolved

@@ -61,14 +61,12 @@ def _params(setup, folder: epath.Path) -> dict:
   return state
 
 
-def evaluate(config, workdir: str, split: str, step: str) -> dict:
+def evaluate(config, workdir: str, split: str, step: str, resolved=None) -> dict:
   """The task's eval figures on `split` for the checkpoint `step` picks (see checkpoint_dir),
-  written to WORKDIR/evaluations/ and returned with the step they are of."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.train.eval_every = max(config.train.eval_every, 1)  # tasks build no eval set at 0
+  written to WORKDIR/evaluations/ and returned with the step they are of. `config` needs
+  `train.eval_every` > 0 (tasks build no eval set without it); `resolved`: validation's."""
   mesh = sharding.make_mesh(config.mesh)
-  setup = state_lib.make_setup(config, mesh)
+  setup = state_lib.make_setup(config, mesh, resolved=resolved)
   batches = _batches(setup.task, split)
   folder, step_number = checkpoint_dir(workdir, step)
   try:

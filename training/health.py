@@ -16,12 +16,25 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from tasks.base import Part
 
 STACKED_AXIS = 'layers'  # the logical axis of scanned blocks (models/layers.py)
+
+
+def default_config():
+  h = ml_collections.ConfigDict()
+  # Every this many steps: per-layer gradient, parameter and update norms, and the vanishing /
+  # exploding gradient detector (below). 0: off, and the step computes none of it.
+  h.every = 0
+  h.vanishing_fraction = 1e-4  # a layer whose grad norm is below this x the median's vanishes
+  h.exploding_factor = 1e3  # ... above this x the median layer's explodes
+  h.growth_factor = 100.0  # ... as does one grown this many times over the last `window` checks
+  h.window = 5  # health checks remembered per layer (saved with checkpoints)
+  return h
 
 
 def _stacked(variable) -> bool:

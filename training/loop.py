@@ -24,13 +24,14 @@ from training import state as state_lib
 TrainingHalted = parts_lib.TrainingHalted
 
 
-def train(config, workdir: str, compile_cache: str | None = None) -> int:
+def train(config, workdir: str, compile_cache: str | None = None, resolved=None) -> int:
   """Trains to `config.train.steps` (or `stop_after`, or an early stop), resuming from `workdir`
-  if it has a run. `compile_cache`: a directory for compiled programs, or None. Returns the exit
-  status: exit_codes.DONE, or PREEMPTED when a signal stopped it with its step saved.
+  if it has a run. `compile_cache`: a directory for compiled programs, or None. `resolved`: what
+  config_check.validate returned. Returns the exit status: exit_codes.DONE, or PREEMPTED when a
+  signal stopped it with its step saved.
   """
   mesh = sharding.make_mesh(config.mesh)
-  setup = state_lib.make_setup(config, mesh)
+  setup = state_lib.make_setup(config, mesh, resolved=resolved)
   for line in sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules):
     announce(f'WARNING: {line}')
   record_stats = pipeline.RecordStats()

@@ -16,7 +16,6 @@ from absl import logging
 from etils import epath
 
 from hardware import chips
-from models import MODELS
 from tasks.base import Part
 from training import checkpointing, config_check, optimizer, report, metrics as metrics_lib
 
@@ -270,7 +269,7 @@ class Throughput:
     self._step, self._time = step, time.perf_counter()
     per_example = task.units_per_example()
     self._units_per_step = config.data.global_batch_size * per_example
-    model = MODELS[config.model.name]
+    model = run.setup.model_module
     self._flops_per_unit = model.train_flops_per_example(config.model, config) / per_example
     self._devices = run.mesh.size
     self._peak = chips.peak_flops_per_device(run.mesh.devices.flat[0])  # CPU: measured, ~1 s

@@ -6,17 +6,17 @@ definition is split off once, so the compiled step only ever sees arrays.
 """
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models import MODELS
 from models import platforms
 from parallel import sharding
-from tasks import TASKS, base
-from training import optimizer, precision, warm_start
+from tasks import base
+from training import config_check, optimizer, precision, warm_start
 
 TrainState = dict  # {'step', 'params', ['model_state',] 'opt_state', 'skipped_steps', 'loss_stats',
 #                     ['loss_scale']}
@@ -30,6 +30,7 @@ class Setup:
   param_template: nnx.State  # abstract params with their Variable types and logical axes
   model_state_template: nnx.State  # abstract non-trained variables (may be empty)
   task: base.Task
+  model_module: types.ModuleType  # config.model.name's module (models/__init__.py)
   tx: optax.GradientTransformation
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   shardings: TrainState
@@ -50,10 +51,10 @@ class Setup:
     return state or None
 
 
-def _new_model(config, platform=None):
+def _new_model(config, model_module, platform=None):
   """The model for `platform` (default: JAX's backend); initial parameters never depend on it."""
   model_config = platforms.resolve_for_platform(config.model, platform or jax.default_backend())
-  return MODELS[config.model.name].Model(model_config, rngs=nnx.Rngs(params=config.seed))
+  return model_module.Model(model_config, rngs=nnx.Rngs(params=config.seed))
 
 
 def _to_dict(state):
@@ -61,8 +62,8 @@ def _to_dict(state):
   return {k: _to_dict(v) if isinstance(v, (nnx.State, dict)) else v for k, v in state.items()}
 
 
-def _initial_state(config, tx) -> TrainState:
-  model = _new_model(config)
+def _initial_state(config, model_module, tx) -> TrainState:
+  model = _new_model(config, model_module)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   model_state = Setup.model_state(model)
   return {
@@ -86,15 +87,18 @@ def _optimizer(config, param_template):
   return optimizer.make_optimizer(config.optim, config.train.steps, backbone, scale)
 
 
-def make_setup(config, mesh, platform: str = '') -> Setup:
+def make_setup(config, mesh, platform: str = '',
+               resolved: config_check.Resolved | None = None) -> Setup:
   """The model is built for `platform`, by default the mesh's: an AOT mesh of TPU devices gets
-  the TPU model."""
+  the TPU model. `resolved`: the config's choices as validation made them (default: looked up
+  here, for callers that skip validation)."""
   platform = platform or platforms.mesh_platform(mesh)
+  resolved = resolved or config_check.resolve(config)
   graphdef, param_template, model_state_template = nnx.split(
-      nnx.eval_shape(lambda: _new_model(config, platform)), nnx.Param, MODEL_STATE)
-  task = TASKS[config.task.name].Task(config, MODELS[config.model.name])
+      nnx.eval_shape(lambda: _new_model(config, resolved.model, platform)), nnx.Param,
+      MODEL_STATE)
   tx = _optimizer(config, param_template)
-  abstract = jax.eval_shape(lambda: _initial_state(config, tx))
+  abstract = jax.eval_shape(lambda: _initial_state(config, resolved.model, tx))
   replicated = sharding.replicated(mesh)
   shardings = jax.tree.map(lambda _: replicated, abstract)
   for key, template in (('params', param_template), ('model_state', model_state_template)):
@@ -116,12 +120,14 @@ def make_setup(config, mesh, platform: str = '') -> Setup:
       is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked, jax.ShapeDtypeStruct)))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return Setup(graphdef, param_template, model_state_template, task, tx, abstract, shardings)
+  return Setup(graphdef, param_template, model_state_template, resolved.task, resolved.model, tx,
+               abstract, shardings)
 
 
 def init_state(config, setup: Setup) -> TrainState:
   """Fresh state, each array initialised directly in its shard."""
-  return jax.jit(lambda: _initial_state(config, setup.tx), out_shardings=setup.shardings)()
+  return jax.jit(lambda: _initial_state(config, setup.model_module, setup.tx),
+                 out_shardings=setup.shardings)()
 
 
 def count_params(params) -> int:

@@ -1,12 +1,12 @@
 """Hugging Face weights in and out: GPT-2 and Llama checkpoints <-> the decoder (transformer.py).
 
-python -m training.hf import --hf_dir=DIR --workdir=W [--config=configs/default.py:llama ...]
+python -m tools.hf import --hf_dir=DIR --workdir=W [--config=configs/default.py:llama ...]
     reads DIR/config.json and DIR's safetensors (one file or an index of shards), and writes W/
     as a params-only run: W/config.json (the given config with the checkpoint's shape) and an
     Orbax checkpoint W/state. It prints the `--config.model.*` overrides that, with the same
     --config, build this shape; train from the weights with `--config.init_from=W`, or sample
-    them with `python -m training.sample --workdir=W`.
-python -m training.hf export --workdir=W --out=DIR [--step=N]
+    them with `python -m tools.sample --workdir=W`.
+python -m tools.hf export --workdir=W --out=DIR [--step=N]
     writes a run's newest (or step N's) parameters as DIR/config.json + DIR/model.safetensors,
     which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads.
 
@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from hardware import console, cpu_runtime, paths
 from models import transformer
-from training import sample
+from tools import sample
 
 GPT2, LLAMA = 'gpt2', 'llama'
 _ARCHITECTURES = {GPT2: 'GPT2LMHeadModel', LLAMA: 'LlamaForCausalLM'}
@@ -335,7 +335,7 @@ def main(argv):
   command = ' '.join(argv[1:])
   needed = {'import': ('hf_dir', 'workdir'), 'export': ('workdir', 'out')}
   if command not in needed:
-    console.usage_error(f'give the command: python -m training.hf import|export [flags]; got '
+    console.usage_error(f'give the command: python -m tools.hf import|export [flags]; got '
                         f'{command!r}')
   missing = [f'--{name}' for name in needed[command] if not flags.FLAGS[name].value]
   if missing:

@@ -1,6 +1,6 @@
 """Samples from a trained decoder's newest (or chosen) checkpoint, and exports its decode step.
 
-python -m training.sample --workdir=DIR [--prompt='def ' ...] [--new_tokens=256]
+python -m tools.sample --workdir=DIR [--prompt='def ' ...] [--new_tokens=256]
     [--temperature=0.8] [--top_k=0] [--top_p=1.0] [--seed=0] [--step=N] [--export=FILE]
 
 The model is rebuilt from DIR/config.json and its parameters are read from the checkpoint onto
@@ -38,16 +38,17 @@ def load(workdir: str, step: int = 0):
   if not path.exists():
     raise SampleError(f'{path} does not exist: not a train.py workdir')
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if not hasattr(MODELS[config.model.name].Model, 'decode'):
+  model_module = MODELS[config.model.name]
+  if not hasattr(model_module.Model, 'decode'):
     raise SampleError(f'model.name={config.model.name!r} is not a decoder; nothing to sample')
   # Keys added to the model since the run was written take their defaults.
-  model, data = MODELS[config.model.name].default_config(), language_model.default_data_config()
+  model, data = model_module.default_config(), language_model.default_data_config()
   model.update(config.model)
   data.update(config.data)
   config.model, config.data = model, data
   source = str(epath.Path(workdir) / 'checkpoints' / str(step)) if step else workdir
   graphdef, template = nnx.split(nnx.eval_shape(
-      lambda: MODELS[config.model.name].Model(config.model, rngs=nnx.Rngs(params=0))), nnx.Param)
+      lambda: model_module.Model(config.model, rngs=nnx.Rngs(params=0))), nnx.Param)
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
                           nnx.to_pure_dict(template))
