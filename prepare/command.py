@@ -1,9 +1,9 @@
-"""Prepares a text corpus for training: `python -m data.prepare --input=GLOB --output=DIR [flags]`.
+"""Prepares a text corpus for training: `python -m prepare --input=GLOB --output=DIR [flags]`.
 
 Reads .txt / .jsonl / .parquet files (local or gs://), normalises them, drops what fails the
 quality rules, scrubs PII if asked, drops exact and near duplicates, trains a tokenizer on a
 sample, tokenises, and writes ArrayRecord shards, `dataset.json` and a quality report
-(`report.json`, `report/*.png`). The work is an Apache Beam pipeline (data/prepare_pipeline.py,
+(`report.json`, `report/*.png`). The work is an Apache Beam pipeline (prepare/pipeline.py,
 the `prepare` extra); this module is the command: its options, quiet logs, and one-line errors.
 Runs on the DirectRunner (`--workers=N` processes), or on Flink / Spark / Dataflow with Beam's
 options after `--` (e.g. `-- --runner=DataflowRunner`).
@@ -13,8 +13,9 @@ import dataclasses
 
 from absl import app, flags
 
-from data import cleaning, tokenizers
+from data import tokenizers
 from hardware import console, paths
+from prepare import cleaning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,16 +107,17 @@ def main(argv):
   except ValueError as e:
     console.usage_error(e)
   for module in ('apache_beam', 'datasketch'):
-    console.require(module, 'prepare', 'python -m data.prepare')
-  from data import prepare_pipeline  # pylint: disable=g-import-not-at-top; the extra, checked
+    console.require(module, 'prepare', 'python -m prepare')
+  from prepare import pipeline  # pylint: disable=g-import-not-at-top; the extra, checked
   try:
-    report = prepare_pipeline.run(paths.absolute(flags.FLAGS.input),
+    report = pipeline.run(paths.absolute(flags.FLAGS.input),
                                   paths.absolute(flags.FLAGS.output), options, argv[1:])
   except ValueError as e:
     console.usage_error(e)
   print(_summary(report, flags.FLAGS.output))
 
 
-if __name__ == '__main__':
+def run():
+  """The command line: prepare/__main__.py calls it."""
   _define_flags()
   app.run(main, flags_parser=console.parse_flags)
