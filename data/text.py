@@ -1,8 +1,8 @@
 """Text for the encoder: labelled text sources, [CLS]-first rows, masked-language-model batches.
 
-Token ids, byte level, models/encoder.py's: 0..255 are bytes with PAD_ID = 0 (byte 0 never
-occurs in text); CLS_ID = 256 opens every row, MASK_ID = 257 hides a byte, SEP_ID = 258 joins
-text pairs; VOCAB_SIZE = 264 (the encoder's default) rounds that up to a multiple of 8.
+Token ids, byte level (models/byte_vocab.py, shared with the encoder): 0..255 are bytes with
+PAD_ID = 0 (byte 0 never occurs in text); CLS_ID = 256 opens every row, MASK_ID = 257 hides a
+byte, SEP_ID = 258 joins text pairs; VOCAB_SIZE = 264 rounds that up to a multiple of 8.
 
 `make_text_source(data_cfg, split)` gives a grain RandomAccessDataSource of
 {'inputs': bytes, 'label': int} with `num_classes`, `class_names`, `kind = 'text'` and
@@ -55,10 +55,7 @@ from absl import logging
 from etils import epath
 
 from data import pipeline, sources, splits
-from models import encoder
-from models.encoder import CLS_ID, MASK_ID, PAD_ID, SEP_ID  # noqa: F401  # pylint: disable=unused-import
-
-VOCAB_SIZE = encoder.default_config().vocab_size
+from models.byte_vocab import CLS_ID, PAD_ID
 
 STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
                    'multiprocessing', 'unittest', 'urllib', 'xml')
