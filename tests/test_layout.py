@@ -34,3 +34,34 @@ def test_no_module_imports_a_layer_above_its_own():
 def test_every_package_is_a_layer():
   packages = {p.parent.name for p in pathlib.Path(REPO).glob('*/__init__.py')}
   assert packages - {'tests', 'benchmarks'} == set(LAYERS)
+
+
+def _module_imports(path: pathlib.Path, modules: set[str]):
+  """The checkout's modules that `path` imports, at its top or inside a function."""
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names = [node.module] + [f'{node.module}.{alias.name}' for alias in node.names]
+    else:
+      continue
+    yield from (name for name in names if name in modules)
+
+
+def test_no_import_cycle():
+  paths = {'.'.join(p.relative_to(REPO).with_suffix('').parts): p
+           for layer in LAYERS for p in (pathlib.Path(REPO) / layer).rglob('*.py')}
+  graph = {name: set(_module_imports(path, set(paths))) - {name} for name, path in paths.items()}
+  done, cycles = set(), []
+
+  def visit(name, stack):
+    if name in stack:
+      cycles.append(' -> '.join(stack[stack.index(name):] + [name]))
+    elif name not in done:
+      for imported in sorted(graph[name]):
+        visit(imported, stack + [name])
+      done.add(name)
+
+  for name in sorted(graph):
+    visit(name, [])
+  assert not cycles, cycles
