@@ -1,10 +1,10 @@
-"""Precision and recall of `data.prepare`'s duplicate detection.
+"""Precision and recall of `python -m prepare`'s duplicate detection.
 
 `python benchmarks/dedup_quality.py`
 
 Plants clusters in the standard library's .py files (those of 2 KB or more): for some files,
 1-3 near copies (1-5 words edited) and sometimes an exact copy. Runs exact dedup (content
-hash) and `data.dedup.NearDuplicates` in a Beam pipeline, then compares the pairs it puts in
+hash) and `prepare.dedup.NearDuplicates` in a Beam pipeline, then compares the pairs it puts in
 one cluster with the planted pairs. A flagged pair that was not planted but whose shingle
 Jaccard similarity really reaches the threshold (the standard library has its own near copies)
 counts as correct in `precision`; `precision_planted_only` counts it as wrong. Targets:
@@ -27,7 +27,8 @@ import apache_beam as beam  # pylint: disable=g-import-not-at-top,wrong-import-p
 from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks.prepare_throughput import near_copy  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data import cleaning, dedup, sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prepare import cleaning, dedup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CLUSTERS = flags.DEFINE_integer('clusters', 300, 'originals given planted copies')
 _THRESHOLD = flags.DEFINE_float('threshold', 0.8, 'near-duplicate Jaccard threshold')

@@ -1,4 +1,4 @@
-"""Throughput of `python -m data.prepare`: `python benchmarks/prepare_throughput.py [--copies=4]`.
+"""Throughput of `python -m prepare`: `python benchmarks/prepare_throughput.py [--copies=4]`.
 
 Builds a corpus of several copies of the standard library's .py files (>= 100 MB for 4 copies),
 each copy with half its words given a copy-specific suffix so copies are not duplicates of each
@@ -66,7 +66,7 @@ def build_corpus(directory: str, copies: int) -> int:
 def _run(corpus: str, output: str, workers: int) -> tuple[float, float]:
   """Seconds and peak RSS (GB) of the process tree of one prepare run."""
   start = time.perf_counter()
-  process = psutil.Popen([sys.executable, '-m', 'data.prepare', f'--input={corpus}/*.txt',
+  process = psutil.Popen([sys.executable, '-m', 'prepare', f'--input={corpus}/*.txt',
                           f'--output={output}', f'--workers={workers}'], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   peak = 0

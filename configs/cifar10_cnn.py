@@ -13,30 +13,12 @@ Python version: unpickling a downloaded file can run any code. Also a folder of 
 """
 
 from configs import common
-from configs import fashion_mnist_cnn
-
-CIFAR10_PATH = '/usr/share/datasets/cifar10'
-
-
-def use_cifar10(config):
-  """CIFAR-10's binary files in CIFAR10_PATH (class names from its batches.meta.txt), 32x32
-  colour images, flipped and cropped, batch 128, and a 50,000-image epoch's schedule."""
-  config.model.image_shape = (32, 32, 3)
-  d = config.data
-  d.source, d.name, d.path, d.augment = 'cifar_bin', 'cifar10', CIFAR10_PATH, 'flip,crop'
-  d.global_batch_size = 128
-  t = config.train
-  t.log_every, t.eval_every, t.checkpoint_every = 100, 391, 391  # evaluate once an epoch
 
 
 def get_config(presets: str = ''):
-  config = common.build('classification', 'cnn')
-  use_cifar10(config)
+  config = common.image_config('cnn', 'cifar10')
   m = config.model
   m.conv_features, m.kernel_size, m.dense_dim, m.dropout_rate = (32, 64), 3, 512, 0.5
-  o = config.optim
-  o.learning_rate, o.warmup_steps, o.final_lr_fraction = 1e-3, 400, 0.01
-  o.adamw.weight_decay, o.adamw.b2 = 5e-4, 0.999
+  config.optim.learning_rate = 1e-3
   config.train.steps = 19550  # 50 epochs of 50,000 at batch 128
-  return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
-                              fashion_mnist_cnn.apply_preset)
+  return common.apply_presets(config, presets, common.IMAGE_PRESETS, common.image_preset)

@@ -30,12 +30,8 @@ def apply_preset(config, preset):
   elif preset in ('llama3_8b', 'llama_1b'):
     _llama_size(config, preset)
   elif preset == 'tiny':
-    m.num_layers, m.num_heads, m.num_kv_heads, m.embed_dim, m.mlp_dim = 2, 4, 4, 32, 128
-    m.max_len = config.data.seq_len = 32
-    config.data.global_batch_size = 8
-    config.train.update(steps=8, log_every=1, eval_every=4, checkpoint_every=4)
+    common.tiny_transformer(config)
     config.task.update(eval_batches=1, num_samples=1, sample_length=16)
-    config.optim.warmup_steps = 2
 
 
 def _llama_size(config, preset):

@@ -8,7 +8,6 @@ back. Without init_from, the same encoder trains from scratch: the baseline.
 """
 
 from configs import common
-from configs import encoder_mlm
 from data import text
 
 
@@ -24,4 +23,4 @@ def get_config(presets: str = ''):
   config.optim.learning_rate, config.optim.warmup_steps = 5e-4, 50
   config.train.steps, config.train.eval_every, config.train.checkpoint_every = 1000, 250, 250
   return common.apply_presets(config, presets, ('tiny',),
-                              lambda config, _: encoder_mlm.tiny_encoder(config))
+                              lambda config, _: common.tiny_transformer(config))

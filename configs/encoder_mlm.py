@@ -22,15 +22,5 @@ def get_config(presets: str = ''):
 
 def apply_preset(config, preset):
   if preset == 'tiny':
-    tiny_encoder(config)
+    common.tiny_transformer(config)
     config.task.eval_batches = 1
-
-
-def tiny_encoder(config):
-  """A minimal encoder and a short run, for tests and smoke checks (shared with fine-tuning)."""
-  m = config.model
-  m.num_layers, m.num_heads, m.num_kv_heads, m.embed_dim, m.mlp_dim = 2, 4, 4, 32, 128
-  m.max_len = config.data.seq_len = 32
-  config.data.global_batch_size = 8
-  config.train.update(steps=8, log_every=1, eval_every=4, checkpoint_every=4)
-  config.optim.warmup_steps = 2

@@ -8,16 +8,13 @@ smoothing gave 0.9286; three stages of two blocks (175K parameters) 0.9261.
 """
 
 from configs import common
-from configs import fashion_mnist_cnn
 
 
 def get_config(presets: str = ''):
-  config = fashion_mnist_cnn.base_config('resnet')
-  config.model.image_shape = (28, 28, 1)
+  config = common.image_config('resnet', 'fashion_mnist')
   config.model.stage_sizes, config.model.width = (1, 2, 2, 2), 16
   config.data.augment = 'flip,crop'
   config.optim.adamw.weight_decay = 5e-4
   config.task.label_smoothing = 0.1
   config.train.steps = 9380  # 20 epochs of 60,000 at batch 128
-  return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
-                              fashion_mnist_cnn.apply_preset)
+  return common.apply_presets(config, presets, common.IMAGE_PRESETS, common.image_preset)

@@ -10,21 +10,9 @@ on a machine with internet, then `--config.data.tfds_data_dir` if not in the def
 """
 
 from configs import common
-from configs import fashion_mnist_cnn
-
-MNIST_PATH = '/usr/share/datasets/mnist'
-
-
-def use_mnist(config):
-  """The MNIST digits from IDX files in MNIST_PATH, classes '0'..'9'."""
-  d = config.data
-  d.source, d.name, d.path = 'idx', 'mnist', MNIST_PATH
-  d.class_names = ()
 
 
 def get_config(presets: str = ''):
-  config = fashion_mnist_cnn.base_config()
-  use_mnist(config)
+  config = common.image_config('cnn', 'mnist')
   config.train.steps = 2345  # 5 epochs
-  return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
-                              fashion_mnist_cnn.apply_preset)
+  return common.apply_presets(config, presets, common.IMAGE_PRESETS, common.image_preset)

@@ -9,14 +9,10 @@ the parallelism ones (`dp`, `fsdp`, `fsdp_tp`).
 """
 
 from configs import common
-from configs import fashion_mnist_cnn
-from configs import mnist_cnn
 
 
 def get_config(presets: str = ''):
-  config = fashion_mnist_cnn.base_config('mlp')
-  mnist_cnn.use_mnist(config)
+  config = common.image_config('mlp', 'mnist')
   config.optim.learning_rate = 1e-3
   config.train.steps = 4690  # 10 epochs of 60,000 at batch 128
-  return common.apply_presets(config, presets, fashion_mnist_cnn.PRESETS,
-                              fashion_mnist_cnn.apply_preset)
+  return common.apply_presets(config, presets, common.IMAGE_PRESETS, common.image_preset)

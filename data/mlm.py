@@ -9,7 +9,8 @@ import grain
 import numpy as np
 
 from data import pipeline
-from data.text import CLS_ID, MASK_ID, PAD_ID, cls_row
+from data.text import cls_row
+from models.byte_vocab import CLS_ID, MASK_ID, PAD_ID
 
 
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, mask_rate: float = 0.15):

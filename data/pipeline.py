@@ -239,9 +239,9 @@ def _fewer_documents_fix(source) -> str:
   if not isinstance(source, sources.PreparedSource):
     return f'give more documents, or {fewer_streams}'
   if source.split == 'eval':
-    return (f're-run python -m data.prepare with a larger --eval_percent, {fewer_streams}, or '
+    return (f're-run python -m prepare with a larger --eval_percent, {fewer_streams}, or '
             'train without eval (--config.train.eval_every=0)')
-  return f're-run python -m data.prepare with more documents, or {fewer_streams}'
+  return f're-run python -m prepare with more documents, or {fewer_streams}'
 
 
 def _stream(source, stream, num_streams, *, seq_len, rows, seed, shuffle, threads, load):

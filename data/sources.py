@@ -90,7 +90,7 @@ class TfdsTextSource(grain.sources.RandomAccessDataSource):
 
 
 class PreparedDataset:
-  """A directory written by `python -m data.prepare`, as its dataset.json describes it."""
+  """A directory written by `python -m prepare`, as its dataset.json describes it."""
 
   def __init__(self, path: str, key: str = 'data.path'):
     self.path, self._key = str(path).rstrip('/'), key

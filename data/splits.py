@@ -24,10 +24,25 @@ def validation_split_name(data_cfg) -> str:
                  if (epath.Path(d.path) / n).is_dir() and (epath.Path(d.path) / d.train_split)
                  .is_dir()), '')
   if d.source == 'tfds' and _tfds_splits(d.name, d.tfds_data_dir) & {'validation'}:
-    from data import text  # pylint: disable=g-import-not-at-top; text sources are optional
-    # glue's test labels are hidden: its validation split is the one that tests.
-    return '' if text.tfds_test_split(d) == 'validation' else 'validation'
+    return '' if tfds_test_split(d) == 'validation' else 'validation'
   return ''
+
+
+# TFDS datasets whose usual test split is not 'test': glue's test labels are hidden, so its
+# validation split is the one that tests.
+TFDS_TEST_SPLITS = {'glue/sst2': 'validation'}
+
+
+def tfds_entry(table: dict, name: str):
+  """`table`'s value for the TFDS dataset `name` (a key also stands for its versions, `k:1.0.0`,
+  and its configs, `k/...`), or None."""
+  base = name.split(':')[0]
+  return next((v for k, v in table.items() if base == k or base.startswith(k + '/')), None)
+
+
+def tfds_test_split(data_cfg) -> str:
+  """The TFDS split that tests: data.test_split, or for '' the dataset's usual one."""
+  return data_cfg.test_split or tfds_entry(TFDS_TEST_SPLITS, data_cfg.name) or 'test'
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,8 +1,8 @@
 """Text for the encoder: labelled text sources, [CLS]-first rows, masked-language-model batches.
 
-Token ids, byte level, models/encoder.py's: 0..255 are bytes with PAD_ID = 0 (byte 0 never
-occurs in text); CLS_ID = 256 opens every row, MASK_ID = 257 hides a byte, SEP_ID = 258 joins
-text pairs; VOCAB_SIZE = 264 (the encoder's default) rounds that up to a multiple of 8.
+Token ids, byte level (models/byte_vocab.py, shared with the encoder): 0..255 are bytes with
+PAD_ID = 0 (byte 0 never occurs in text); CLS_ID = 256 opens every row, MASK_ID = 257 hides a
+byte, SEP_ID = 258 joins text pairs; VOCAB_SIZE = 264 rounds that up to a multiple of 8.
 
 `make_text_source(data_cfg, split)` gives a grain RandomAccessDataSource of
 {'inputs': bytes, 'label': int} with `num_classes`, `class_names`, `kind = 'text'` and
@@ -55,16 +55,13 @@ from absl import logging
 from etils import epath
 
 from data import pipeline, sources, splits
-from models import encoder
-from models.encoder import CLS_ID, MASK_ID, PAD_ID, SEP_ID  # noqa: F401  # pylint: disable=unused-import
-
-VOCAB_SIZE = encoder.default_config().vocab_size
+from models.byte_vocab import CLS_ID, PAD_ID
 
 STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
                    'multiprocessing', 'unittest', 'urllib', 'xml')
 _TEST_FOLDERS = {'test', 'tests', 'idle_test'}  # unittest's tests moved out in 3.12: skip them all
-# Known text datasets: (text feature, the split that tests; glue's test labels are hidden).
-TFDS_TEXT = {'imdb_reviews': ('text', 'test'), 'glue/sst2': ('sentence', 'validation')}
+# Known text datasets: their text feature (the split that tests: data/splits.py).
+TFDS_TEXT = {'imdb_reviews': 'text', 'glue/sst2': 'sentence'}
 _INT = re.compile(r'-?\d+')
 
 
@@ -145,11 +142,6 @@ class TfdsTextClassificationSource(grain.sources.RandomAccessDataSource):
     return f'{self._name}[{self._split}] record {index}'
 
 
-def _known_tfds(name: str):
-  base = name.split(':')[0]
-  return next((v for k, v in TFDS_TEXT.items() if base == k or base.startswith(k + '/')), None)
-
-
 def _tfds_data_source(tfds, name, split, data_dir):
   where = data_dir or tfds.core.constants.DATA_DIR
   try:  # download=False: a missing dataset is an error here, never a download mid-run
@@ -168,8 +160,8 @@ def _text_key(tfds, name, features, text_key) -> str:
   """text_key, or the dataset's text feature for '' and for 'text' (the CSV default) if absent."""
   if text_key in features or text_key not in ('', 'text'):
     return text_key
-  if _known_tfds(name):
-    return _known_tfds(name)[0]
+  if splits.tfds_entry(TFDS_TEXT, name):
+    return splits.tfds_entry(TFDS_TEXT, name)
   texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
   if len(texts) != 1:
     raise ValueError(f'data.text_key: set it to one of the text features of {name}: {texts}')
@@ -178,7 +170,7 @@ def _text_key(tfds, name, features, text_key) -> str:
 
 def is_text_tfds(name: str, data_dir: str = '') -> bool:
   """Whether TFDS dataset `name` holds text: a known one, or one with a Text feature."""
-  if _known_tfds(name):
+  if splits.tfds_entry(TFDS_TEXT, name):
     return True
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
@@ -354,18 +346,14 @@ def stdlib_packages_source(seq_len: int, split: str, test_percent: int):
   return TextClassificationSource(texts, labels, names, STDLIB_PACKAGES)
 
 
-def tfds_test_split(data_cfg) -> str:
-  """The TFDS split that tests: data.test_split, or for '' the dataset's usual one."""
-  return data_cfg.test_split or (_known_tfds(data_cfg.name) or ('', 'test'))[1]
-
-
 def make_text_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
   """The labelled texts of `split` ('train', 'test', or 'validation' when it is a named split)
   for data_cfg.source."""
   if split not in ('train', 'validation', 'test'):
     raise ValueError(f'split {split!r} is not train, validation or test')
   if data_cfg.source == 'tfds':
-    tfds_split = {'train': data_cfg.train_split or 'train', 'test': tfds_test_split(data_cfg),
+    tfds_split = {'train': data_cfg.train_split or 'train',
+                  'test': splits.tfds_test_split(data_cfg),
                   'validation': splits.validation_split_name(data_cfg)}[split]
     return TfdsTextClassificationSource(
         data_cfg.name, tfds_split, data_dir=data_cfg.tfds_data_dir, text_key=data_cfg.text_key,

@@ -1,6 +1,6 @@
 """What podium's tools print: their own lines on the terminal, every library's log in a file.
 
-Each tool (train.py, tools.sample, tools.hf, data.prepare) calls, once, in its `main`:
+Each tool (train.py, tools.sample, tools.hf, prepare) calls, once, in its `main`:
 
   console.quiet_libraries(console.verbose())  # first, before JAX starts a backend
   ...
@@ -17,7 +17,7 @@ including those logged before it was opened; in a bucket it is rewritten whole e
 Bad input is one line on stderr and exit status 2 (`usage_error`, and `parse_flags` for absl's
 own flag errors); a missing optional
 dependency is such a line naming the extra that installs it (`require`). This sits in the
-lowest layer so that every layer's tools (data.prepare too) can use it.
+lowest layer so that every layer's tools (prepare too) can use it.
 """
 
 import atexit
@@ -173,9 +173,10 @@ def _discard_log():
 
 
 def program() -> str:
-  """The running tool as typed: 'train.py', or 'tools.sample' for `python -m tools.sample`."""
+  """The running tool as typed: 'train.py', 'tools.sample' for `python -m tools.sample`,
+  'prepare' for `python -m prepare` (a package's __main__)."""
   spec = getattr(sys.modules.get('__main__'), '__spec__', None)
-  return spec.name if spec else os.path.basename(sys.argv[0])
+  return spec.name.removesuffix('.__main__') if spec else os.path.basename(sys.argv[0])
 
 
 def usage_error(message) -> NoReturn:
@@ -197,7 +198,7 @@ def parse_flags(argv):
 
 def require(module: str, extra: str, purpose: str) -> None:
   """Exits as `usage_error` with the install line unless `module` imports (a missing or a broken
-  install alike); `purpose`: what needs it, e.g. '--compile_only' or 'python -m data.prepare'."""
+  install alike); `purpose`: what needs it, e.g. '--compile_only' or 'python -m prepare'."""
   try:
     importlib.import_module(module)
   except ImportError:

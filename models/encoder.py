@@ -10,9 +10,9 @@ its head fresh. Two heads:
             (pool='cls'), or the mean over the non-padding tokens (pool='mean'); dropout, then
             a dense classifier.
 
-Tokens are bytes 0..255 plus specials (below); PAD (byte 0, which text never contains) is never
-attended to: the blocks get a key mask `tokens != PAD_ID`. A padding position's own output is
-computed but means nothing; losses and pooling must ignore it.
+Tokens are bytes 0..255 plus specials (models/byte_vocab.py); PAD (byte 0, which text never
+contains) is never attended to: the blocks get a key mask `tokens != PAD_ID`. A padding
+position's own output is computed but means nothing; losses and pooling must ignore it.
 
 Tensor names carry their shapes: B batch, L length, D embed, V vocab, N classes.
 """
@@ -23,13 +23,9 @@ import ml_collections
 from flax import nnx
 
 from models import checks, flops, layers, platforms
+from models.byte_vocab import PAD_ID, SEP_ID, VOCAB_SIZE
 from parallel.sharding import constrain
 
-# Token ids, shared with the data pipeline: bytes are themselves, specials follow them.
-PAD_ID = 0  # padding: never attended to
-CLS_ID = 256  # first token of an example; its output is what pool='cls' classifies
-MASK_ID = 257  # a token hidden from the masked-language model
-SEP_ID = 258  # separates the segments of a sentence pair
 HEADS = ('mlm', 'classify')
 POOLS = ('cls', 'mean')
 
@@ -38,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Every key this model reads (`config.model`): a BERT-style encoder at CPU scale."""
   m = layers.default_config()
   m.name = 'encoder'
-  m.vocab_size = 264  # 256 bytes, CLS, MASK, SEP, rounded up to a multiple of 8
+  m.vocab_size = VOCAB_SIZE  # 256 bytes, CLS, MASK, SEP, rounded up to a multiple of 8
   m.head = 'mlm'  # mlm (pretraining) | classify (fine-tuning)
   m.num_classes = 2  # head='classify'
   m.head_init = 'zeros'  # head='classify': zeros (first loss ln(num_classes)) | checks.INITS

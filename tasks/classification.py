@@ -24,7 +24,7 @@ import optax
 
 from data import augment
 from data import classification as data_lib
-from tasks import base
+from tasks import base, reports
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -122,7 +122,7 @@ class Task(base.Task):
     count = max(float(sums['count']), 1.0)
     figures = {'loss': float(sums['loss_sum']) / count,
                'accuracy': float(np.trace(sums['confusion'])) / count,
-               'macro_f1': float(np.mean(per_class(sums['confusion'])['f1']))}
+               'macro_f1': float(np.mean(reports.per_class(sums['confusion'])['f1']))}
     if sums['confusion'].shape[0] > self.config.task.top_k:
       figures[f'top{self.config.task.top_k}_accuracy'] = float(sums['top_k_correct']) / count
     return figures
@@ -166,7 +166,6 @@ class Task(base.Task):
                f'{tuple(m.image_shape)}, but the images of {source!r} are {shape}')
 
   def parts(self, run):
-    from tasks import reports  # pylint: disable=g-import-not-at-top; matplotlib is slow to load
     histogram = ([] if self.class_counts is None else
                  [reports.ClassHistogram(run, self.class_names, self.class_counts)])
     return [reports.ConfusionMatrix(self.class_names), *histogram]
@@ -178,19 +177,6 @@ def cross_entropy(logits_BxC, labels_B, smoothing: float):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
   targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), smoothing)
   return optax.softmax_cross_entropy(logits_BxC, targets_BxC)
-
-
-def per_class(confusion) -> dict[str, np.ndarray]:
-  """Precision, recall and F1 per class from a [true, predicted] confusion matrix (0 where a
-  class was never predicted or never present)."""
-  confusion = np.asarray(confusion, np.float64)
-  hits = np.diag(confusion)
-  predicted, present = confusion.sum(axis=0), confusion.sum(axis=1)
-  precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
-  recall = np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)
-  both = precision + recall
-  f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
-  return {'precision': precision, 'recall': recall, 'f1': f1, 'support': present}
 
 
 def _require(ok, key, message):

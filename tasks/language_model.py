@@ -53,7 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.source = 'stdlib'  # stdlib | files | tfds | arrayrecord
   d.files = ''  # glob for source=files, e.g. '/data/books/**/*.txt'
-  d.path = ''  # for source=arrayrecord: a prepared dataset directory (python -m data.prepare)
+  d.path = ''  # for source=arrayrecord: a prepared dataset directory (python -m prepare)
   # For source=arrayrecord instead of path: prepared directories drawn from in proportion to
   # their weights (normalised), e.g. '/data/web:0.7,gs://b/code:0.3'. One tokenizer for all.
   d.mixture = ''

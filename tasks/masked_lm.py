@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from data import mlm, sources, text
+from data import mlm, sources
+from models import byte_vocab
 from tasks import base, language_model
 
 _EVAL_SEED = 20_251_129
@@ -41,8 +42,8 @@ class Task(base.Task):
     _require(self.config.model.get('head') == 'mlm', 'model.head',
              f'task.name=mlm needs an encoder with head=mlm, got model.name='
              f'{self.config.model.name!r}')
-    _require(self.config.model.vocab_size >= text.VOCAB_SIZE, 'model.vocab_size',
-             f'{self.config.model.vocab_size} < {text.VOCAB_SIZE}: bytes and special tokens')
+    _require(self.config.model.vocab_size >= byte_vocab.VOCAB_SIZE, 'model.vocab_size',
+             f'{self.config.model.vocab_size} < {byte_vocab.VOCAB_SIZE}: bytes and special tokens')
     _require(d.source in ('stdlib', 'files', 'tfds'), 'data.source',
              f'{d.source!r} is not one of stdlib, files, tfds')
     _require(d.seq_len > 1, 'data.seq_len', f'must be > 1, got {d.seq_len}')

@@ -1,5 +1,6 @@
 """Classification reports: the confusion matrices (JSON and PNG) of the validation and test
-splits, and the training split's class histogram at the start of a run."""
+splits with their per-class scores (`per_class`, whose F1 also gives the task's macro-F1), and
+the training split's class histogram at the start of a run."""
 
 import io
 import json
@@ -9,7 +10,6 @@ from etils import epath
 import numpy as np
 
 from tasks import base
-from tasks.classification import per_class
 
 
 class ConfusionMatrix(base.Part):
@@ -76,3 +76,16 @@ def _plot(confusion, class_names, title) -> bytes:
   figure.savefig(png, format='png', dpi=100)
   pyplot.close(figure)
   return png.getvalue()
+
+
+def per_class(confusion) -> dict[str, np.ndarray]:
+  """Precision, recall and F1 per class from a [true, predicted] confusion matrix (0 where a
+  class was never predicted or never present)."""
+  confusion = np.asarray(confusion, np.float64)
+  hits = np.diag(confusion)
+  predicted, present = confusion.sum(axis=0), confusion.sum(axis=1)
+  precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+  recall = np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)
+  both = precision + recall
+  f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+  return {'precision': precision, 'recall': recall, 'f1': f1, 'support': present}

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from models import attention, encoder, flops
+from models import attention, byte_vocab, encoder, flops
 from models.platforms import resolve_for_platform
 from parallel import sharding
 
@@ -39,9 +39,9 @@ def _model(m, platform='cpu'):
 def _tokens(lengths=(16, 12, 9, 16, 5, 1, 14, 3), seed=0):
   """[CLS] then bytes 1..255, PAD after each row's length."""
   body = jax.random.randint(jax.random.key(seed), (len(lengths), LENGTH), 1, 256)
-  tokens = body.at[:, 0].set(encoder.CLS_ID)
+  tokens = body.at[:, 0].set(byte_vocab.CLS_ID)
   real = jnp.arange(LENGTH)[None, :] < jnp.array(lengths)[:, None]
-  return jnp.where(real, tokens, encoder.PAD_ID)
+  return jnp.where(real, tokens, byte_vocab.PAD_ID)
 
 
 # Compiled: op by op, the forward pass would dispatch hundreds of small ops.
@@ -50,7 +50,7 @@ _encode = nnx.jit(lambda model, tokens: model.encode(tokens))
 
 
 def _real(tokens):
-  return np.asarray(tokens != encoder.PAD_ID)
+  return np.asarray(tokens != byte_vocab.PAD_ID)
 
 
 @pytest.mark.parametrize('head, pool', [('mlm', 'cls'), ('classify', 'cls'),
@@ -168,7 +168,7 @@ def _loss(model, tokens, labels, dropout_key=None):
   if model.cfg.head == 'classify':
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-  real = tokens != encoder.PAD_ID
+  real = tokens != byte_vocab.PAD_ID
   return jnp.sum(losses * real) / jnp.sum(real)
 
 

@@ -16,7 +16,7 @@ TOOLS = {
     ('-m', 'train'): '--workdir',
     ('-m', 'tools.sample'): '--new_tokens',
     ('-m', 'tools.hf'): '--hf_dir',
-    ('-m', 'data.prepare'): '--eval_percent',
+    ('-m', 'prepare'): '--eval_percent',
 }
 
 

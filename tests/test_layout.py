@@ -10,7 +10,8 @@ from tests.conftest import REPO
 # Lowest first.
 # configs/ sits above training/: a config is assembled from the sections their owners declare
 # (training/config_check.py, training/health.py, parallel/sharding.py).
-LAYERS = ('hardware', 'parallel', 'models', 'data', 'tasks', 'training', 'configs', 'tools')
+LAYERS = ('hardware', 'parallel', 'models', 'data', 'prepare', 'tasks', 'training', 'configs',
+          'tools')
 # The one import still against that order: check_optim reads configs/common.py's `optim`
 # section, which issue 20 part 1 replaces by the optimiser registry; drop this entry then.
 _PENDING = {'training/config_check.py imports configs'}
@@ -63,3 +64,23 @@ def test_the_trainer_names_no_task_and_no_model():
            for module in _imported_modules(path)
            if module.split('.')[0] in ('models', 'tasks') and module not in ENGINE_MAY_IMPORT]
   assert not named, named
+
+
+def test_no_import_cycle():
+  paths = {'.'.join(p.relative_to(REPO).with_suffix('').parts): p
+           for layer in LAYERS for p in (pathlib.Path(REPO) / layer).rglob('*.py')}
+  graph = {name: {m for m in _imported_modules(path) if m in paths} - {name}
+           for name, path in paths.items()}
+  done, cycles = set(), []
+
+  def visit(name, stack):
+    if name in stack:
+      cycles.append(' -> '.join(stack[stack.index(name):] + [name]))
+    elif name not in done:
+      for imported in sorted(graph[name]):
+        visit(imported, stack + [name])
+      done.add(name)
+
+  for name in sorted(graph):
+    visit(name, [])
+  assert not cycles, cycles

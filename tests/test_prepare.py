@@ -1,4 +1,4 @@
-"""`python -m data.prepare`: cleaning rules, dedup, the report, reruns, bad input and the shards,
+"""`python -m prepare`: cleaning rules, dedup, the report, reruns, bad input and the shards,
 on a small planted corpus run through Beam's local runner."""
 
 import collections
@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import cleaning, dedup, pipeline, prepare, prepare_io, prepare_pipeline, sources
-from data import tokenizers
+from data import pipeline, sources, tokenizers
+from prepare import cleaning, command, dedup, storage
+from prepare import pipeline as prepare_pipeline
 from tests.conftest import REPO
 from tests.test_prepared_data import write_prepared
 
@@ -90,7 +91,7 @@ def _write_corpus(root) -> dict:
 
 
 def _prepare(input_pattern: str, output: str, **options) -> dict:
-  return prepare_pipeline.run(input_pattern, output, prepare.Options(**options))
+  return prepare_pipeline.run(input_pattern, output, command.Options(**options))
 
 
 @pytest.fixture(scope='module')
@@ -261,12 +262,12 @@ def test_near_dup_threshold_without_lsh_banding_is_a_one_line_error(tmp_path):
 ])
 def test_bad_options_are_one_line_errors(options, message):
   with pytest.raises(ValueError, match=re.escape(message)):
-    prepare.Options(**options).validate()
+    command.Options(**options).validate()
 
 
 def _splits(hashes, eval_percent):
   """Each hash's split, as the shards stage chooses it (NoEmptySplit over two merged halves)."""
-  fn = prepare_io.NoEmptySplit(eval_percent)
+  fn = storage.NoEmptySplit(eval_percent)
   halves = [functools.reduce(fn.add_input, part, fn.create_accumulator())
             for part in (hashes[::2], hashes[1::2])]
   moved = fn.extract_output(fn.merge_accumulators(halves))
@@ -274,7 +275,7 @@ def _splits(hashes, eval_percent):
 
 
 def _hashed_splits(hashes, eval_percent, moved=None):
-  return [prepare_io.split_and_shard(h, eval_percent, {'train': 2, 'eval': 1}, moved or {})[0]
+  return [storage.split_and_shard(h, eval_percent, {'train': 2, 'eval': 1}, moved or {})[0]
           for h in hashes]
 
 
@@ -293,7 +294,7 @@ def test_no_split_is_empty_and_each_document_keeps_its_hashed_split():
 
 def _run_cli(cwd, *args, env=None):
   env = {**os.environ, 'PYTHONPATH': REPO, **(env or {})}
-  return subprocess.run([sys.executable, '-m', 'data.prepare', *args], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, '-m', 'prepare', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, check=False)
 
 
@@ -342,7 +343,7 @@ def test_unusable_input_is_refused_and_leaves_no_dataset(run, tmp_path):
 def test_cli_exits_2_with_one_line(tmp_path):
   result = _run_cli(tmp_path, '--input=none*.txt', '--output=out')
   assert result.returncode == 2
-  assert result.stderr == f"data.prepare: error: input: no files match '{tmp_path}/none*.txt'\n"
+  assert result.stderr == f"prepare: error: input: no files match '{tmp_path}/none*.txt'\n"
   assert not (tmp_path / 'out').exists()
 
 
@@ -354,7 +355,7 @@ def test_without_the_prepare_extra_one_line_says_what_to_install(tmp_path):
   env = {'PYTHONPATH': f'{tmp_path / "blocked"}{os.pathsep}{REPO}'}
   result = _run_cli(tmp_path, '--input=a.txt', '--output=out', env=env)
   assert result.returncode == 2
-  assert result.stderr == ("data.prepare: error: python -m data.prepare needs apache_beam, from "
+  assert result.stderr == ("prepare: error: python -m prepare needs apache_beam, from "
                            "podium's prepare extra: pip install -e '.[prepare]'\n")
   usage = _run_cli(tmp_path, '--help', env=env)  # --help needs no extra
   assert '--eval_percent' in usage.stdout and usage.stderr == ''
@@ -364,6 +365,6 @@ def test_training_on_an_empty_eval_split_names_the_fix(tmp_path):
   path = write_prepared(tmp_path / 'prepared', {'train': [[1, 2, 3]] * 2, 'eval': []})
   source = sources.PreparedDataset(path).source('eval')
   with pytest.raises(ValueError, match=re.escape(
-      'has fewer documents than the 1 streams: re-run python -m data.prepare with a larger '
+      'has fewer documents than the 1 streams: re-run python -m prepare with a larger '
       '--eval_percent')):
     pipeline.batches(source, seq_len=8, batch_size=1, seed=0, shuffle=False)

@@ -18,7 +18,7 @@ from training import config_check, metrics
 
 
 def write_prepared(directory, splits, tokenizer='bytes', vocab_size=256, eos_id=0):
-  """A prepared dataset (contract: data/prepare.py's output): `splits` maps each split to its
+  """A prepared dataset (contract: prepare/storage.py's output): `splits` maps each split to its
   documents' token ids, one ArrayRecord file per split; `tokenizer`: 'bytes' or a file copied in."""
   os.makedirs(directory, exist_ok=True)
   described = {}

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import fashion_mnist_cnn
+from configs import common, fashion_mnist_cnn
 from data import classification as data_classification
 from data import images as images_lib
 from models import MODELS
@@ -287,7 +287,7 @@ def test_mixup_cutmix_and_reweighting_train_and_the_class_histogram_is_reported(
           in result.stdout)
   summary = json.loads((tmp_path / 'summary.json').read_text())
   assert list(summary['train_classes'].values()) == counts.tolist()
-  assert summary['train_classes'].keys() == set(fashion_mnist_cnn.base_config().data.class_names)
+  assert summary['train_classes'].keys() == set(common.FASHION_MNIST_CLASSES)
   assert np.isfinite(summary['last']['train/loss']) and 'eval/accuracy' in summary['last']
 
 

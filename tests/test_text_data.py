@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data import mlm, pipeline, sources, text
+from models import byte_vocab
 
 
 def _cfg(**overrides):
@@ -20,15 +21,15 @@ def _cfg(**overrides):
 
 
 def test_token_ids_are_the_documented_ones():
-  """Bytes are themselves, byte 0 pads, the specials follow the bytes (data/text.py's doc)."""
-  ids = (text.PAD_ID, text.CLS_ID, text.MASK_ID, text.SEP_ID, text.VOCAB_SIZE)
-  assert ids == (0, 256, 257, 258, 264)
+  """Bytes are themselves, byte 0 pads, the specials follow the bytes (models/byte_vocab.py)."""
+  v = byte_vocab
+  assert (v.PAD_ID, v.CLS_ID, v.MASK_ID, v.SEP_ID, v.VOCAB_SIZE) == (0, 256, 257, 258, 264)
 
 
 def test_encode_for_classification():
   row = text.encode_for_classification(b'hi!', 6)
-  assert row.dtype == np.int32 and row.tolist() == [text.CLS_ID, 104, 105, 33, 0, 0]
-  assert text.encode_for_classification(b'abcdefgh', 4).tolist() == [text.CLS_ID, 97, 98, 99]
+  assert row.dtype == np.int32 and row.tolist() == [byte_vocab.CLS_ID, 104, 105, 33, 0, 0]
+  assert text.encode_for_classification(b'abcdefgh', 4).tolist() == [byte_vocab.CLS_ID, 97, 98, 99]
 
 
 def _write_csv(path, rows, header=('text', 'label')):
@@ -205,12 +206,12 @@ def test_masking_follows_bert(tmp_path):
                               for k in ('inputs', 'targets', 'weights'))
   assert inputs.dtype == targets.dtype == np.int32 and weights.dtype == np.float32
   original = _original({'inputs': inputs, 'targets': targets, 'weights': weights})
-  real = (original != text.PAD_ID) & (original != text.CLS_ID)
+  real = (original != byte_vocab.PAD_ID) & (original != byte_vocab.CLS_ID)
   masked = weights > 0
-  assert (original[:, 0] == text.CLS_ID).all() and not masked[~real].any()
+  assert (original[:, 0] == byte_vocab.CLS_ID).all() and not masked[~real].any()
   assert abs(masked.sum() / real.sum() - 0.15) < 0.01
   assert (targets[masked] == original[masked]).all() and (targets[~masked] == 0).all()
-  mask_token = inputs[masked] == text.MASK_ID
+  mask_token = inputs[masked] == byte_vocab.MASK_ID
   unchanged = inputs[masked] == original[masked]
   assert abs(mask_token.mean() - 0.8) < 0.03 and abs(unchanged.mean() - 0.1) < 0.02
   replaced = inputs[masked][~mask_token & ~unchanged]

@@ -1,4 +1,4 @@
-"""The Apache Beam pipeline of `python -m data.prepare` (data/prepare.py: the command, its options).
+"""The Apache Beam pipeline of `python -m prepare` (prepare/command.py: the command, its options).
 
 `run(input, output, options)` reads the files, cleans and deduplicates the documents, trains the
 tokenizer and writes the shards, `dataset.json` and the report. Three stages (clean, tokenizer,
@@ -22,9 +22,10 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.transforms import environments
 from etils import epath
 
-from data import cleaning, dedup, prepare_io, tokenizers
-from data import prepare_report as report_lib
-from data.prepare_report import event
+from data import tokenizers
+from prepare import cleaning, dedup, storage
+from prepare import report as report_lib
+from prepare.report import event
 
 EVENTS = 'events'
 TOKENIZER_FILES = {'sentencepiece': 'tokenizer.model', 'bpe': 'tokenizer.json'}  # tokenizers.train
@@ -80,7 +81,7 @@ def _kept_events(element):
 def _clean_pipeline(p, files: list[str], o, out: str):
   """Writes the kept documents (docs-*.jsonl), the tokenizer sample and the events to `out`."""
   read = (p | 'Files' >> beam.Create(files) | 'SpreadFiles' >> beam.Reshuffle()
-          | 'Read' >> beam.ParDo(prepare_io.ReadDocuments(o.text_key, o.scrub_pii)).with_outputs(
+          | 'Read' >> beam.ParDo(storage.ReadDocuments(o.text_key, o.scrub_pii)).with_outputs(
               EVENTS, main='docs'))
   cleaned = (read.docs | 'SpreadDocs' >> beam.Reshuffle()
              | 'Clean' >> beam.ParDo(_Clean(o.rules, o.scrub_pii)).with_outputs(
@@ -113,21 +114,21 @@ def _shards_pipeline(p, clean_dir: str, spec: str, split_shards: dict[str, int],
   docs = p | 'ReadDocs' >> beam.io.ReadFromText(f'{clean_dir}/docs*.jsonl') | 'Parse' >> beam.Map(
       json.loads)
   moved = (docs | 'Hashes' >> beam.Map(lambda doc: doc[0])
-           | 'NoEmptySplit' >> beam.CombineGlobally(prepare_io.NoEmptySplit(eval_percent)))
+           | 'NoEmptySplit' >> beam.CombineGlobally(storage.NoEmptySplit(eval_percent)))
   tokenised = docs | 'Tokenise' >> beam.ParDo(
-      prepare_io.Tokenise(spec, eval_percent, split_shards),
+      storage.Tokenise(spec, eval_percent, split_shards),
       beam.pvalue.AsSingleton(moved)).with_outputs(EVENTS, main='records')
   _ = (tokenised.records | 'GroupShards' >> beam.GroupByKey()
-       | 'WriteShards' >> beam.Map(prepare_io.write_shard, output, split_shards))
+       | 'WriteShards' >> beam.Map(storage.write_shard, output, split_shards))
   _ = tokenised[EVENTS] | 'WriteEvents' >> report_lib.WriteEvents(out)
 
 
 def _make_shards(o, clean_dir: str, spec: str, out: epath.Path, stage_dir: str, pipeline_args):
   split_shards = {'train': o.num_shards, 'eval': o.num_eval_shards}
-  prepare_io.remove_shards(out)
+  storage.remove_shards(out)
   _run_beam(lambda p: _shards_pipeline(p, clean_dir, spec, split_shards, o.eval_percent, str(out),
                                        stage_dir), o, pipeline_args, stage_dir)
-  prepare_io.add_empty_shards(out, split_shards)  # a shard no document hashed to
+  storage.add_empty_shards(out, split_shards)  # a shard no document hashed to
 
 
 def _runner_and_options(o, pipeline_args, stage_dir: str):
@@ -239,11 +240,11 @@ def _refuse_unusable(report: dict, eval_percent: int):
 def run(input: str, output: str, o, pipeline_args=()) -> dict:  # pylint: disable=redefined-builtin
   """Runs the pipeline (skipping the stages already done) and returns the report dict.
 
-  `o` is a `data.prepare.Options`; `pipeline_args` go to Beam's PipelineOptions. Bad input or
+  `o` is a `prepare.command.Options`; `pipeline_args` go to Beam's PipelineOptions. Bad input or
   options, and input that leaves too few documents, raise a one-line ValueError."""
   o.validate()
   _check_banding(o)
-  files = prepare_io.input_files(input, o.text_key)
+  files = storage.input_files(input, o.text_key)
   out = _output_dir(output)
   for name in ('dataset.json', 'report.json'):  # written last: the signs of a finished run
     (out / name).unlink(missing_ok=True)
@@ -251,7 +252,7 @@ def run(input: str, output: str, o, pipeline_args=()) -> dict:  # pylint: disabl
   for name in ('workers', 'tokenizer', 'vocab_size', 'eval_percent', 'num_shards',
                'num_eval_shards'):
     clean_args.pop(name)
-  clean_key = _key(prepare_io.fingerprint(files), clean_args)
+  clean_key = _key(storage.fingerprint(files), clean_args)
   tokenizer_key = _key(clean_key, o.tokenizer, o.vocab_size)
   shards_key = _key(tokenizer_key, o.eval_percent, o.num_shards, o.num_eval_shards)
   clean_dir, shards_dir = str(out / '_work' / 'clean'), str(out / '_work' / 'shards')
@@ -266,7 +267,7 @@ def run(input: str, output: str, o, pipeline_args=()) -> dict:  # pylint: disabl
   report = {**_report(o, clean_dir, shards_dir), 'stages': stages}
   (out / 'report.json').write_text(json.dumps(report, indent=1))
   report_lib.plot(report, str(out / 'report'))
-  prepare_io.write_dataset_json(out, spec, report['splits'], o, input)
+  storage.write_dataset_json(out, spec, report['splits'], o, input)
   return report
 
 

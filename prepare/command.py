@@ -1,20 +1,13 @@
-"""Prepares a text corpus for training: `python -m data.prepare --input=GLOB --output=DIR [flags]`.
-
-Reads .txt / .jsonl / .parquet files (local or gs://), normalises them, drops what fails the
-quality rules, scrubs PII if asked, drops exact and near duplicates, trains a tokenizer on a
-sample, tokenises, and writes ArrayRecord shards, `dataset.json` and a quality report
-(`report.json`, `report/*.png`). The work is an Apache Beam pipeline (data/prepare_pipeline.py,
-the `prepare` extra); this module is the command: its options, quiet logs, and one-line errors.
-Runs on the DirectRunner (`--workers=N` processes), or on Flink / Spark / Dataflow with Beam's
-options after `--` (e.g. `-- --runner=DataflowRunner`).
-"""
+"""The command of `python -m prepare` (prepare/__main__.py, whose docstring is its usage): its
+options and flags, quiet logs, and one-line errors."""
 
 import dataclasses
 
-from absl import app, flags
+from absl import flags
 
-from data import cleaning, tokenizers
+from data import tokenizers
 from hardware import console, paths
+from prepare import cleaning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +61,9 @@ def _rule_checks(rules):
       yield field.name, value >= 1, f'{value} is not a positive number'
 
 
-def _define_flags():
+def define_flags():
+  """--input, --output and a flag per option; prepare/__main__.py makes them its key flags, the
+  ones its --help lists."""
   flags.DEFINE_string('input', None, 'files to read: a glob (`**` for any depth), local or gs://')
   flags.DEFINE_string('output', None, 'the prepared dataset directory, local or gs://')
   for field in dataclasses.fields(Options) + dataclasses.fields(cleaning.Rules):
@@ -106,16 +101,11 @@ def main(argv):
   except ValueError as e:
     console.usage_error(e)
   for module in ('apache_beam', 'datasketch'):
-    console.require(module, 'prepare', 'python -m data.prepare')
-  from data import prepare_pipeline  # pylint: disable=g-import-not-at-top; the extra, checked
+    console.require(module, 'prepare', 'python -m prepare')
+  from prepare import pipeline  # pylint: disable=g-import-not-at-top; the extra, checked
   try:
-    report = prepare_pipeline.run(paths.absolute(flags.FLAGS.input),
-                                  paths.absolute(flags.FLAGS.output), options, argv[1:])
+    report = pipeline.run(paths.absolute(flags.FLAGS.input), paths.absolute(flags.FLAGS.output),
+                          options, argv[1:])
   except ValueError as e:
     console.usage_error(e)
   print(_summary(report, flags.FLAGS.output))
-
-
-if __name__ == '__main__':
-  _define_flags()
-  app.run(main, flags_parser=console.parse_flags)

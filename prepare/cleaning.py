@@ -1,5 +1,5 @@
-"""Text normalisation, quality rules and PII scrubbing for `data.prepare`: pure functions of one
-document, so the Beam pipeline can run them anywhere."""
+"""Text normalisation, quality rules and PII scrubbing for `python -m prepare`: pure functions of
+one document, so the Beam pipeline can run them anywhere."""
 
 import collections
 import dataclasses

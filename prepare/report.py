@@ -1,4 +1,5 @@
-"""The quality report of `data.prepare`: events counted in the pipeline, then report.json and plots.
+"""The quality report of `python -m prepare`: events counted in the pipeline, then report.json
+and plots.
 
 An event is `(name, count, example or None)`, e.g. `('dropped/min_chars', 1, 'def f')`. The
 pipeline sums them per name (keeping a few examples, the same ones whatever the element order)

@@ -1,4 +1,4 @@
-"""What `data.prepare` reads and writes: input files checked and read as documents, token ids
+"""What `python -m prepare` reads and writes: input files checked and read as documents, token ids
 written as ArrayRecord shards, and `dataset.json` (the prepared-dataset format)."""
 
 import dataclasses
@@ -11,8 +11,9 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
-from data import cleaning, sources, tokenizers
-from data.prepare_report import EXAMPLE_CHARS, event, histogram_event
+from data import sources, tokenizers
+from prepare import cleaning
+from prepare.report import EXAMPLE_CHARS, event, histogram_event
 
 SUFFIXES = ('.txt', '.jsonl', '.parquet')
 _EVENTS = 'events'
