@@ -20,7 +20,7 @@ import tokenize
 import ml_collections
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-_NOT_EXPERIMENTS = ('__init__.py', 'common.py')
+_NOT_EXPERIMENTS = ('__init__.py', 'common.py', 'saved.py')
 _ML_COLLECTIONS = os.path.dirname(ml_collections.__file__)
 
 
