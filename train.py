@@ -4,6 +4,10 @@ Override any config key with `--config.<section>.<key>=<value>`. Rerunning the s
 resumes from the newest checkpoint in DIR. Config problems exit with status 2 and one line; the
 exit statuses are in training/exit_codes.py. `--print_config` prints the resolved config (every
 key, its value and its comment) and exits.
+
+`--mode=evaluate --workdir=DIR [--split=validation|test] [--step=N|best]` evaluates one
+checkpoint of DIR (the newest by default) with the run's own config and prints and writes
+(DIR/evaluations/SPLIT-STEP.json) the task's eval figures; nothing is trained.
 """
 
 import os
@@ -46,6 +50,14 @@ def _define_flags():
                     'Compile the train step for --topology and report its memory; no training.')
   flags.DEFINE_string('topology', '', 'Cloud TPU topology for --compile_only, e.g. v5p-128, '
                       'v5e-16, v6e-8 or 2xv5e-16 (two slices).')
+  flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
+                    "evaluate: the task's eval figures for one checkpoint of --workdir, on "
+                    '--split, and no training. The config is the run\'s WORKDIR/config.json '
+                    'unless --config is given.')
+  flags.DEFINE_enum('split', 'validation', ['validation', 'test'], 'The split --mode=evaluate '
+                    'evaluates.')
+  flags.DEFINE_string('step', '', "The checkpoint --mode=evaluate evaluates: a step, 'best' "
+                      '(the one early stopping kept) or empty for the newest.')
   flags.DEFINE_bool('print_config', False, 'Print the resolved config (presets and --config.* '
                     'overrides applied): every key, its value and its comment; then exit.')
   try:  # config_flags may resolve `--config.a.b=` overrides against the config right here
@@ -95,6 +107,10 @@ def _verbose() -> bool:
              for a in sys.argv[1:])
 
 
+def _config_named() -> bool:
+  return any(a.startswith('--config=') for a in sys.argv[1:])
+
+
 def _config_path() -> str:
   """The config file named on the command line (the last --config wins, as for any flag)."""
   named = [a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--config=')]
@@ -130,6 +146,10 @@ def main(argv):
     _compile_only(config)
   if not FLAGS.workdir:
     _usage_error('flag --workdir must have a value')
+  if FLAGS.mode == 'evaluate':
+    if FLAGS.step not in ('', 'best') and not FLAGS.step.isdigit():
+      _usage_error(f"--step={FLAGS.step}: a step number, 'best', or empty for the newest")
+    config = _evaluated_config(config)
   from hardware import cpu_runtime  # pylint: disable=g-import-not-at-top
   from parallel import multihost, sharding  # pylint: disable=g-import-not-at-top
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
@@ -148,6 +168,8 @@ def main(argv):
     config_check.validate(config, jax.device_count(), jax.process_count(),
                           sharding.num_slices(jax.devices()), jax.default_backend(),
                           overridden=_overridden_keys())
+    if FLAGS.mode == 'evaluate':
+      _evaluate(config, workdir)
     _open_log(workdir)
     status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute))
   except config_check.ConfigError as e:
@@ -224,6 +246,36 @@ def _compile_only(config):
     sys.exit(aot.run(config, FLAGS.topology, _overridden_keys()))
   except config_check.ConfigError as e:
     _usage_error(e)
+
+
+def _evaluated_config(config):
+  """--mode=evaluate's config: the run's own, unless --config names one."""
+  if _config_named():
+    return config
+  if any(a.startswith('--config.') for a in sys.argv[1:]):
+    _usage_error('--config.* overrides need --config=FILE with --mode=evaluate (without it the '
+                 "config is the run's WORKDIR/config.json)")
+  from configs import saved  # pylint: disable=g-import-not-at-top
+  from hardware import paths  # pylint: disable=g-import-not-at-top
+  try:
+    return saved.load(paths.absolute(FLAGS.workdir))
+  except ValueError as e:
+    _usage_error(e)
+
+
+def _evaluate(config, workdir: str):
+  """Prints and writes the eval figures of the checkpoint --step picks, then exits 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from training import evaluate  # pylint: disable=g-import-not-at-top
+  try:
+    result = evaluate.evaluate(config, workdir, FLAGS.split, FLAGS.step)
+  except evaluate.EvaluateError as e:
+    _usage_error(e)
+  if jax.process_index() == 0:
+    figures = '  '.join(f'{k} {v:.4f}' for k, v in result.items()
+                        if k not in ('split', 'step', 'checkpoint'))
+    print(f"{FLAGS.split} split, step {result['step']} ({result['checkpoint']}): {figures}")
+  sys.exit(exit_codes.DONE)
 
 
 def _halt(message: str):

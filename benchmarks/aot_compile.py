@@ -26,6 +26,7 @@ import time
 from absl import app, flags
 
 from configs import default as default_config
+from hardware import console
 
 _CASES = flags.DEFINE_list('cases', ['8b_v5p128', '1b_v5e16', '1b_v6e8', 'scanned', 'unscanned'],
                            'Cases to compile, one process each.')
@@ -109,6 +110,7 @@ def _run_child(name: str) -> int:
 
 def main(argv):
   del argv
+  console.quiet_libraries(console.verbose())
   unknown = set(_CASES.value) - set(CASES)
   if unknown:
     raise app.UsageError(f'unknown cases {sorted(unknown)}; choose from {sorted(CASES)}')

@@ -4,6 +4,8 @@ resume bit for bit, stop early, start from another run, and report whole-split m
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 from flax import nnx
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ from models import MODELS
 from models.platforms import resolve_for_platform
 from tasks import classification
 from tests.test_faults import _assert_same_state, _losses
-from tests.test_train_e2e import REPO, run_train, saved_state
+from tests.test_train_e2e import CACHE_ALL, REPO, run_train, saved_state
 from training import metrics
 
 
@@ -311,3 +313,53 @@ def test_lm_eval_sample_is_fixed_and_drawn_from_all_documents(tmp_path):
   seen = {bytes([t]) for t in np.unique(first)} & set(letters)
   in_file_order = set(letters[:len(seen)])
   assert len(seen) >= 5 and seen != in_file_order  # a shuffled sample, not the first files
+
+
+def _evaluate(workdir, *args, cwd):
+  return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), '--mode=evaluate',
+                         f'--workdir={workdir}', *args], capture_output=True, text=True,
+                        cwd=cwd, timeout=600, check=False, env=CACHE_ALL)
+
+
+def test_evaluate_reproduces_the_figures_training_wrote(honest_and_scrambled, tmp_path):
+  """`train.py --mode=evaluate` as a user runs it, from another folder with a relative workdir
+  and no --config (the run's config.json): the best step's test figures are summary.json's,
+  and the last step's validation figures are its last evaluation's."""
+  honest = honest_and_scrambled[0]
+  relative = os.path.relpath(honest, tmp_path)
+  summary = json.loads((honest / 'summary.json').read_text())
+  result = _evaluate(relative, '--split=test', '--step=best', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  [best] = os.listdir(honest / 'best')
+  written = json.loads((honest / 'evaluations' / f'test-{best}.json').read_text())
+  assert written['step'] == summary['test']['step']
+  assert {f'test/{k}': v for k, v in written.items() if k in ('loss', 'accuracy', 'macro_f1')
+          } == {k: summary['test'][k] for k in ('test/loss', 'test/accuracy', 'test/macro_f1')}
+  last = [r for r in metrics.read_metrics(honest) if 'eval/loss' in r][-1]
+  result = _evaluate(relative, cwd=tmp_path)  # the newest checkpoint, the validation split
+  assert result.returncode == 0, result.stderr
+  written = json.loads((honest / 'evaluations' / f'validation-{last["step"]}.json').read_text())
+  assert written['accuracy'] == last['eval/accuracy'] and written['loss'] == last['eval/loss']
+  assert f'validation split, step {last["step"]}' in result.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--step=999',), '--step=999: '),
+    (('--step=last',), "--step=last: a step number, 'best', or empty"),
+    (('--config.train.steps=3',), '--config.* overrides need --config=FILE'),
+])
+def test_evaluate_refuses_bad_input_in_one_line(honest_and_scrambled, tmp_path, args, message):
+  result = _evaluate(honest_and_scrambled[0], *args, cwd=tmp_path)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_evaluate_names_what_a_workdir_lacks(tmp_path):
+  result = _evaluate(tmp_path, cwd=tmp_path)  # no run at all
+  assert result.returncode == 2 and 'not a train.py workdir' in result.stderr, result.stderr
+  result = _evaluate(tmp_path, '--config=' + os.path.join(REPO, 'configs', 'default.py') +
+                     ':tiny', '--split=test', cwd=tmp_path)
+  assert result.returncode == 2 and 'has no test split' in result.stderr, result.stderr
+  result = _evaluate(tmp_path, '--config=' + os.path.join(REPO, 'configs', 'default.py') +
+                     ':tiny', cwd=tmp_path)
+  assert result.returncode == 2 and 'holds no checkpoint' in result.stderr, result.stderr

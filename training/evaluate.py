@@ -1,0 +1,92 @@
+"""Evaluates a run's checkpoint on one split without training: `train.py --mode=evaluate`.
+
+The task's eval figures (the same sums and figures training logs as eval/* and test/*) for the
+parameters of one checkpoint: the newest, step N, or the best step early stopping kept in
+WORKDIR/best/. Sharded like training, on the config's mesh; every process reads its rows and
+process 0 prints the figures and writes them to WORKDIR/evaluations/SPLIT-STEP.json.
+"""
+
+import json
+
+import jax
+from etils import epath
+import numpy as np
+
+from parallel import sharding
+from tasks import base
+from training import step as step_lib
+from training import state as state_lib
+from training import warm_start
+
+SPLITS = ('validation', 'test')
+
+
+class EvaluateError(ValueError):
+  """The workdir has no checkpoint to evaluate, or the task has no such split."""
+
+
+def checkpoint_dir(workdir: str, step: str) -> tuple[epath.Path, int]:
+  """(folder of the chosen checkpoint, its step) for `step`: '' the newest, 'best', or 'N'."""
+  root = epath.Path(workdir) / ('best' if step == 'best' else 'checkpoints')
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+  if not steps:
+    what = 'no best/ checkpoint (early stopping was off)' if step == 'best' else 'no checkpoint'
+    raise EvaluateError(f'--workdir: {workdir} holds {what}')
+  if step in ('', 'best'):
+    return root / str(steps[-1]), steps[-1]
+  if int(step) not in steps:
+    raise EvaluateError(f'--step={step}: {workdir} holds steps {", ".join(map(str, steps))}')
+  return root / step, int(step)
+
+
+def _batches(task, split: str) -> list:
+  try:
+    batches = task.eval_batches() if split == 'validation' else task.test_batches()
+  except ValueError as e:  # the split is missing or unreadable
+    raise EvaluateError(str(e)) from None
+  if not batches:
+    raise EvaluateError(f'--split={split}: task {task.config.task.name} has no {split} split'
+                        + (' (task.eval_batches is 0)' if split == 'validation' else ''))
+  return batches
+
+
+def _params(setup, folder: epath.Path) -> dict:
+  """The checkpoint's params (and model state), placed as training places them."""
+  wanted = {k: v for k, v in setup.abstract_state.items() if k in ('params', 'model_state')}
+  state, loaded = warm_start.load(str(folder), wanted)
+  expected = len(jax.tree.leaves(wanted))
+  if loaded != expected:
+    raise EvaluateError(f'--workdir: {folder} has {loaded} of the model\'s {expected} arrays; '
+                        'is it a run of this config?')
+  return state
+
+
+def evaluate(config, workdir: str, split: str, step: str) -> dict:
+  """The task's eval figures on `split` for the checkpoint `step` picks (see checkpoint_dir),
+  written to WORKDIR/evaluations/ and returned with the step they are of."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.train.eval_every = max(config.train.eval_every, 1)  # tasks build no eval set at 0
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.make_setup(config, mesh)
+  batches = _batches(setup.task, split)
+  folder, step_number = checkpoint_dir(workdir, step)
+  try:
+    state = _params(setup, folder)
+  except warm_start.InitFromError as e:
+    raise EvaluateError(str(e).replace('init_from: ', '--workdir: ')) from None
+  _, eval_step = step_lib.compile_steps(setup, config, mesh)
+  place = base.batch_placer(setup.task.batch_spec('eval'), mesh, config.mesh.rules)
+  sums = None
+  with sharding.activate(mesh, config.mesh.rules):
+    for batch in batches:
+      batch_sums = jax.device_get(eval_step(state['params'], state.get('model_state'),
+                                            place(batch)))
+      sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
+  figures = {k: float(v) for k, v in setup.task.eval_metrics(sums).items()}
+  result = {'split': split, 'step': step_number, 'checkpoint': str(folder), **figures}
+  if jax.process_index() == 0:
+    out = epath.Path(workdir) / 'evaluations'
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{split}-{step_number}.json').write_text(json.dumps(result, indent=2) + '\n')
+  return result
