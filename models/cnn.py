@@ -124,7 +124,7 @@ class Model(nnx.Module):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation). `train` is
     accepted for the classifiers' common signature: this model has no batch statistics."""
     del train
-    activation = getattr(jax.nn, self.cfg.activation)
+    activation = checks.ACTIVATIONS[self.cfg.activation]
     x_BxHxWxC = constrain(images_BxHxWxC, 'batch', 'height', 'width', 'channels')
     for conv in self.convs:
       x_BxHxWxC = max_pool_2x2(activation(conv(x_BxHxWxC)))

@@ -93,7 +93,7 @@ class Model(nnx.Module):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation). `train` is
     accepted for the classifiers' common signature: this model has no batch statistics."""
     del train
-    activation = getattr(jax.nn, self.cfg.activation)
+    activation = checks.ACTIVATIONS[self.cfg.activation]
     images_BxHxWxC = constrain(images_BxHxWxC, 'batch', 'height', 'width', 'channels')
     h_BxF = images_BxHxWxC.reshape(images_BxHxWxC.shape[0], -1)
     for layer in self.hidden:
