@@ -1,8 +1,9 @@
 """BERT-style masked-language-model batches from any document source (data.sources).
 
-Token ids as in data/text.py: bytes, or a tokenizer's (`vocab`, a text.Vocabulary). `mlm_batches` is the endless, resumable training stream and
-`mlm_eval_batches` a fixed, seeded eval sample; both give each process its rows of every global
-batch, masked per example, so neither depends on the number of processes.
+Token ids as in data/text.py: bytes, or a tokenizer's (`vocab`, a text.Vocabulary).
+`mlm_batches` is the endless, resumable training stream and `mlm_eval_batches` a fixed, seeded
+eval sample; both give each process its rows of every global batch, masked per example, so
+neither depends on the number of processes.
 """
 
 import grain

@@ -2,9 +2,10 @@
 
 The backbone (token embedding, learned positions, optional token-type embeddings, the shared
 blocks of models/layers.py run bidirectionally, a final norm; with norm_position='post', BERT's
-layout: the embeddings normed, post-norm blocks, no final norm) is the same for every head, under parameter names that do not
-depend on the head, so a fine-tuning run can load a pretraining run's backbone and initialise
-its head fresh. Two heads:
+layout: the embeddings normed, post-norm blocks, no final norm) is the same for every head,
+under parameter names that do not depend on the head, so a fine-tuning run can load a
+pretraining run's backbone (or a BERT checkpoint, tools/hf.py) and initialise its head fresh.
+Two heads:
   mlm       masked-language-model logits at every position [B, L, V]: dense + GELU + norm,
             then the (tied) embedding, as BERT's MLM head (its GELU is exact with
             activation=gelu_exact, else tanh-approximated).
@@ -14,9 +15,10 @@ its head fresh. Two heads:
 
 Tokens are bytes 0..255 plus specials (below), or a tokenizer's ids (data.tokenizer, whose
 [PAD] must be 0, as BERT's is); PAD (byte 0, which text never contains) is never attended to:
-the blocks get a key mask `tokens != PAD_ID`. Token types (segment A = 0, B = 1, ...; BERT's
-token_type_ids) are embedded when `type_vocab_size` > 0; absent, they are all 0. A padding position's own output is
-computed but means nothing; losses and pooling must ignore it.
+the blocks get a key mask `tokens != PAD_ID`. A padding position's own output is computed but
+means nothing; losses and pooling must ignore it. Token types (segment A = 0, B = 1, ...;
+BERT's token_type_ids) are embedded when `type_vocab_size` > 0; not given, they are all 0 (the
+data pipelines give single texts).
 
 Tensor names carry their shapes: B batch, L length, D embed, V vocab, N classes.
 """

@@ -35,7 +35,7 @@ def _torch_and_transformers():
 def _write_tokenizer(directory, specials=SPECIALS):
   """A WordPiece tokenizer.json as BERT's (lower-cased, [CLS] x [SEP]), with `specials` first."""
   tokenizers = pytest.importorskip('tokenizers')
-  from tokenizers import models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top,line-too-long
   letters = [chr(c) for c in range(ord('a'), ord('z') + 1)]
   vocab = {t: i for i, t in enumerate(specials + WORDS + tuple(letters) +
                                       tuple('##' + c for c in letters))}
