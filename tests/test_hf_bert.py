@@ -192,6 +192,32 @@ def test_bert_files_and_back_are_exact(tmp_path, head):
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+def test_bert_files_of_other_layouts_read_the_same(tmp_path):
+  """A BertForPreTraining file converted from Google's release (LayerNorm gamma and beta, the
+  next-sentence head, the tied decoder stored) and a BertModel file (no 'bert.' prefix)."""
+  m = _model_config('mlm', **_bert_keys())
+  params = _random_params(m)
+  hf.to_hf(m, params, tmp_path / 'mlm')
+  tensors = safetensors.numpy.load_file(tmp_path / 'mlm' / 'model.safetensors')
+  old = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias',
+                                                                  'LayerNorm.beta'): v
+         for k, v in tensors.items()}
+  old.update({'cls.seq_relationship.weight': np.ones((2, 32), np.float32),
+              'cls.predictions.decoder.weight': tensors['bert.embeddings.word_embeddings.weight'],
+              'bert.embeddings.position_ids': np.arange(32)[None]})
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'config.json').write_text((tmp_path / 'mlm' / 'config.json').read_text())
+  safetensors.numpy.save_file(old, tmp_path / 'old' / 'model.safetensors')
+  jax.tree.map(np.testing.assert_array_equal, hf.from_hf(tmp_path / 'old')[1], params)
+  base = {k.removeprefix('bert.'): v for k, v in tensors.items() if k.startswith('bert.')}
+  (tmp_path / 'base').mkdir()
+  (tmp_path / 'base' / 'config.json').write_text((tmp_path / 'mlm' / 'config.json').read_text())
+  safetensors.numpy.save_file(base, tmp_path / 'base' / 'model.safetensors')
+  _, back = hf.from_hf(tmp_path / 'base', head='classify')  # the backbone; no pooler there
+  assert set(back) == set(params) - {'mlm_head'}
+  jax.tree.map(np.testing.assert_array_equal, back['blocks'], params['blocks'])
+
+
 def test_an_encoder_without_token_types_exports_one_of_zeros(tmp_path):
   m = _model_config('mlm', **_bert_keys(type_vocab_size=0))
   hf.to_hf(m, _random_params(m), tmp_path)

@@ -356,6 +356,11 @@ def _bert_tensors(tensors: dict, m, num_classes: int) -> dict:
   (and the next-sentence head); a classifier for another number of classes is left out."""
   base = ('embeddings.', 'encoder.', 'pooler.')  # BertModel files name them without 'bert.'
   tensors = {'bert.' + k if k.startswith(base) else k: v for k, v in tensors.items()}
+  # Files converted from Google's TensorFlow release (bert-base-uncased) name LayerNorm's
+  # weight and bias gamma and beta.
+  tensors = {k.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta',
+                                                                     'LayerNorm.bias'): v
+             for k, v in tensors.items()}
   unused = (('bert.pooler.', 'classifier.') if m.head == 'mlm' else ('cls.predictions.',))
   tensors = {k: v for k, v in tensors.items()
              if not k.startswith(unused + ('cls.seq_relationship.',))}
