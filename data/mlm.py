@@ -1,43 +1,47 @@
 """BERT-style masked-language-model batches from any document source (data.sources).
 
-Token ids as in data/text.py. `mlm_batches` is the endless, resumable training stream and
-`mlm_eval_batches` a fixed, seeded eval sample; both give each process its rows of every global
-batch, masked per example, so neither depends on the number of processes.
+Token ids as in data/text.py: bytes, or a tokenizer's (`vocab`, a text.Vocabulary).
+`mlm_batches` is the endless, resumable training stream and `mlm_eval_batches` a fixed, seeded
+eval sample; both give each process its rows of every global batch, masked per example, so
+neither depends on the number of processes.
 """
 
 import grain
 import numpy as np
 
 from data import pipeline
-from data.text import cls_row
-from models.byte_vocab import CLS_ID, MASK_ID, PAD_ID
+from data.text import Vocabulary
+
+_BYTES = Vocabulary()
 
 
-def mask_tokens(ids: np.ndarray, rng: np.random.Generator, mask_rate: float = 0.15):
+def mask_tokens(ids: np.ndarray, rng: np.random.Generator, mask_rate: float = 0.15,
+                vocab: Vocabulary = _BYTES):
   """BERT's masking of one row: (inputs, targets, weights).
 
-  round(mask_rate * n) of the row's n bytes (at least one; never CLS or PAD) are chosen; of
-  those 80% become MASK, 10% a random byte, 10% stay. Targets hold the chosen bytes, else PAD.
+  round(mask_rate * n) of the row's n tokens (at least one; never CLS, SEP or PAD) are chosen;
+  of those 80% become MASK, 10% a random token (a byte, or a non-special id), 10% stay.
+  Targets hold the chosen tokens, else PAD.
   """
-  candidates = np.flatnonzero((ids != PAD_ID) & (ids != CLS_ID))
+  candidates = np.flatnonzero((ids != vocab.pad) & (ids != vocab.cls) & (ids != vocab.sep))
   count = min(len(candidates), max(1, round(len(candidates) * mask_rate)))
   chosen = rng.choice(candidates, count, replace=False)
   action = rng.random(count)
   inputs = ids.copy()
-  inputs[chosen[action < 0.8]] = MASK_ID
+  inputs[chosen[action < 0.8]] = vocab.mask
   replaced = chosen[(action >= 0.8) & (action < 0.9)]
-  inputs[replaced] = rng.integers(1, 256, len(replaced))
-  targets = np.zeros_like(ids)
+  inputs[replaced] = rng.integers(*vocab.random_ids, len(replaced))
+  targets = np.full_like(ids, vocab.pad)
   targets[chosen] = ids[chosen]
   weights = np.zeros(ids.shape, np.float32)
   weights[chosen] = 1
   return inputs, targets, weights
 
 
-def _mask_rows(ids, first_example, seed, mask_rate):
+def _mask_rows(ids, first_example, seed, mask_rate, vocab):
   """Masks each row from its own generator, seeded by (seed, example index): the same masks
   whichever process masks it, and again after a restore."""
-  rows = [mask_tokens(row, np.random.default_rng([seed, first_example + i]), mask_rate)
+  rows = [mask_tokens(row, np.random.default_rng([seed, first_example + i]), mask_rate, vocab)
           for i, row in enumerate(ids)]
   inputs, targets, weights = (np.stack(x) for x in zip(*rows))
   return {'inputs': inputs, 'targets': targets, 'weights': weights}
@@ -68,7 +72,7 @@ def mlm_batches(documents, *, seq_len: int, global_batch_size: int, seed: int,
                 mask_rate: float = 0.15, process_index: int = 0, process_count: int = 1,
                 shuffle: bool = True, stats: pipeline.RecordStats | None = None,
                 shuffle_window: int = 4096, worker_threads: int = 0,
-                prefetch_batches: int = 4) -> grain.IterDataset:
+                prefetch_batches: int = 4, vocab: Vocabulary = _BYTES) -> grain.IterDataset:
   """Endless masked-LM batches: this process's rows of each global batch.
 
   Each row is CLS and one piece (up to seq_len - 1 bytes) of a document, PAD-padded; every
@@ -85,28 +89,29 @@ def mlm_batches(documents, *, seq_len: int, global_batch_size: int, seed: int,
     docs = docs.shuffle(seed=seed)
   # The LM pipeline's reader: the same checks, counted the same way.
   stats = stats or pipeline.RecordStats()
-  load = pipeline._load(documents, stats)  # pylint: disable=protected-access
+  load = pipeline._load(documents, stats, vocab.tokenizer)  # pylint: disable=protected-access
   docs = docs.repeat().map(load)
   threads = pipeline.resolve_threads(worker_threads)
   read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
   pieces = grain.experimental.FlatMapIterDataset(
-      docs.filter(lambda d: d is not None).to_iter_dataset(read_options), _Chunks(seq_len - 1))
+      docs.filter(lambda d: d is not None).to_iter_dataset(read_options),
+      _Chunks(vocab.body_len(seq_len)))
   if shuffle:
     pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=shuffle_window,
                                                           seed=seed)
-  ds = pieces.map(lambda piece: cls_row(piece, seq_len)).batch(global_batch_size)
+  ds = pieces.map(lambda piece: vocab.row(piece, seq_len)).batch(global_batch_size)
   ds = ds.map_with_index(lambda step, ids: _mask_rows(
-      ids[rows], step * global_batch_size + rows.start, seed, mask_rate))
+      ids[rows], step * global_batch_size + rows.start, seed, mask_rate, vocab))
   ds = pipeline.TimedIterDataset(ds, stats)
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds
 
 
-def _eval_pieces(documents, size, wanted, seed, stats):
+def _eval_pieces(documents, size, wanted, seed, stats, tokenizer):
   """`wanted` pieces (fewer if the documents run out) spread over as many documents as possible:
   documents in a seeded order, one random piece of each, then a second of each, and so on."""
-  load = pipeline._load(documents, stats)  # pylint: disable=protected-access
+  load = pipeline._load(documents, stats, tokenizer)  # pylint: disable=protected-access
   rng = np.random.default_rng(seed)
   per_document = []
   for index in rng.permutation(len(documents)):
@@ -123,23 +128,23 @@ def _eval_pieces(documents, size, wanted, seed, stats):
 
 def mlm_eval_batches(documents, *, seq_len: int, global_batch_size: int, num_batches: int,
                      seed: int, mask_rate: float = 0.15, process_index: int = 0,
-                     process_count: int = 1, stats: pipeline.RecordStats | None = None
-                     ) -> list[dict]:
+                     process_count: int = 1, stats: pipeline.RecordStats | None = None,
+                     vocab: Vocabulary = _BYTES) -> list[dict]:
   """A fixed masked-LM eval set: this process's rows of `num_batches` global batches.
 
   The pieces and their masks depend only on the documents and `seed`. Batches are as in
   `mlm_batches` plus 'mask': float32[b], 0 for padding rows when the documents run out.
   """
   rows = _process_rows(global_batch_size, process_index, process_count)
-  pieces = _eval_pieces(documents, seq_len - 1, num_batches * global_batch_size, seed,
-                        stats or pipeline.RecordStats())
+  pieces = _eval_pieces(documents, vocab.body_len(seq_len), num_batches * global_batch_size,
+                        seed, stats or pipeline.RecordStats(), vocab.tokenizer)
   batches = []
   for first in range(0, num_batches * global_batch_size, global_batch_size):
     mine = pieces[first + rows.start:first + rows.stop]
     ids = np.zeros((rows.stop - rows.start, seq_len), np.int32)  # padding rows: no bytes to mask
     for i, piece in enumerate(mine):
-      ids[i] = cls_row(piece, seq_len)
-    batch = _mask_rows(ids, first + rows.start, seed, mask_rate)
+      ids[i] = vocab.row(piece, seq_len)
+    batch = _mask_rows(ids, first + rows.start, seed, mask_rate, vocab)
     batch['mask'] = (np.arange(len(ids)) < len(mine)).astype(np.float32)
     batches.append(batch)
   return batches

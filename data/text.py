@@ -37,6 +37,11 @@ test_percent 10 (validation is then carved from train):
 Learnable but not easy: one in ten snippets names its package; naive Bayes on byte pairs gets
 63% of test right.
 
+With `data.tokenizer` naming a Hugging Face tokenizer.json (BERT's WordPiece, as
+`python -m tools.hf import` writes it), texts are that tokenizer's ids instead, and the
+specials its [CLS], [SEP], [MASK] and [PAD] (which must be 0): `Vocabulary`. A row is then
+[CLS] ids [SEP] [PAD]..., as BERT's.
+
 Masked-language-model batches for pretraining are in data/mlm.py.
 """
 
@@ -54,8 +59,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from data import pipeline, sources, splits
-from models.byte_vocab import CLS_ID, PAD_ID
+from data import pipeline, sources, splits, tokenizers
+from models.byte_vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, VOCAB_SIZE
 
 STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
                    'multiprocessing', 'unittest', 'urllib', 'xml')
@@ -76,6 +81,49 @@ def cls_row(body: np.ndarray, seq_len: int) -> np.ndarray:
   row[0] = CLS_ID
   row[1:1 + len(body)] = body
   return row
+
+
+class Vocabulary:
+  """The encoder's token ids of texts: bytes and podium's specials (spec '' or 'bytes'), or a
+  tokenizer.json and its own; `pad`, `cls`, `sep`, `mask` ids, `size` (the ids used), and
+  `random_ids` (the range masking draws random replacements from)."""
+
+  def __init__(self, spec: str = ''):
+    self.tokenizer = tokenizers.load(spec)
+    if spec in ('', 'bytes'):
+      self.pad, self.cls, self.sep, self.mask = PAD_ID, CLS_ID, SEP_ID, MASK_ID
+      self.size, self.random_ids, self.ends_with_sep = VOCAB_SIZE, (1, 256), False
+      return
+    need = '[PAD], [CLS], [SEP] and [MASK]'
+    if not isinstance(self.tokenizer, tokenizers.HuggingFaceTokenizer):
+      raise ValueError(f'data.tokenizer: the encoder needs bytes or a tokenizer.json with {need}')
+    ids = [self.tokenizer.token_id(f'[{name}]') for name in ('PAD', 'CLS', 'SEP', 'MASK')]
+    if None in ids or ids[0] != PAD_ID:
+      raise ValueError(f'data.tokenizer: {spec} needs {need}, [PAD] = {PAD_ID} (the encoder '
+                       f'never attends to {PAD_ID}); its ids are {ids}')
+    self.pad, self.cls, self.sep, self.mask = ids
+    self.size, self.ends_with_sep = self.tokenizer.vocab_size, True
+    self.random_ids = (max(ids) + 1, self.size)  # BERT's vocabularies put specials first
+
+  def body_len(self, seq_len: int) -> int:
+    """Token ids a row of `seq_len` holds besides its specials."""
+    return seq_len - 1 - self.ends_with_sep
+
+  def row(self, body: np.ndarray, seq_len: int) -> np.ndarray:
+    """int32[seq_len]: CLS, `body` (at most body_len), [SEP] for a tokenizer, then PAD."""
+    body = body[:self.body_len(seq_len)]
+    if not self.ends_with_sep:
+      return cls_row(body, seq_len)
+    row = np.full(seq_len, self.pad, np.int32)
+    row[0], row[1 + len(body)] = self.cls, self.sep
+    row[1:1 + len(body)] = body
+    return row
+
+  def classification_row(self, text: bytes, seq_len: int) -> np.ndarray:
+    """A text's row: as `encode_for_classification` for bytes, else its tokens in `row`."""
+    if not self.ends_with_sep:
+      return encode_for_classification(text, seq_len)
+    return self.row(self.tokenizer.encode(text), seq_len)
 
 
 class TextClassificationSource(grain.sources.RandomAccessDataSource):

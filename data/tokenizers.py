@@ -79,6 +79,10 @@ class HuggingFaceTokenizer:
   def decode(self, ids) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def token_id(self, token: str) -> int | None:
+    """The id of `token` (e.g. '[CLS]'), None if the vocabulary lacks it."""
+    return self._tokenizer.token_to_id(token)
+
 
 def load(spec: str):
   """'' or 'bytes': bytes; a path ending .model: SentencePiece; ending .json: Hugging Face."""

@@ -1,6 +1,10 @@
 """Config checks the model files share. Each raises ValueError('<key>: <what is wrong>'), the
 form training/config_check.py turns into a one-line error."""
 
+import functools
+
+import jax
+
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # activations; auto: per platform
 PARAM_DTYPES = ('float32', 'bfloat16', 'float16')
 # Kernel initializers (models/initializers.py). normal and truncated_normal draw with
@@ -11,7 +15,11 @@ INITS = ('normal', 'truncated_normal', 'xavier_uniform', 'xavier_normal', 'he_un
 # A classifier head (`model.head_init`): zeros, the default, starts every model at the loss of
 # a uniform guess, ln(num_classes), whatever its features' scale; or any of INITS.
 HEAD_INITS = ('zeros', *INITS)
-ACTIVATIONS = ('relu', 'leaky_relu', 'gelu', 'silu', 'tanh', 'sigmoid')  # jax.nn's
+# `model.activation`: name -> function. gelu is tanh-approximated (GPT-2's); gelu_exact is the
+# erf form (BERT's `hidden_act: gelu`).
+ACTIVATIONS = {'relu': jax.nn.relu, 'leaky_relu': jax.nn.leaky_relu, 'gelu': jax.nn.gelu,
+               'gelu_exact': functools.partial(jax.nn.gelu, approximate=False),
+               'silu': jax.nn.silu, 'tanh': jax.nn.tanh, 'sigmoid': jax.nn.sigmoid}
 
 
 def require(ok: bool, key: str, message: str):

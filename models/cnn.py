@@ -13,7 +13,6 @@ dense layer's input (FSDP) and its output channels like its output (tensor); the
 and 'classes' have no rule and stay whole.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -124,7 +123,7 @@ class Model(nnx.Module):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation). `train` is
     accepted for the classifiers' common signature: this model has no batch statistics."""
     del train
-    activation = getattr(jax.nn, self.cfg.activation)
+    activation = checks.ACTIVATIONS[self.cfg.activation]
     x_BxHxWxC = constrain(images_BxHxWxC, 'batch', 'height', 'width', 'channels')
     for conv in self.convs:
       x_BxHxWxC = max_pool_2x2(activation(conv(x_BxHxWxC)))

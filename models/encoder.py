@@ -1,23 +1,28 @@
 """Bidirectional Transformer encoder (BERT style) over bytes, in Flax NNX.
 
-The backbone (token embedding, learned positions, the shared blocks of models/layers.py run
-bidirectionally, a final norm) is the same for every head, under parameter names that do not
-depend on the head, so a fine-tuning run can load a pretraining run's backbone and initialise
-its head fresh. Two heads:
+The backbone (token embedding, learned positions, optional token-type embeddings, the shared
+blocks of models/layers.py run bidirectionally, a final norm; with norm_position='post', BERT's
+layout: the embeddings normed, post-norm blocks, no final norm) is the same for every head,
+under parameter names that do not depend on the head, so a fine-tuning run can load a
+pretraining run's backbone (or a BERT checkpoint, tools/hf.py) and initialise its head fresh.
+Two heads:
   mlm       masked-language-model logits at every position [B, L, V]: dense + GELU + norm,
-            then the (tied) embedding, as BERT's MLM head.
+            then the (tied) embedding, as BERT's MLM head (its GELU is exact with
+            activation=gelu_exact, else tanh-approximated).
   classify  logits [B, N]: the [CLS] token (position 0) through a dense + tanh pooler
             (pool='cls'), or the mean over the non-padding tokens (pool='mean'); dropout, then
             a dense classifier.
 
-Tokens are bytes 0..255 plus specials (models/byte_vocab.py); PAD (byte 0, which text never
-contains) is never attended to: the blocks get a key mask `tokens != PAD_ID`. A padding
-position's own output is computed but means nothing; losses and pooling must ignore it.
+Tokens are bytes 0..255 plus specials (models/byte_vocab.py), or a tokenizer's ids (data.tokenizer, whose
+[PAD] must be 0, as BERT's is); PAD (byte 0, which text never contains) is never attended to:
+the blocks get a key mask `tokens != PAD_ID`. A padding position's own output is computed but
+means nothing; losses and pooling must ignore it. Token types (segment A = 0, B = 1, ...;
+BERT's token_type_ids) are embedded when `type_vocab_size` > 0; not given, they are all 0 (the
+data pipelines give single texts).
 
 Tensor names carry their shapes: B batch, L length, D embed, V vocab, N classes.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -41,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.pool = 'cls'  # head='classify': cls (pooled [CLS] output) | mean (over non-PAD tokens)
   m.tie_embeddings = True  # head='mlm': logits against the token embedding
   m.dropout_rate = 0.1
+  m.type_vocab_size = 0  # > 0: token-type (segment) embeddings, as BERT's (2); 0: none
   return m
 
 
@@ -58,7 +64,9 @@ def validate(m, config):
            f'must be at least 2 for head=classify, got {m.num_classes}')
   checks.require(m.vocab_size > SEP_ID, 'model.vocab_size',
            f'must hold the bytes and CLS, MASK, SEP (>= {SEP_ID + 1}), got {m.vocab_size}')
-  layers.validate(m)
+  checks.require(m.type_vocab_size >= 0, 'model.type_vocab_size',
+                 f'must be >= 0, got {m.type_vocab_size}')
+  layers.validate(m, norm_positions=('pre', 'post'))
   seq_len = _seq_len(config)
   checks.require(seq_len is None or seq_len <= m.max_len, 'data.seq_len',
            f'{seq_len} is longer than model.max_len={m.max_len}')
@@ -87,6 +95,9 @@ class MlmHead(nnx.Module):
   def __init__(self, cfg, *, rngs):
     d = cfg.embed_dim
     self.transform = layers.Dense(d, d, 'embed', 'mlp', cfg, rngs=rngs)
+    # BERT's checkpoints use their hidden_act here; tanh GELU otherwise, as before there was one.
+    self.activation = checks.ACTIVATIONS[
+        'gelu_exact' if cfg.activation == 'gelu_exact' else 'gelu']
     self.norm = layers.norm(cfg, rngs)
     self.tied = cfg.tie_embeddings
     if self.tied:
@@ -98,7 +109,7 @@ class MlmHead(nnx.Module):
                                   preferred_element_type=wide)
 
   def __call__(self, x_BxLxD, embed: layers.Embed):
-    h_BxLxD = self.norm(jax.nn.gelu(self.transform(x_BxLxD), approximate=True))
+    h_BxLxD = self.norm(self.activation(self.transform(x_BxLxD)))
     if not self.tied:
       return self.unembed(h_BxLxD)
     logits_BxLxV = embed.attend(h_BxLxD)
@@ -119,8 +130,17 @@ class Model(nnx.Module):
     self.embed = layers.Embed(cfg, rngs=rngs)
     if cfg.position == 'learned':
       self.positions = layers.learned_positions(cfg, rngs)
+    if cfg.type_vocab_size:
+      self.token_types = nnx.Param(
+          nnx.initializers.normal(cfg.init_std)(
+              rngs.params(), (cfg.type_vocab_size, cfg.embed_dim), cfg.param_dtype),
+          logical_axes=(None, 'embed'))
     self.blocks = layers.Blocks(cfg, rngs=rngs, causal=False)
-    self.final_norm = layers.norm(cfg, rngs)
+    self.post_norm = cfg.norm_position == 'post'
+    if self.post_norm:  # BERT: the embeddings are normed, each block's output too
+      self.embed_norm = layers.norm(cfg, rngs)
+    else:
+      self.final_norm = layers.norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
     # The head.
     if cfg.head == 'mlm':
@@ -133,25 +153,32 @@ class Model(nnx.Module):
                                      rngs=rngs, init=cfg.head_init,
                                      preferred_element_type=wide)
 
-  def __call__(self, tokens_BxL, *, train: bool = False, rngs: nnx.Rngs | None = None):
+  def __call__(self, tokens_BxL, *, train: bool = False, rngs: nnx.Rngs | None = None,
+               token_types_BxL=None):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation). `train` is
-    accepted for the classifiers' common signature: this model has no batch statistics."""
+    accepted for the classifiers' common signature: this model has no batch statistics.
+    `token_types_BxL`: each token's segment (type_vocab_size > 0); None: all 0."""
     del train
-    x_BxLxD = self.encode(tokens_BxL, rngs=rngs)
+    x_BxLxD = self.encode(tokens_BxL, rngs=rngs, token_types_BxL=token_types_BxL)
     if self.cfg.head == 'mlm':
       return self.mlm_logits(x_BxLxD)
     return self.classify(x_BxLxD, tokens_BxL, rngs=rngs)
 
-  def encode(self, tokens_BxL, *, rngs: nnx.Rngs | None = None):
-    """The backbone: token ids [B, L] -> the final norm's output [B, L, D]."""
+  def encode(self, tokens_BxL, *, rngs: nnx.Rngs | None = None, token_types_BxL=None):
+    """The backbone: token ids [B, L] -> the last hidden states [B, L, D] (normed)."""
     x_BxLxD = self.embed(tokens_BxL)
     if self.cfg.position == 'learned':
       x_BxLxD = x_BxLxD + self.positions[: tokens_BxL.shape[1]].astype(x_BxLxD.dtype)
+    if self.cfg.type_vocab_size:
+      types_BxL = jnp.zeros_like(tokens_BxL) if token_types_BxL is None else token_types_BxL
+      x_BxLxD = x_BxLxD + self.token_types[...].astype(x_BxLxD.dtype)[types_BxL]
+    if self.post_norm:
+      x_BxLxD = self.embed_norm(x_BxLxD)
     x_BxLxD = self.dropout(x_BxLxD, deterministic=rngs is None, rngs=rngs)
     x_BxLxD = constrain(x_BxLxD, 'batch', 'length', 'embed')
     x_BxLxD = self.blocks(x_BxLxD, None if rngs is None else rngs.dropout(),
                           kv_mask_BxL=tokens_BxL != PAD_ID)
-    return self.final_norm(x_BxLxD)
+    return x_BxLxD if self.post_norm else self.final_norm(x_BxLxD)
 
   def mlm_logits(self, x_BxLxD):
     """Hidden states [B, L, D] (any L: e.g. only the masked positions) -> logits [B, L, V],

@@ -54,7 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.norm = 'layernorm'  # layernorm | rmsnorm
   m.norm_eps = 1e-5  # added to the variance in every norm (HF: layer_norm_epsilon, rms_norm_eps)
   m.mlp = 'gelu'  # gelu (two layers, `activation` between) | swiglu
-  m.activation = 'gelu'  # mlp=gelu: relu | leaky_relu | gelu (tanh-approximated) | silu | ...
+  m.activation = 'gelu'  # mlp=gelu: relu | gelu (tanh-approximated) | gelu_exact (erf) | ...
+  # pre: x + branch(norm(x)) (GPT-2, Llama, ViT) | post: norm(x + branch(x)) (BERT; the encoder
+  # only, which then also norms the embeddings and has no final norm).
+  m.norm_position = 'pre'
   m.use_bias = True
   m.dropout_rate = 0.0
   # The last block's probability of skipping each residual branch of an example in training,
@@ -82,8 +85,10 @@ def learned_positions(cfg, rngs) -> nnx.Param:
                    logical_axes=('length', 'embed'))
 
 
-def validate(m):
-  """Checks the keys the shared layers read; raises ValueError('model.<key>: ...')."""
+def validate(m, norm_positions=('pre',)):
+  """Checks the keys the shared layers read; raises ValueError('model.<key>: ...').
+  `norm_positions`: the ones the calling model supports."""
+  checks.one_of(m, 'norm_position', norm_positions)
   checks.one_of(m, 'position', ('learned', 'rope'))
   checks.one_of(m, 'norm', ('layernorm', 'rmsnorm'))
   checks.one_of(m, 'mlp', ('gelu', 'swiglu'))
@@ -232,7 +237,7 @@ class Mlp(nnx.Module):
       self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
     self.down = Dense(cfg.mlp_dim, cfg.embed_dim, 'mlp', 'embed', cfg, rngs=rngs,
                       init_scale=_output_scale(cfg))
-    self.activation = getattr(jax.nn, cfg.activation)  # gelu: tanh-approximated, as GPT-2
+    self.activation = checks.ACTIVATIONS[cfg.activation]  # gelu: tanh-approximated, as GPT-2
 
   def __call__(self, x_BxLxD):
     if self.gated:
@@ -245,10 +250,12 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), each branch with
+  """Residual block, pre-norm: x + attn(norm(x)), then x + mlp(norm(x)); or post-norm
+  (`cfg.norm_position='post'`): norm(x + attn(x)), then norm(x + mlp(x)). Each branch with
   dropout and stochastic depth."""
 
   def __init__(self, cfg, *, rngs, causal=True):
+    self.post = cfg.norm_position == 'post'
     self.attn_norm, self.attention = norm(cfg, rngs), Attention(cfg, rngs=rngs, causal=causal)
     self.mlp_norm, self.mlp = norm(cfg, rngs), Mlp(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
@@ -264,12 +271,17 @@ class Block(nnx.Module):
     def branch(y, i):
       y = self.dropout(y, deterministic=keys[i] is None, rngs=keys[i])
       return drop_path(y, rate, depth_keys[i])
-    x_BxLxD = x_BxLxD + branch(self.attention(self.attn_norm(x_BxLxD), **attention_inputs), 0)
-    x_BxLxD = x_BxLxD + branch(self.mlp(self.mlp_norm(x_BxLxD)), 1)
+    if self.post:
+      x_BxLxD = self.attn_norm(x_BxLxD + branch(self.attention(x_BxLxD, **attention_inputs), 0))
+      x_BxLxD = self.mlp_norm(x_BxLxD + branch(self.mlp(x_BxLxD), 1))
+    else:
+      x_BxLxD = x_BxLxD + branch(self.attention(self.attn_norm(x_BxLxD), **attention_inputs), 0)
+      x_BxLxD = x_BxLxD + branch(self.mlp(self.mlp_norm(x_BxLxD)), 1)
     return constrain(x_BxLxD, 'batch', 'length', 'embed')
 
   def decode(self, x_BxTxD, positions_BxT, cache):
-    """The block for T new tokens against a key/value cache (Attention.decode)."""
+    """The block for T new tokens against a key/value cache (Attention.decode); pre-norm only
+    (decoders validate norm_position='pre')."""
     y_BxTxD, cache = self.attention.decode(self.attn_norm(x_BxTxD), positions_BxT, cache)
     x_BxTxD = x_BxTxD + y_BxTxD
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache

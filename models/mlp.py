@@ -11,7 +11,6 @@ its input rows split over FSDP, its units over tensor parallelism; the head is (
 'classes').
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -93,7 +92,7 @@ class Model(nnx.Module):
     """`rngs` carries the dropout stream; without it dropout is off (evaluation). `train` is
     accepted for the classifiers' common signature: this model has no batch statistics."""
     del train
-    activation = getattr(jax.nn, self.cfg.activation)
+    activation = checks.ACTIVATIONS[self.cfg.activation]
     images_BxHxWxC = constrain(images_BxHxWxC, 'batch', 'height', 'width', 'channels')
     h_BxF = images_BxHxWxC.reshape(images_BxHxWxC.shape[0], -1)
     for layer in self.hidden:

@@ -115,7 +115,7 @@ class Block(nnx.Module):
   conv + BatchNorm where the resolution or the channels change; `act` is `cfg.activation`."""
 
   def __init__(self, c_in, c_out, stride, cfg, *, rngs):
-    self.activation = getattr(jax.nn, cfg.activation)
+    self.activation = checks.ACTIVATIONS[cfg.activation]
     self.conv1 = _conv(c_in, c_out, 3, stride, cfg, rngs)
     self.norm1 = _batch_norm(c_out, cfg, rngs)
     self.conv2 = _conv(c_out, c_out, 3, 1, cfg, rngs)
@@ -172,7 +172,7 @@ class Model(nnx.Module):
     if rngs is not None and cfg.stochastic_depth > 0:  # rate 0: today's stream
       depth_keys = list(jax.random.split(rngs.dropout(), n))
     rates = layers.depth_rates(cfg.stochastic_depth, n)
-    activation = getattr(jax.nn, cfg.activation)
+    activation = checks.ACTIVATIONS[cfg.activation]
     x_BxHxWxC = constrain(images_BxHxWxC, 'batch', 'height', 'width', 'channels')
     x_BxHxWxC = activation(self.stem_norm(self.stem(x_BxHxWxC), use_running_average=not train))
     for block, rate, key in zip(self.blocks, rates, depth_keys):

@@ -5,16 +5,19 @@ into pieces of `data.seq_len - 1` bytes behind a [CLS] token; about `data.mask_r
 bytes are chosen, of which 80% become [MASK], 10% a random byte and 10% stay (data/mlm.py).
 Batches are {'inputs', 'targets': int32 [B, L], 'weights': float32 [B, L]} (weights 1 where a
 byte was chosen); eval batches also carry 'mask' [B]. The loss is the cross-entropy at the
-chosen positions; eval reports it with the accuracy of the predicted bytes there.
+chosen positions; eval reports it with the accuracy of the predicted bytes there. With
+`data.tokenizer` a tokenizer.json (BERT's), pieces are its tokens between [CLS] and [SEP], and
+its own [MASK] and [PAD] are used (data/text.py's Vocabulary).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from data import mlm, sources
-from models import byte_vocab
+from data import mlm, sources, text
 from tasks import base, language_model
 
 _EVAL_SEED = 20_251_129
@@ -42,13 +45,19 @@ class Task(base.Task):
     _require(self.config.model.get('head') == 'mlm', 'model.head',
              f'task.name=mlm needs an encoder with head=mlm, got model.name='
              f'{self.config.model.name!r}')
-    _require(self.config.model.vocab_size >= byte_vocab.VOCAB_SIZE, 'model.vocab_size',
-             f'{self.config.model.vocab_size} < {byte_vocab.VOCAB_SIZE}: bytes and special tokens')
+    size = self.vocab.size  # ValueError naming data.tokenizer
+    _require(self.config.model.vocab_size >= size, 'model.vocab_size',
+             f'{self.config.model.vocab_size} < {size}: the ids of '
+             f'{d.tokenizer or "bytes and special tokens"}')
     _require(d.source in ('stdlib', 'files', 'tfds'), 'data.source',
              f'{d.source!r} is not one of stdlib, files, tfds')
     _require(d.seq_len > 1, 'data.seq_len', f'must be > 1, got {d.seq_len}')
     _require(0 < d.mask_rate < 1, 'data.mask_rate', f'must be in (0, 1), got {d.mask_rate}')
     _require(self.config.task.eval_batches >= 0, 'task.eval_batches', 'must be >= 0')
+
+  @functools.cached_property
+  def vocab(self) -> text.Vocabulary:
+    return text.Vocabulary(self.config.data.tokenizer)
 
   def batch_spec(self, split):
     d = self.config.data
@@ -91,7 +100,7 @@ class Task(base.Task):
         sources.make_source(d, 'train'), seq_len=d.seq_len, global_batch_size=d.global_batch_size,
         seed=d.shuffle_seed, mask_rate=d.mask_rate, process_index=jax.process_index(),
         process_count=jax.process_count(), stats=stats, worker_threads=d.worker_threads,
-        prefetch_batches=d.prefetch_batches)
+        prefetch_batches=d.prefetch_batches, vocab=self.vocab)
 
   def eval_batches(self):
     d = self.config.data
@@ -100,7 +109,7 @@ class Task(base.Task):
     return mlm.mlm_eval_batches(
         sources.make_source(d, 'eval'), seq_len=d.seq_len, global_batch_size=d.global_batch_size,
         num_batches=self.config.task.eval_batches, seed=_EVAL_SEED, mask_rate=d.mask_rate,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(), vocab=self.vocab)
 
 
 def _require(ok, key, message):

@@ -1,4 +1,5 @@
-"""Hugging Face weights in and out: GPT-2 and Llama checkpoints <-> the decoder (transformer.py).
+"""Hugging Face weights in and out: GPT-2 and Llama checkpoints <-> the decoder (transformer.py),
+BERT checkpoints <-> the encoder (encoder.py).
 
 python -m tools.hf import --hf_dir=DIR --workdir=W [--config=configs/default.py:llama ...]
     reads DIR/config.json and DIR's safetensors (one file or an index of shards), and writes W/
@@ -17,10 +18,21 @@ embeddings need no permutation: HF Llama rotates halves, as models/rotary.py doe
 and 3.2's rope scaling (rope_type 'llama3') is `model.rope_scaling=llama3`. Features podium does
 not have (other rope scalings, Llama biases, another activation, ...) are one-line errors naming
 the HF key. Only numpy and safetensors run here; torch is for the tests.
+
+BERT (`--config=configs/encoder_mlm.py` or `encoder_classify.py`): BertForMaskedLM,
+BertForPreTraining, BertModel and BertForSequenceClassification files. The backbone becomes the
+encoder with norm_position=post (the embeddings' LayerNorm is `embed_norm`), exact GELU
+(hidden_act 'gelu' is `activation=gelu_exact`) and token types; `cls.predictions` becomes the
+MLM head (head=mlm needs it), `bert.pooler` the [CLS] pooler and `classifier` the classifier
+(head=classify: each imported when the file has it, with as many classes as model.num_classes;
+else initialised fresh by `init_from`). The next-sentence head (`cls.seq_relationship`) is left
+out. The file's tokenizer.json is copied to W and named as data.tokenizer in W/config.json;
+export writes the run's back.
 """
 
 import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -31,13 +43,16 @@ from etils import epath
 from ml_collections import config_flags
 
 from hardware import console, cpu_runtime, paths
-from models import transformer
+from data import tokenizers
+from models import encoder, transformer
 from tools import sample
 
-GPT2, LLAMA = 'gpt2', 'llama'
+GPT2, LLAMA, BERT = 'gpt2', 'llama', 'bert'
 _ARCHITECTURES = {GPT2: 'GPT2LMHeadModel', LLAMA: 'LlamaForCausalLM'}
-# Buffers some checkpoints carry that hold no weights (causal masks, rotary frequencies).
-_BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq')
+# Buffers some checkpoints carry that hold no weights (causal masks, rotary frequencies,
+# BERT's position and token-type ids).
+_BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq', '.position_ids',
+            '.token_type_ids')
 
 
 class HFError(ValueError):
@@ -123,11 +138,48 @@ def _rope_scaling(rope: dict, rope_key: str) -> dict:
   return dict(rope_scaling='llama3', **keys)
 
 
-_MODEL_KEYS = {GPT2: _gpt2_model, LLAMA: _llama_model}
+# BERT's hidden_act -> model.activation: erf GELU, or its tanh approximation.
+_BERT_ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
+
+
+def _bert_model(c: dict) -> dict:
+  """BERT config.json -> the encoder keys that build its shape."""
+  _supported(c, 'hidden_act', *_BERT_ACTIVATIONS)
+  _supported(c, 'position_embedding_type', 'absolute')
+  _supported(c, 'is_decoder', False)
+  _supported(c, 'add_cross_attention', False)
+  heads = c['num_attention_heads']
+  return dict(num_layers=c['num_hidden_layers'], num_heads=heads, num_kv_heads=heads,
+              embed_dim=c['hidden_size'], mlp_dim=c['intermediate_size'],
+              max_len=c['max_position_embeddings'], vocab_size=c['vocab_size'],
+              type_vocab_size=c.get('type_vocab_size', 2), position='learned',
+              norm='layernorm', norm_position='post', norm_eps=c.get('layer_norm_eps', 1e-12),
+              mlp='gelu', activation=_BERT_ACTIVATIONS[c.get('hidden_act') or 'gelu'],
+              use_bias=True, tie_embeddings=c.get('tie_word_embeddings', True))
+
+
+_MODEL_KEYS = {GPT2: _gpt2_model, LLAMA: _llama_model, BERT: _bert_model}
+
+
+def _bert_config(m, dtype: str) -> dict:
+  """Encoder keys -> BERT's config.json (the inverse of `_bert_model`); head=classify writes a
+  BertForSequenceClassification with its number of labels."""
+  act = {ours: hf_name for hf_name, ours in reversed(_BERT_ACTIVATIONS.items())}
+  classify = dict(num_labels=m.num_classes) if m.head == 'classify' else {}
+  return dict(model_type=BERT, architectures=[
+      'BertForSequenceClassification' if classify else 'BertForMaskedLM'], dtype=dtype,
+              vocab_size=m.vocab_size, hidden_size=m.embed_dim, num_hidden_layers=m.num_layers,
+              num_attention_heads=m.num_heads, intermediate_size=m.mlp_dim,
+              max_position_embeddings=m.max_len, type_vocab_size=max(m.type_vocab_size, 1),
+              layer_norm_eps=m.norm_eps, hidden_act=act.get(m.activation),
+              position_embedding_type='absolute', tie_word_embeddings=m.tie_embeddings,
+              pad_token_id=0, **classify)
 
 
 def _hf_config(m, family: str, dtype: str) -> dict:
   """Model keys -> the family's config.json (the inverse of `_MODEL_KEYS[family]`)."""
+  if family == BERT:
+    return _bert_config(m, dtype)
   common = dict(model_type=family, architectures=[_ARCHITECTURES[family]],
                 vocab_size=m.vocab_size, tie_word_embeddings=m.tie_embeddings, dtype=dtype,
                 bos_token_id=None, eos_token_id=None)  # podium's tokens are bytes
@@ -149,11 +201,15 @@ def _hf_config(m, family: str, dtype: str) -> dict:
 def _family_of(m) -> str:
   """The family whose checkpoints hold this model; raises naming the first key that has no
   equivalent there."""
-  family = GPT2 if m.position == 'learned' else LLAMA
+  family = BERT if m.name == 'encoder' else GPT2 if m.position == 'learned' else LLAMA
+  _require(family != BERT or m.head == 'mlm' or m.pool == 'cls',
+           "model.pool='mean' has no equivalent in a bert checkpoint (it needs 'cls')")
+  # type_vocab_size 0 is written as one all-zero token type, which adds nothing.
   back = _MODEL_KEYS[family](_hf_config(m, family, 'float32'))
   for key, value in back.items():
-    _require(m[key] == value, f'model.{key}={m[key]!r} has no equivalent in a {family} '
-             f'checkpoint (it needs {value!r})')
+    _require(m[key] == value or (key, m[key]) == ('type_vocab_size', 0),
+             f'model.{key}={m[key]!r} has no equivalent in a {family} checkpoint (it needs '
+             f'{value!r})')
   return family
 
 
@@ -177,6 +233,25 @@ _LAYOUT = {
              'self_attn.o_proj': ('attention.out',), 'post_attention_layernorm': ('mlp_norm',),
              'mlp.gate_proj': ('mlp.gate',), 'mlp.up_proj': ('mlp.up',),
              'mlp.down_proj': ('mlp.down',)}),
+    BERT: ('bert.', 'bert.encoder.layer.{}.',
+           {'embeddings.word_embeddings.weight': 'embed.embedding',
+            'embeddings.position_embeddings.weight': 'positions',
+            'embeddings.token_type_embeddings.weight': 'token_types',
+            'embeddings.LayerNorm.weight': 'embed_norm.scale',
+            'embeddings.LayerNorm.bias': 'embed_norm.bias'},
+           {'attention.self.query': ('attention.query',),
+            'attention.self.key': ('attention.key',),
+            'attention.self.value': ('attention.value',),
+            'attention.output.dense': ('attention.out',),
+            'attention.output.LayerNorm': ('attn_norm',), 'intermediate.dense': ('mlp.up',),
+            'output.dense': ('mlp.down',), 'output.LayerNorm': ('mlp_norm',)}),
+}
+_BERT_FRESH = ('bert.pooler.', 'classifier.')  # head=classify: optional in a file
+# BERT's heads per model.head: HF module -> podium module (a *norm, or a dense layer).
+_BERT_HEADS = {
+    'mlm': {'cls.predictions.transform.dense': 'mlm_head.transform',
+            'cls.predictions.transform.LayerNorm': 'mlm_head.norm'},
+    'classify': {'bert.pooler.dense': 'pooler', 'classifier': 'classifier'},
 }
 
 
@@ -187,17 +262,35 @@ def _table(family: str, m) -> list[tuple[str, tuple, bool]]:
   top, block, top_names, modules = _LAYOUT[family]
   path = lambda dotted, *lead: (*lead, *dotted.split('.'))
   table = [(top + name, (path(ours),), False) for name, ours in top_names.items()]
-  if not m.tie_embeddings:
+  if family == BERT:
+    table += _bert_head_table(m)
+  elif not m.tie_embeddings:
     table.append(('lm_head.weight', (('unembed', 'kernel'),), True))
   for i in range(m.num_layers):
     for module, ours in modules.items():
       weight = 'scale' if ours[0].endswith('norm') else 'kernel'
-      transposed = family == LLAMA and weight == 'kernel'
+      transposed = family in (LLAMA, BERT) and weight == 'kernel'
       table.append((f'{block.format(i)}{module}.weight',
                     tuple(path(o, i) + (weight,) for o in ours), transposed))
       if m.use_bias:
         table.append((f'{block.format(i)}{module}.bias',
                       tuple(path(o, i) + ('bias',) for o in ours), False))
+  return table
+
+
+def _bert_head_table(m) -> list[tuple[str, tuple, bool]]:
+  """BERT's head tensors for model.head (as `_table`); Linear weights [out, in]."""
+  path = lambda dotted: tuple(dotted.split('.'))
+  table = []
+  for module, ours in _BERT_HEADS[m.head].items():
+    weight = 'scale' if ours.endswith('norm') else 'kernel'
+    table += [(f'{module}.weight', (path(ours) + (weight,),), weight == 'kernel'),
+              (f'{module}.bias', (path(ours) + ('bias',),), False)]
+  if m.head == 'mlm' and m.tie_embeddings:
+    table.append(('cls.predictions.bias', (('mlm_head', 'bias'),), False))
+  elif m.head == 'mlm':
+    table += [('cls.predictions.decoder.weight', (('mlm_head', 'unembed', 'kernel'),), True),
+              ('cls.predictions.decoder.bias', (('mlm_head', 'unembed', 'bias'),), False)]
   return table
 
 
@@ -258,27 +351,59 @@ def _read_tensors(hf_dir: epath.Path) -> dict[str, np.ndarray]:
   return tensors
 
 
-def from_hf(hf_dir: str, scan_layers: bool = False) -> tuple[dict, dict]:
-  """(model key overrides, params tree) of the GPT-2 or Llama checkpoint in `hf_dir`, in the
-  checkpoint's dtype; `scan_layers`: with the blocks stacked."""
+def _bert_tensors(tensors: dict, m, num_classes: int) -> dict:
+  """A BERT file's tensors, named as in BertForMaskedLM, less those model.head does not use
+  (and the next-sentence head); a classifier for another number of classes is left out."""
+  base = ('embeddings.', 'encoder.', 'pooler.')  # BertModel files name them without 'bert.'
+  tensors = {'bert.' + k if k.startswith(base) else k: v for k, v in tensors.items()}
+  # Files converted from Google's TensorFlow release (bert-base-uncased) name LayerNorm's
+  # weight and bias gamma and beta.
+  tensors = {k.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta',
+                                                                     'LayerNorm.bias'): v
+             for k, v in tensors.items()}
+  unused = (('bert.pooler.', 'classifier.') if m.head == 'mlm' else ('cls.predictions.',))
+  tensors = {k: v for k, v in tensors.items()
+             if not k.startswith(unused + ('cls.seq_relationship.',))}
+  if m.head == 'mlm':  # predictions.bias is decoder.bias; files keep either or both
+    bias = tensors.pop('cls.predictions.decoder.bias', None)
+    bias = tensors.pop('cls.predictions.bias', bias)
+    if m.tie_embeddings:
+      tensors.pop('cls.predictions.decoder.weight', None)  # the word embeddings
+    if bias is not None:
+      tensors['cls.predictions.bias' if m.tie_embeddings else 'cls.predictions.decoder.bias'] = bias
+  elif tensors.get('classifier.weight', np.zeros((num_classes, 0))).shape[0] != num_classes:
+    tensors = {k: v for k, v in tensors.items() if not k.startswith('classifier.')}
+  return tensors
+
+
+def from_hf(hf_dir: str, scan_layers: bool = False, head: str = 'mlm',
+            num_classes: int = 2) -> tuple[dict, dict]:
+  """(model key overrides, params tree) of the GPT-2, Llama or BERT checkpoint in `hf_dir`, in
+  the checkpoint's dtype; `scan_layers`: with the blocks stacked. BERT: the tensors of the
+  encoder's `head` (mlm | classify with `num_classes`); a classify head's pooler and classifier
+  are left out when the file has none."""
   hf_dir = epath.Path(hf_dir)
   hf_config = _HFConfig(hf_dir / 'config.json')
   family = hf_config.get('model_type')
-  _require(family in _MODEL_KEYS,
-           f'model_type={family!r} in {hf_dir}/config.json: only gpt2 and llama are supported')
+  _require(family in _MODEL_KEYS, f'model_type={family!r} in {hf_dir}/config.json: only gpt2, '
+           'llama and bert are supported')
   overrides = _MODEL_KEYS[family](hf_config)
-  m = ml_collections.ConfigDict(dict(overrides, scan_layers=scan_layers))
+  m = ml_collections.ConfigDict(dict(overrides, scan_layers=scan_layers, head=head))
   tensors = _read_tensors(hf_dir)
   if family == GPT2:  # the original GPT-2 files name the base model's tensors without a prefix
     tensors = {k if k.startswith(('transformer.', 'lm_head.')) else 'transformer.' + k: v
                for k, v in tensors.items()}
+  if family == BERT:
+    tensors = _bert_tensors(tensors, m, num_classes)
   flat = {}
   for hf_name, param_paths, transposed in _table(family, m):
+    if family == BERT and hf_name.startswith(_BERT_FRESH) and hf_name not in tensors:
+      continue  # initialised by init_from
     _require(hf_name in tensors, f'{hf_dir} lacks the tensor {hf_name}')
     tensor = tensors.pop(hf_name)
     parts = np.split(tensor.T if transposed else tensor, len(param_paths), -1)
     flat.update(zip(param_paths, parts))
-  if m.tie_embeddings:
+  if m.tie_embeddings and family != BERT:
     tensors.pop('lm_head.weight', None)  # some files store the tied copy
   extra = sorted(k for k in tensors if not k.endswith(_BUFFERS))
   if extra:
@@ -291,6 +416,8 @@ def to_hf(model_config, params: dict, out_dir: str):
   `out_dir`/config.json and model.safetensors, in the parameters' dtype."""
   family = _family_of(model_config)
   flat = _flat_params(params, model_config)
+  if family == BERT and not model_config.type_vocab_size:  # one token type that adds nothing
+    flat[('token_types',)] = np.zeros_like(flat[('positions',)][:1])
   tensors = {}
   for hf_name, param_paths, transposed in _table(family, model_config):
     tensor = np.concatenate([flat[path] for path in param_paths], axis=-1)
@@ -308,14 +435,24 @@ def to_hf(model_config, params: dict, out_dir: str):
 
 def import_run(config, hf_dir: str, workdir: str) -> dict:
   """Writes the checkpoint in `hf_dir` to `workdir` as a params-only run of `config` (a train
-  config) reshaped to it; returns the model keys that changed."""
-  _require(config.model.name == 'transformer',
-           f'model.name={config.model.name!r}: weights import into the decoder (transformer)')
-  overrides, params = from_hf(hf_dir, scan_layers=config.model.scan_layers)
-  changed = {k: v for k, v in overrides.items() if config.model[k] != v}
-  config.model.update(overrides)
-  transformer.validate(config.model, config)
+  config) reshaped to it; returns the config keys that changed ('model.<key>', and for BERT
+  'data.tokenizer' when `hf_dir` has a tokenizer.json)."""
+  models = {'transformer': transformer, 'encoder': encoder}
+  _require(config.model.name in models, f'model.name={config.model.name!r}: weights import '
+           'into the decoder (transformer) or the encoder')
+  m = config.model
+  family = _HFConfig(epath.Path(hf_dir) / 'config.json').get('model_type')
+  _require((family == BERT) == (m.name == 'encoder'), f'model_type={family!r}: bert imports '
+           'into the encoder (--config=configs/encoder_mlm.py or encoder_classify.py), gpt2 '
+           'and llama into the decoder (transformer)')
+  overrides, params = from_hf(hf_dir, scan_layers=m.scan_layers, head=m.get('head', 'mlm'),
+                              num_classes=m.get('num_classes', 2))
+  changed = {f'model.{k}': v for k, v in overrides.items() if m[k] != v}
+  m.update(overrides)
   workdir = epath.Path(workdir).absolute()
+  if (epath.Path(hf_dir) / 'tokenizer.json').exists() and config.model.name == 'encoder':
+    changed['data.tokenizer'] = config.data.tokenizer = _copy_tokenizer(hf_dir, workdir)
+  models[config.model.name].validate(m, config)
   workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(workdir / 'state', {'params': params})  # where warm_start.state_dir looks
@@ -324,10 +461,25 @@ def import_run(config, hf_dir: str, workdir: str) -> dict:
   return changed
 
 
+def _copy_tokenizer(hf_dir: str, workdir: epath.Path) -> str:
+  """Copies `hf_dir`'s tokenizer.json into `workdir`; its path there. The encoder masks
+  token 0 as padding, so the tokenizer's [PAD] must be 0."""
+  source = os.fspath(epath.Path(hf_dir) / 'tokenizer.json')
+  pad = tokenizers.HuggingFaceTokenizer(source).token_id('[PAD]')
+  _require(pad == encoder.PAD_ID, f'{source}: [PAD] is token {pad}; the encoder pads with '
+           f'{encoder.PAD_ID}')
+  workdir.mkdir(parents=True, exist_ok=True)
+  shutil.copyfile(source, workdir / 'tokenizer.json')
+  return os.fspath(workdir / 'tokenizer.json')
+
+
 def export_run(workdir: str, step: int, out_dir: str):
-  """Writes the parameters of the run in `workdir` at `step` (0: the newest) to `out_dir`."""
-  config, _, params = sample.load(workdir, step)
+  """Writes the parameters of the run in `workdir` at `step` (0: the newest) to `out_dir`,
+  with the run's tokenizer.json (data.tokenizer) if it has one."""
+  config, _, params = sample.load(workdir, step, decoder=False)
   to_hf(config.model, params, out_dir)
+  if config.data.get('tokenizer', '').endswith('.json'):
+    shutil.copyfile(config.data.tokenizer, epath.Path(out_dir) / 'tokenizer.json')
 
 
 def main(argv):
@@ -349,7 +501,7 @@ def main(argv):
       changed = import_run(_CONFIG.value, hf_dir, workdir)
       console.log_to_file(workdir, 'hf')
       print(f'Wrote {workdir}. Train from it with the same --config and --config.init_from='
-            f'{workdir} ' + ' '.join(f'--config.model.{k}={v}' for k, v in changed.items()))
+            f'{workdir} ' + ' '.join(f'--config.{k}={v}' for k, v in changed.items()))
     else:
       export_run(workdir, _STEP.value, out)
       print(f'Wrote {out}/config.json and model.safetensors')
@@ -359,7 +511,8 @@ def main(argv):
 
 if __name__ == '__main__':
   _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  _HF_DIR = flags.DEFINE_string('hf_dir', None, 'import: a GPT-2 or Llama checkpoint directory.')
+  _HF_DIR = flags.DEFINE_string('hf_dir', None, 'import: a GPT-2, Llama or BERT checkpoint '
+                                'directory.')
   _WORKDIR = flags.DEFINE_string('workdir', None, 'import: where to write; export: the run.')
   _OUT = flags.DEFINE_string('out', None, 'export: the directory to write.')
   _STEP = flags.DEFINE_integer('step', 0, 'export: the checkpoint step (0: the newest).')

@@ -32,14 +32,15 @@ class SampleError(ValueError):
   """The workdir holds no decoder this can sample from."""
 
 
-def load(workdir: str, step: int = 0):
-  """(config, make_model, params) of the run in `workdir` at `step` (0: the newest)."""
+def load(workdir: str, step: int = 0, decoder: bool = True):
+  """(config, make_model, params) of the run in `workdir` at `step` (0: the newest);
+  `decoder`: refuse a model that cannot decode."""
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise SampleError(f'{path} does not exist: not a train.py workdir')
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   model_module = MODELS[config.model.name]
-  if not hasattr(model_module.Model, 'decode'):
+  if decoder and not hasattr(model_module.Model, 'decode'):
     raise SampleError(f'model.name={config.model.name!r} is not a decoder; nothing to sample')
   # Keys added to the model since the run was written take their defaults.
   model, data = model_module.default_config(), language_model.default_data_config()
