@@ -7,7 +7,7 @@ import pathlib
 from tests.conftest import REPO
 
 # Lowest first.
-LAYERS = ('hardware', 'parallel', 'models', 'data', 'tasks', 'configs', 'training')
+LAYERS = ('hardware', 'parallel', 'models', 'data', 'tasks', 'training', 'configs')
 
 
 def _imported_packages(path: pathlib.Path):

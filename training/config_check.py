@@ -2,11 +2,10 @@
 
 import os
 
-from configs import common
 from models import MODELS
 from parallel import sharding
 from tasks import TASKS
-from training import optimizer, precision
+from training import optimizer, parts, precision
 
 
 class ConfigError(ValueError):
@@ -49,28 +48,46 @@ def _from_value_error(check):
     raise ConfigError(str(e)) from None
 
 
+def train_choices():
+  """The registered choices of the train section (looked up when called: parts imports this
+  module)."""
+  return (precision.LOSS_SCALE, parts.NonFinitePolicy.POLICIES)
+
+
+def resolve(config, overridden=()):
+  """Keeps only the chosen entries' keys in `config`, after the error for an unknown name or a
+  key set that the chosen entries do not read; `overridden`: the keys set on the command line."""
+  try:
+    config.optim = optimizer.resolve(config.optim, overridden)
+    for choice in train_choices():
+      choice.check(config.train, overridden)
+      config.train = choice.resolve(config.train)
+    for choice in getattr(TASKS.get(config.task.name), 'CHOICES', ()):  # e.g. data.source
+      choice.check(config.data, overridden)
+      config.data = choice.resolve(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def check_optim(config, overridden=()):
   """`overridden`: the keys set on the command line, e.g. {'optim.sgd.momentum'}."""
-  _from_value_error(lambda: optimizer.validate(
-      config.optim, config.train.steps, config.train.eval_every, common.optim_config(),
-      overridden))
+  def check():
+    optim = optimizer.resolve(config.optim, overridden)
+    optimizer.validate(optim, config.train.steps, config.train.eval_every)
+  _from_value_error(check)
 
 
-def check_train(config):
+def check_train(config, overridden=()):
   t = config.train
   for key in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'grad_accum_steps'):
     _require(t[key] > 0, f'train.{key}', f'must be positive, got {t[key]}')
-  _one_of(config, 'train.nonfinite_policy', ('skip', 'rollback', 'stop'))
   _one_of(config, 'train.on_save_error', ('warn', 'stop'))
   _require(t.spike_sigmas >= 0, 'train.spike_sigmas', f'must be >= 0, got {t.spike_sigmas}')
   _require(t.spike_window > 1, 'train.spike_window', f'must be > 1, got {t.spike_window}')
   _require(t.hang_factor == 0 or t.hang_factor > 1, 'train.hang_factor', 'must be 0 (off) or > 1')
   _require(t.hang_min_seconds > 0, 'train.hang_min_seconds', 'must be positive')
-  _one_of(config, 'train.loss_scale', precision.MODES)
-  _require(t.loss_scale_init >= 1, 'train.loss_scale_init',
-           f'must be >= 1, got {t.loss_scale_init}')
-  _require(t.loss_scale_period > 0, 'train.loss_scale_period',
-           f'must be positive, got {t.loss_scale_period}')
+  for choice in train_choices():
+    _from_value_error(lambda choice=choice: (choice.check(t, overridden), choice.validate(t)))
   for key in ('eval_every', 'stop_after', 'debug_nan_at_step', 'debug_hang_at_step'):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
   profile = tuple(t.profile_steps)
@@ -158,7 +175,7 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
   if platform:
     check_platform(config, platform)
   check_task(config)
-  check_train(config)
+  check_train(config, overridden)
   check_health(config)
   check_optim(config, overridden)
   check_mesh(config, num_devices, num_processes, num_slices)
