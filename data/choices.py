@@ -5,7 +5,8 @@ default and a one-line comment), checks their values and builds its object. The 
 (`declare`), the error for an unknown name or for a changed key that the chosen entry does not
 read (`check`), the entry's own checks (`validate`), the keys a resolved config keeps
 (`resolve`) and the names and comments users read (`--print_config`, the README) all come from
-the registry, so a new choice is one `register` call in one file. It lives in data/, the lowest layer with a choice (data sources).
+the registry, so a new choice is one `register` call in one file. It lives in data/, the lowest
+layer with a choice (data sources).
 """
 
 import dataclasses

@@ -77,8 +77,8 @@ _alias('lamb', 'LAMB', optax.lamb, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0)
 if hasattr(optax.contrib, 'muon'):
   _alias('muon', 'Muon on 2-D matmul kernels, AdamW(adam_b1, adam_b2) on the rest',
          optax.contrib.muon, ('weight_decay', 'weight_decay_mask'),
-         {'muon_weight_dimension_numbers': _muon_matrices}, beta=0.95, ns_steps=5, nesterov=True, eps=1e-8,
-         weight_decay=0.0, adam_b1=0.9, adam_b2=0.999)
+         {'muon_weight_dimension_numbers': _muon_matrices}, beta=0.95, ns_steps=5, nesterov=True,
+         eps=1e-8, weight_decay=0.0, adam_b1=0.9, adam_b2=0.999)
 
 
 @CLIPPING.register('global_norm', 'scales the gradients to a global norm of grad_clip_norm',
