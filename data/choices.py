@@ -97,8 +97,8 @@ class Registry:
       section[key] = value
 
   def comments(self) -> dict[str, str]:
-    """Each key's path -> its comment: the names for the choosing key, and the readers for a
-    key that not every entry reads."""
+    """Each key's path -> its comment: the names for the choosing key; each entry's doc and
+    keys' comments, a shared key's prefixed with the entries that read it."""
     comments = {self.path: f'{self.doc}: {" | ".join(self)}'}
     for key, (value, readers) in self._declared().items():
       if self.own_sections:
