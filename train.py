@@ -166,7 +166,7 @@ def _resolve_choices(config):
   reads), after the error for a key set that they do not read."""
   from training import config_check  # pylint: disable=g-import-not-at-top
   try:
-    config_check.resolve(config, _overridden_keys())
+    config_check.keep_chosen(config, _overridden_keys())
   except config_check.ConfigError as e:
     _usage_error(f'config {e}')
 

@@ -4,9 +4,9 @@ A `Registry` holds one entry per name. An entry declares the keys it reads (each
 default and a one-line comment), checks their values and builds its object. The config section
 (`declare`), the error for an unknown name or for a changed key that the chosen entry does not
 read (`check`), the entry's own checks (`validate`), the keys a resolved config keeps
-(`resolve`) and the names and comments users read (`--print_config`, the README) all come from
-the registry, so a new choice is one `register` call in one file. It lives in data/, the lowest
-layer with a choice (data sources).
+(`keep_chosen`) and the names and comments users read (`--print_config`, the README) all come
+from the registry, so a new choice is one `register` call in one file. It lives in data/, the
+lowest layer with a choice (data sources).
 """
 
 import dataclasses
@@ -133,7 +133,7 @@ class Registry:
   def _unread(self, section, name: str) -> list[str]:
     return [k for k in self._declared() if k in section and k not in self._read(name)]
 
-  def resolve(self, section):
+  def keep_chosen(self, section):
     """`section` without the keys that only entries not chosen read, locked."""
     unread = self._unread(section, section[self.key])
     kept = ml_collections.ConfigDict({k: section[k] for k in section.keys() if k not in unread})

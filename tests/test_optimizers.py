@@ -358,7 +358,7 @@ def test_a_new_schedule_is_one_registered_entry():
                         warmup_steps=W)
     _check(config, ['optim.name'])
     config.optim.sgd.momentum = 0.0
-    tx = optimizer.make_optimizer(optimizer.resolve(config.optim, ['optim.name']), W + T)
+    tx = optimizer.make_optimizer(optimizer.keep_chosen(config.optim, ['optim.name']), W + T)
     state, update = tx.init(PARAMS), jax.jit(tx.update)
     for _ in range(W + 6):
       _, state = update(_grads(0), state, PARAMS)

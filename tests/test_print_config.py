@@ -41,7 +41,7 @@ def test_print_config_prints_the_resolved_config_with_comments():
   lines = result.stdout.splitlines()
   want = default.get_config('tiny')
   want.optim.name = 'sgd'
-  config_check.resolve(want, {'optim.name'})
+  config_check.keep_chosen(want, {'optim.name'})
   keys = [line.split(' = ')[0] for line in lines if not line.startswith('#')]
   assert keys == [key for key, _ in _leaves(want)]
   # Only the chosen optimiser's, schedule's and clipping's keys: what the run reads.

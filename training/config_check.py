@@ -54,17 +54,17 @@ def train_choices():
   return (precision.LOSS_SCALE, parts.NonFinitePolicy.POLICIES)
 
 
-def resolve(config, overridden=()):
+def keep_chosen(config, overridden=()):
   """Keeps only the chosen entries' keys in `config`, after the error for an unknown name or a
   key set that the chosen entries do not read; `overridden`: the keys set on the command line."""
   try:
-    config.optim = optimizer.resolve(config.optim, overridden)
+    config.optim = optimizer.keep_chosen(config.optim, overridden)
     for choice in train_choices():
       choice.check(config.train, overridden)
-      config.train = choice.resolve(config.train)
+      config.train = choice.keep_chosen(config.train)
     for choice in getattr(TASKS.get(config.task.name), 'CHOICES', ()):  # e.g. data.source
       choice.check(config.data, overridden)
-      config.data = choice.resolve(config.data)
+      config.data = choice.keep_chosen(config.data)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -72,7 +72,7 @@ def resolve(config, overridden=()):
 def check_optim(config, overridden=()):
   """`overridden`: the keys set on the command line, e.g. {'optim.sgd.momentum'}."""
   def check():
-    optim = optimizer.resolve(config.optim, overridden)
+    optim = optimizer.keep_chosen(config.optim, overridden)
     optimizer.validate(optim, config.train.steps, config.train.eval_every)
   _from_value_error(check)
 

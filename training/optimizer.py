@@ -177,12 +177,12 @@ def make_optimizer(o, total_steps: int, backbone=None,
   return optax.chain(*parts)
 
 
-def resolve(o, overridden=()):
+def keep_chosen(o, overridden=()):
   """The `optim` section with only the chosen entries' keys, after the errors for a key that
   they do not read (`overridden`: the keys set on the command line, 'optim.sgd.momentum')."""
   for choice in CHOICES:
     choice.check(o, overridden)
-    o = choice.resolve(o)
+    o = choice.keep_chosen(o)
   return o
 
 
