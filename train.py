@@ -140,6 +140,7 @@ def main(argv):
     _usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
   console.quiet_libraries(console.verbose())
   config = _loaded_config()
+  _resolve_choices(config)
   if FLAGS.print_config:
     _print_config(config)
   if FLAGS.compile_only:
@@ -180,6 +181,16 @@ def main(argv):
   except loop.TrainingHalted as e:
     _halt(f'train.py: error: {e}')
   sys.exit(status)
+
+
+def _resolve_choices(config):
+  """Only the chosen entries' keys stay (config.json and --print_config show what the run
+  reads), after the error for a key set that they do not read."""
+  from training import config_check  # pylint: disable=g-import-not-at-top
+  try:
+    config_check.keep_chosen(config, _overridden_keys())
+  except config_check.ConfigError as e:
+    _usage_error(f'config {e}')
 
 
 def _resolve_paths(config, absolute):

@@ -11,65 +11,7 @@ import ml_collections
 from models import MODELS
 from parallel import sharding
 from tasks import TASKS
-from training import config_check, health
-
-def optim_config():
-  o = ml_collections.ConfigDict()
-  # The optimiser, and its own keys in the section of the same name below (defaults: Optax's,
-  # but Adam's and AdamW's b2 and AdamW's decay suit LMs). Weight decay is decoupled and masked
-  # off norms, biases and embeddings. A key of an optimiser not chosen is an error if changed.
-  o.name = 'adamw'  # sgd | adam | adamw | adagrad | adadelta | adamax | rmsprop | lion |
-  #                   adafactor | lamb | muon
-  o.sgd = dict(momentum=0.9, nesterov=False)  # momentum 0: plain SGD, no momentum buffer
-  o.adam = dict(b1=0.9, b2=0.95, eps=1e-8)
-  o.adamw = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-  o.adagrad = dict(initial_accumulator_value=0.1, eps=1e-7)
-  o.adadelta = dict(rho=0.9, eps=1e-6, weight_decay=0.0)
-  o.adamax = dict(b1=0.9, b2=0.999, eps=1e-8)
-  o.rmsprop = dict(decay=0.9, eps=1e-8, centered=False, momentum=0.0, nesterov=False)
-  o.lion = dict(b1=0.9, b2=0.99, weight_decay=1e-3)
-  o.adafactor = dict(decay_rate=0.8, clipping_threshold=1.0, multiply_by_parameter_scale=True,
-                     min_dim_size_to_factor=128, eps=1e-30, weight_decay=0.0)
-  o.lamb = dict(b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0)
-  # Muon orthogonalises 2-D matmul kernels; everything else takes AdamW(adam_b1, adam_b2).
-  o.muon = dict(beta=0.95, ns_steps=5, nesterov=True, eps=1e-8, weight_decay=0.0, adam_b1=0.9,
-                adam_b2=0.999)
-  o.learning_rate = 3e-3  # the peak rate, reached after a linear warmup from 0
-  o.warmup_steps = 50
-  # After warmup: constant | linear | cosine | exponential | inverse_time | step | polynomial |
-  # warmup_stable_decay | one_cycle | cyclic | reduce_on_plateau. The keys below say which
-  # schedules read them; one that the chosen schedule does not read is an error if changed.
-  o.schedule = 'cosine'
-  o.final_lr_fraction = 0.1  # cosine, linear, polynomial, warmup_stable_decay end at lr * this
-  o.decay_rate = 0.5  # exponential: lr halves every `decay_steps`
-  o.decay_steps = 1000
-  o.inverse_time_b = 0.01  # inverse_time: lr0 / (1 + b*t)^g, t counted after warmup
-  o.inverse_time_power = 0.5
-  o.step_boundaries = (0.5, 0.75)  # step: at these fractions of the steps after warmup, ...
-  o.step_factors = (0.1, 0.1)  # ... the rate is multiplied by these
-  o.polynomial_power = 1.0  # polynomial: lr -> lr * final_lr_fraction as (1 - t/T)^power
-  o.decay_fraction = 0.2  # warmup_stable_decay: the last fraction of steps decays linearly
-  o.one_cycle_pct_start = 0.3  # one_cycle (cosine): fraction of steps rising to the peak ...
-  o.one_cycle_div_factor = 25.0  # ... from lr / this, then falling to lr / div / final_div
-  o.one_cycle_final_div_factor = 1e4
-  o.cycle_steps = 2000  # cyclic (triangular): one period, falling then rising, ...
-  o.cycle_min_fraction = 0.1  # ... between lr * this and lr
-  # reduce_on_plateau: a constant rate, multiplied by `factor` when the eval `metric` has not
-  # improved by more than `min_delta` for more than `patience` evaluations, then left alone
-  # for `cooldown` evaluations (PyTorch's ReduceLROnPlateau). The multiplier is optimizer state.
-  o.plateau = dict(metric='loss', mode='min', patience=2, factor=0.5, cooldown=0, min_delta=0.0)
-  # Gradient clipping: global_norm (to `grad_clip_norm`) | value (each element to
-  # +-`grad_clip_value`) | adaptive (unit-wise, to `grad_clip_factor` x the parameter's norm;
-  # Brock et al. 2021) | none.
-  o.grad_clip = 'global_norm'
-  # Penalties added to the loss (coupled, unlike weight decay), on the kernels weight decay
-  # applies to:
-  o.l2_penalty = 0.0  # + l2_penalty / 2 * sum(w^2)
-  o.l1_penalty = 0.0  # + l1_penalty * sum(|w|)
-  o.grad_clip_norm = 1.0
-  o.grad_clip_value = 1.0
-  o.grad_clip_factor = 0.01
-  return o
+from training import config_check, health, optimizer
 
 
 def build(task: str, model: str) -> ml_collections.ConfigDict:
@@ -82,7 +24,7 @@ def build(task: str, model: str) -> ml_collections.ConfigDict:
   config.task = TASKS[task].default_config()
   config.model = MODELS[model].default_config()
   config.data = TASKS[task].default_data_config()
-  config.optim = optim_config()
+  config.optim = optimizer.section()
   config.train = config_check.train_config()
   config.early_stop = config_check.early_stop_config()
   config.health = health.default_config()

@@ -14,6 +14,8 @@ import grain
 import numpy as np
 from etils import epath
 
+from data.choices import Key, Registry, require
+
 SPLITS = ('train', 'eval')
 PREPARED_FORMAT = 'podium-prepared-v1'
 
@@ -198,23 +200,56 @@ def _tokenizer_identity(dataset: PreparedDataset):
   return dataset.info['vocab_size'], dataset.info['eos_id'], contents
 
 
+SOURCES = Registry('data.source', 'where the documents come from')
+
+
 def make_source(data_config, split: str):
-  """The documents of `split` ('train' or 'eval') for the configured source: a source, or a
-  Mixture of the prepared datasets' `split`s."""
-  if data_config.source == 'arrayrecord':
-    datasets = prepared_datasets(data_config)
-    if len(datasets) == 1:
-      return datasets[0][0].source(split)
-    return Mixture([(dataset.source(split), w) for dataset, w in datasets])
-  if data_config.source == 'tfds':
-    tfds_split = data_config.tfds_train_split if split == 'train' else data_config.tfds_eval_split
-    return TfdsTextSource(data_config.tfds_name, tfds_split, data_config.tfds_text_key)
-  if data_config.source == 'stdlib':
-    files = stdlib_files()
-  else:
-    files = glob_files(data_config.files)
-  files = split_files(files, split, data_config.eval_percent)
+  """The documents of `split` ('train' or 'eval') for the configured source."""
+  return SOURCES[data_config.source].build(data_config, split)
+
+
+def _file_split(d, files: list[str], split: str):
+  files = split_files(files, split, d.eval_percent)
   if not files:
-    raise ValueError(f'data: no {split} files for source={data_config.source!r} '
-                     f'files={data_config.files!r} eval_percent={data_config.eval_percent}')
+    raise ValueError(f'data: no {split} files for source={d.source!r} '
+                     f'files={d.get("files", "")!r} eval_percent={d.eval_percent}')
   return FileSource(files)
+
+
+@SOURCES.register('stdlib', "the Python standard library's own .py files (no download)")
+def _stdlib(d, split):
+  return _file_split(d, stdlib_files(), split)
+
+
+@SOURCES.register(
+    'files', 'text files, one document each',
+    lambda d, **_: require(bool(d.files), 'files', "is empty but data.source='files'"),
+    files=Key('', "a glob, e.g. '/data/books/**/*.txt' (local or gs://)"))
+def _files(d, split):
+  return _file_split(d, glob_files(d.files), split)
+
+
+@SOURCES.register(
+    'tfds', 'a TensorFlow Datasets text dataset, prepared beforehand',
+    lambda d, **_: require(bool(d.tfds_name), 'tfds_name', "is empty but data.source='tfds'"),
+    tfds_name=Key('', "e.g. 'lm1b'"), tfds_train_split='train', tfds_eval_split='test',
+    tfds_text_key='text')
+def _tfds(d, split):
+  tfds_split = d.tfds_train_split if split == 'train' else d.tfds_eval_split
+  return TfdsTextSource(d.tfds_name, tfds_split, d.tfds_text_key)
+
+
+@SOURCES.register(
+    'arrayrecord', 'prepared datasets (python -m prepare): data.path, or data.mixture',
+    lambda d, **_: require(bool(d.path) != bool(d.mixture), 'path',
+                           "set data.path or data.mixture (one of them) for "
+                           "data.source='arrayrecord'"),
+    path=Key('', 'a prepared dataset directory (local or gs://)'),
+    mixture=Key('', "instead of path: prepared directories drawn from in proportion to their "
+                "weights, e.g. '/data/web:0.7,gs://b/code:0.3'; one tokenizer for all"))
+def _arrayrecord(d, split):
+  """One prepared dataset's `split`, or a Mixture of several."""
+  datasets = prepared_datasets(d)
+  if len(datasets) == 1:
+    return datasets[0][0].source(split)
+  return Mixture([(dataset.source(split), w) for dataset, w in datasets])

@@ -49,22 +49,16 @@ def default_config() -> ml_collections.ConfigDict:
   return t
 
 
+CHOICES = (sources.SOURCES,)  # the data section's registered choices
+
+
 def default_data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = 'stdlib'  # stdlib | files | tfds | arrayrecord
-  d.files = ''  # glob for source=files, e.g. '/data/books/**/*.txt'
-  d.path = ''  # for source=arrayrecord: a prepared dataset directory (python -m prepare)
-  # For source=arrayrecord instead of path: prepared directories drawn from in proportion to
-  # their weights (normalised), e.g. '/data/web:0.7,gs://b/code:0.3'. One tokenizer for all.
-  d.mixture = ''
+  sources.SOURCES.declare(d, 'stdlib')
   # Raw text's tokenizer: '' (bytes) or a SentencePiece .model or Hugging Face tokenizer.json
   # (local or gs://). Empty for arrayrecord, which uses the prepared dataset's own.
   d.tokenizer = ''
   d.eval_percent = 2  # files whose path hashes below this percentage form the validation split
-  d.tfds_name = ''  # for source=tfds, e.g. 'lm1b'
-  d.tfds_train_split = 'train'
-  d.tfds_eval_split = 'test'
-  d.tfds_text_key = 'text'
   d.seq_len = 128
   d.global_batch_size = 32
   d.shuffle_seed = 0
@@ -146,16 +140,8 @@ class Task(base.Task):
 
   def validate(self):
     d = self.config.data
-    _require(d.source in ('stdlib', 'files', 'tfds', 'arrayrecord'), 'data.source',
-             f'{d.source!r} is not one of stdlib, files, tfds, arrayrecord')
-    _require(d.source != 'files' or bool(d.files), 'data.files', "is empty but data.source='files'")
-    _require(d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name',
-             "is empty but data.source='tfds'")
-    _require(d.source != 'arrayrecord' or bool(d.path) != bool(d.mixture), 'data.path',
-             "set data.path or data.mixture (one of them) for data.source='arrayrecord'")
-    for key in ('path', 'mixture'):
-      _require(not d[key] or d.source == 'arrayrecord', f'data.{key}',
-               "names prepared datasets: it needs data.source='arrayrecord'")
+    sources.SOURCES.check(d)
+    sources.SOURCES.validate(d)
     vocab_size = self.tokenizer.vocab_size  # ValueError: no dataset.json, no tokenizer
     _require(self.config.model.vocab_size >= vocab_size, 'model.vocab_size',
              f"{self.config.model.vocab_size} is smaller than the tokenizer's {vocab_size} "

@@ -30,6 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
   return t
 
 
+CHOICES = language_model.CHOICES
+
+
 def default_data_config() -> ml_collections.ConfigDict:
   d = language_model.default_data_config()
   del d['num_streams']  # every process reads the whole stream and keeps its rows
@@ -49,8 +52,10 @@ class Task(base.Task):
     _require(self.config.model.vocab_size >= size, 'model.vocab_size',
              f'{self.config.model.vocab_size} < {size}: the ids of '
              f'{d.tokenizer or "bytes and special tokens"}')
-    _require(d.source in ('stdlib', 'files', 'tfds'), 'data.source',
-             f'{d.source!r} is not one of stdlib, files, tfds')
+    raw = [name for name in sources.SOURCES if name != 'arrayrecord']  # text, not token ids
+    _require(d.source in raw, 'data.source', f'{d.source!r} is not one of {", ".join(raw)}')
+    sources.SOURCES.check(d)
+    sources.SOURCES.validate(d)
     _require(d.seq_len > 1, 'data.seq_len', f'must be > 1, got {d.seq_len}')
     _require(0 < d.mask_rate < 1, 'data.mask_rate', f'must be in (0, 1), got {d.mask_rate}')
     _require(self.config.task.eval_batches >= 0, 'task.eval_batches', 'must be >= 0')

@@ -12,9 +12,6 @@ from tests.conftest import REPO
 # (training/config_check.py, training/health.py, parallel/sharding.py).
 LAYERS = ('hardware', 'parallel', 'models', 'data', 'prepare', 'tasks', 'training', 'configs',
           'tools')
-# The one import still against that order: check_optim reads configs/common.py's `optim`
-# section, which issue 20 part 1 replaces by the optimiser registry; drop this entry then.
-_PENDING = {'training/config_check.py imports configs'}
 
 
 def _imported_modules(path: pathlib.Path):
@@ -41,7 +38,7 @@ def test_no_module_imports_a_layer_above_its_own():
       upward += [f'{path.relative_to(REPO)} imports {package}'
                  for package in _imported_packages(path)
                  if package in LAYERS and LAYERS.index(package) > rank]
-  assert set(upward) <= _PENDING, upward
+  assert not upward, upward
 
 
 def test_every_package_is_a_layer():

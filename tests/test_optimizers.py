@@ -13,12 +13,13 @@ import pytest
 from flax import nnx
 
 from configs import default, fashion_mnist_cnn
+from data import choices
 from models import MODELS
 from tests import test_sharding
 from tests.test_faults import _assert_same_state, _losses
 from tests.test_train_e2e import REPO, run_train, saved_state
 from parallel import sharding
-from training import config_check, metrics, optimizer
+from training import config_check, metrics, optimizer, schedules
 from training import state as state_lib
 from training import step as step_lib
 from training.step import learning_rate
@@ -330,6 +331,43 @@ def test_bad_values_name_the_key(key, value, error):
   (config.optim[section] if section else config.optim)[leaf] = value
   with pytest.raises(config_check.ConfigError, match=error):
     _check(config)
+
+
+def test_a_new_schedule_is_one_registered_entry():
+  """A fork's schedule, registered here and nowhere else: its key is in the `optim` section with
+  its comment, validation accepts it, the chain builds it, and its key is rejected when
+  another schedule is chosen."""
+  @schedules.SCHEDULES.register(
+      'halving', 'halves every halving_steps',
+      lambda o, **_: choices.require(o.halving_steps > 0, 'halving_steps', 'must be > 0'),
+      halving_steps=choices.Key(3, 'steps between halvings'))
+  def _halving(o, steps):
+    del steps
+    return lambda t: o.learning_rate * 0.5 ** (t // o.halving_steps)
+
+  try:
+    config = default.get_config()
+    assert config.optim.halving_steps == 3
+    assert choices.comments()['optim.halving_steps'] == 'halving: steps between halvings'
+    assert choices.comments()['optim.schedule'].endswith('| reduce_on_plateau | halving')
+    config.optim.halving_steps = 5
+    with pytest.raises(config_check.ConfigError,
+                       match="optim.halving_steps: set to 5, but optim.schedule='cosine'"):
+      _check(config)
+    config.optim.update(schedule='halving', halving_steps=3, name='sgd', learning_rate=LR,
+                        warmup_steps=W)
+    _check(config, ['optim.name'])
+    config.optim.sgd.momentum = 0.0
+    tx = optimizer.make_optimizer(optimizer.keep_chosen(config.optim, ['optim.name']), W + T)
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
+    for _ in range(W + 6):
+      _, state = update(_grads(0), state, PARAMS)
+    np.testing.assert_allclose(learning_rate(state), LR * 0.5, rtol=1e-6)  # t=5 after warmup
+    config.optim.halving_steps = 0
+    with pytest.raises(config_check.ConfigError, match='optim.halving_steps: must be > 0'):
+      _check(config, ['optim.name'])
+  finally:
+    del schedules.SCHEDULES.entries['halving']
 
 
 # --- reduce_on_plateau through a kill and resume ------------------------------------------------

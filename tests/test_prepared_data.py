@@ -138,8 +138,8 @@ def test_bad_prepared_data_is_a_one_line_error(tiny_config, tmp_path, mixture):
   assert _check(tiny_config).startswith('data.path: ') and 'podium-prepared-v1' in _check(
       tiny_config)
   d.source = 'stdlib'
-  assert _check(tiny_config) == ("data.path: names prepared datasets: it needs "
-                                 "data.source='arrayrecord'")
+  assert _check(tiny_config) == (f"data.path: set to {str(tmp_path)!r}, but "
+                                 "data.source='stdlib' does not read it")
   d.update(source='arrayrecord', path='', mixture=f'{mixture[0]}:1,{mixture[1]}')
   assert _check(tiny_config).startswith("data.mixture: '") and '\n' not in _check(tiny_config)
   d.update(path=write_prepared(tmp_path / 'train_only', {'train': _ranged(1, 9, 3)}),

@@ -12,8 +12,9 @@ import ml_collections
 import pytest
 
 from configs import default
+from data import choices
 from tests.conftest import REPO
-from training import config_doc
+from training import config_check, config_doc, optimizer
 
 
 def _train(*args):
@@ -40,11 +41,16 @@ def test_print_config_prints_the_resolved_config_with_comments():
   lines = result.stdout.splitlines()
   want = default.get_config('tiny')
   want.optim.name = 'sgd'
+  config_check.keep_chosen(want, {'optim.name'})
   keys = [line.split(' = ')[0] for line in lines if not line.startswith('#')]
   assert keys == [key for key, _ in _leaves(want)]
-  # The override, with the end-of-line comment and its continuation line joined.
-  assert "optim.name = 'sgd'  # sgd | adam | adamw | adagrad | adadelta | adamax | rmsprop | " \
-         'lion | adafactor | lamb | muon' in lines
+  # Only the chosen optimiser's, schedule's and clipping's keys: what the run reads.
+  assert 'optim.sgd.momentum' in keys and 'optim.final_lr_fraction' in keys
+  assert not {'optim.adamw.b1', 'optim.decay_rate', 'optim.grad_clip_value'} & set(keys)
+  # The override, with its registry's comment listing every name.
+  assert "optim.name = 'sgd'  # the optimiser (its keys: optim.<name>): sgd | adam | adamw | " \
+         f'adagrad | adadelta | adamax | rmsprop | lion | adafactor | lamb' \
+         f'{" | muon" if "muon" in optimizer.OPTIMIZERS else ""}' in lines
   assert 'model.num_layers = 2' in lines  # the preset's value
   # A comment block above a declaration stays above it.
   i = lines.index('mesh.data = -1')
@@ -71,3 +77,15 @@ def test_help_lists_every_experiment_with_exactly_its_presets():
     with pytest.raises(ValueError, match='choose from') as error:
       get_config('no_such_preset')
     assert str(error.value).split('choose from ')[1] == presets.replace(',', ', ')
+
+
+def test_the_readme_names_every_registered_choice():
+  """The README passages that name a choice's key list every registered name of it."""
+  default.get_config()  # every registry the configs use is imported
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    passages = f.read().split('\n- ')
+  assert {r.path for r in choices.REGISTRIES} >= {'optim.name', 'train.nonfinite_policy'}
+  for registry in choices.REGISTRIES:
+    passage = ' '.join(p for p in passages if registry.path in p)
+    missing = [name for name in registry if not re.search(rf'\b{name}\b', passage)]
+    assert passage and not missing, f'README.md, {registry.path}: {missing or "no passage"}'

@@ -8,11 +8,10 @@ import types
 
 import ml_collections
 
-from configs import common
 from models import MODELS, platforms
 from parallel import sharding
 from tasks import TASKS, base
-from training import optimizer, precision
+from training import optimizer, parts, precision
 
 
 class ConfigError(ValueError):
@@ -73,11 +72,33 @@ def _from_value_error(check):
     raise ConfigError(str(e)) from None
 
 
+def train_choices():
+  """The registered choices of the train section (looked up when called: parts imports this
+  module)."""
+  return (precision.LOSS_SCALE, parts.NonFinitePolicy.POLICIES)
+
+
+def keep_chosen(config, overridden=()):
+  """Keeps only the chosen entries' keys in `config`, after the error for an unknown name or a
+  key set that the chosen entries do not read; `overridden`: the keys set on the command line."""
+  try:
+    config.optim = optimizer.keep_chosen(config.optim, overridden)
+    for choice in train_choices():
+      choice.check(config.train, overridden)
+      config.train = choice.keep_chosen(config.train)
+    for choice in getattr(TASKS.get(config.task.name), 'CHOICES', ()):  # e.g. data.source
+      choice.check(config.data, overridden)
+      config.data = choice.keep_chosen(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def check_optim(config, overridden=()):
   """`overridden`: the keys set on the command line, e.g. {'optim.sgd.momentum'}."""
-  _from_value_error(lambda: optimizer.validate(
-      config.optim, config.train.steps, config.train.eval_every, common.optim_config(),
-      overridden))
+  def check():
+    optim = optimizer.keep_chosen(config.optim, overridden)
+    optimizer.validate(optim, config.train.steps, config.train.eval_every)
+  _from_value_error(check)
 
 
 def train_config():
@@ -90,13 +111,10 @@ def train_config():
   t.keep_checkpoints = 3
   t.on_save_error = 'warn'  # warn | stop, when a checkpoint cannot be written (e.g. disk full)
   t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
-  t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
+  parts.NonFinitePolicy.POLICIES.declare(t, 'skip')
   t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
   t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
-  # auto (dynamic with model.dtype=float16) | dynamic | none; training/precision.py
-  t.loss_scale = 'auto'
-  t.loss_scale_init = 2.0**15
-  t.loss_scale_period = 2000  # finite steps in a row before the scale doubles
+  precision.LOSS_SCALE.declare(t, 'auto')
   # (first step, count): a JAX profiler trace of those steps in WORKDIR/tensorboard, for
   # TensorBoard's Profile tab; (0, 0): off. Process 0 only, unless profile_all_hosts.
   t.profile_steps = (0, 0)
@@ -124,21 +142,17 @@ def finetune_config():
   return f
 
 
-def check_train(config):
+def check_train(config, overridden=()):
   t = config.train
   for key in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'grad_accum_steps'):
     _require(t[key] > 0, f'train.{key}', f'must be positive, got {t[key]}')
-  _one_of(config, 'train.nonfinite_policy', ('skip', 'rollback', 'stop'))
   _one_of(config, 'train.on_save_error', ('warn', 'stop'))
   _require(t.spike_sigmas >= 0, 'train.spike_sigmas', f'must be >= 0, got {t.spike_sigmas}')
   _require(t.spike_window > 1, 'train.spike_window', f'must be > 1, got {t.spike_window}')
   _require(t.hang_factor == 0 or t.hang_factor > 1, 'train.hang_factor', 'must be 0 (off) or > 1')
   _require(t.hang_min_seconds > 0, 'train.hang_min_seconds', 'must be positive')
-  _one_of(config, 'train.loss_scale', precision.MODES)
-  _require(t.loss_scale_init >= 1, 'train.loss_scale_init',
-           f'must be >= 1, got {t.loss_scale_init}')
-  _require(t.loss_scale_period > 0, 'train.loss_scale_period',
-           f'must be positive, got {t.loss_scale_period}')
+  for choice in train_choices():
+    _from_value_error(lambda choice=choice: (choice.check(t, overridden), choice.validate(t)))
   for key in ('eval_every', 'stop_after', 'debug_nan_at_step', 'debug_hang_at_step'):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
   profile = tuple(t.profile_steps)
@@ -209,7 +223,7 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
   if platform:  # kernels that exist on one platform only
     _from_value_error(lambda: platforms.check_platform(config.model, platform))
   resolved = Resolved(model, check_task(config, model))
-  check_train(config)
+  check_train(config, overridden)
   check_health(config)
   check_optim(config, overridden)
   check_mesh(config, resolved, num_devices, num_processes, num_slices)

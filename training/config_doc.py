@@ -19,6 +19,8 @@ import tokenize
 
 import ml_collections
 
+from data import choices
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 _NOT_EXPERIMENTS = ('__init__.py', 'common.py', 'saved.py')
 _ML_COLLECTIONS = os.path.dirname(ml_collections.__file__)
@@ -81,15 +83,21 @@ def _presets(tree, trees) -> list[str]:
 
 def print_config(config, config_arg: str) -> str:
   """`config` (resolved: presets and overrides applied), one `key = value` line per key, under
-  the comments of each key's declaration in the config file `config_arg` ('path[:presets]')."""
+  the comments of each key's declaration in the config file `config_arg` ('path[:presets]'), or
+  of its registry entry (data/choices.py) for a key that a registered choice declares."""
   path, _, presets = config_arg.partition(':')
   sites = _declaration_sites(path, presets)
+  registered = choices.comments()
   lines, shown = [f'# --config={config_arg}'], set()
   for key, value in _leaves(config):
     site = sites.get(key) or next((sites[k] for k in _parents(key) if k in sites), None)
     above, after = _comments(*site) if site else ([], '')
+    section = next((k for k in _parents(key) if k in registered), None)
+    if key in registered or section:
+      site, after = section or key, f'# {registered[key]}' if registered.get(key) else ''
+      above = [f'# {registered[section]}'] if section else []
     if site in shown:
-      above, after = [], ''  # a dict's keys share its line: its comments once
+      above, after = [], after if section else ''  # a dict's keys share its line: its comments once
     shown.add(site)
     lines += above + [f'{key} = {value!r}' + (f'  {after}' if after else '')]
   return '\n'.join(lines)

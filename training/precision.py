@@ -8,18 +8,46 @@ doubles. The scale lives in the train state, so it is checkpointed and restored 
 
 Precision policies are set by three keys: `model.dtype` (activations: float32, bfloat16 or
 float16; 'auto' is bfloat16 on TPU/GPU and float32 on CPU), `model.param_dtype` (parameters and
-optimizer state, float32 by default) and `train.loss_scale` (auto: dynamic for float16 only).
+optimizer state, float32 by default) and `train.loss_scale`, whose modes are registered here:
+each builds whether the run scales its loss.
 """
 
 import jax.numpy as jnp
 
-MODES = ('auto', 'dynamic', 'none')
+from data.choices import Key, Registry, require
+
+LOSS_SCALE = Registry('train.loss_scale', 'loss scaling, for float16 compute')
 MAX_SCALE = 2.0**24  # far above what float16 gradients need; keeps the scale itself finite
+_SCALING = dict(loss_scale_init=Key(2.0**15, 'the first scale'), loss_scale_period=Key(
+    2000, 'finite steps in a row before the scale doubles'))
+
+
+def _check_scaling(t, **_):
+  require(t.loss_scale_init >= 1, 'loss_scale_init', f'must be >= 1, got {t.loss_scale_init}')
+  require(t.loss_scale_period > 0, 'loss_scale_period',
+          f'must be positive, got {t.loss_scale_period}')
+
+
+@LOSS_SCALE.register('auto', 'dynamic with model.dtype=float16, else none', _check_scaling,
+                     **_SCALING)
+def _auto(config) -> bool:
+  return config.model.get('dtype') == 'float16'
+
+
+@LOSS_SCALE.register('dynamic', 'dynamic, whatever model.dtype', _check_scaling, **_SCALING)
+def _dynamic(config) -> bool:
+  del config
+  return True
+
+
+@LOSS_SCALE.register('none', 'never scaled')
+def _none(config) -> bool:
+  del config
+  return False
 
 
 def enabled(config) -> bool:
-  mode = config.train.loss_scale
-  return mode == 'dynamic' or (mode == 'auto' and config.model.get('dtype') == 'float16')
+  return LOSS_SCALE[config.train.loss_scale].build(config)
 
 
 def initial_state(train_config) -> dict:
