@@ -7,11 +7,12 @@ import pytest
 
 from configs import default
 from data import pipeline
-from training import config_check, parts
+from training import config_check
+from training.parts import data_health
 
 
 class FakeClock:
-  """perf_counter for training.parts: moves only when told."""
+  """perf_counter for training.parts.data_health: moves only when told."""
 
   def __init__(self):
     self.now = 100.0
@@ -23,7 +24,7 @@ class FakeClock:
 @pytest.fixture(name='clock')
 def fixture_clock(monkeypatch):
   clock = FakeClock()
-  monkeypatch.setattr(parts, 'time', types.SimpleNamespace(perf_counter=clock.perf_counter))
+  monkeypatch.setattr(data_health, 'time', types.SimpleNamespace(perf_counter=clock.perf_counter))
   return clock
 
 
@@ -47,7 +48,7 @@ def _health(clock, wait, work, warn_wait_share=0.05):
                               task=types.SimpleNamespace(unit='tokens',
                                                          units_per_example=lambda: 32))
   stats = pipeline.RecordStats()
-  return parts.DataHealth(run, stats), SlowIterator(clock, stats, wait, work), announced
+  return data_health.DataHealth(run, stats), SlowIterator(clock, stats, wait, work), announced
 
 
 def _steps(clock, health, iterator, count, step_seconds):

@@ -1,7 +1,7 @@
 """The training loop: mesh -> data -> state (new or restored) -> steps, with parts attached.
 
 The loop only runs steps; everything else (evaluation, checkpoints, the non-finite policy,
-metrics, early stopping, samples) is a part (`training/parts.py`, `tasks.base.Part`).
+metrics, early stopping, samples) is a part (`training/parts/`, `tasks.base.Part`).
 """
 
 import sys
@@ -15,10 +15,12 @@ import tqdm
 from data import pipeline
 from parallel import sharding
 from tasks import base
-from training import checkpointing, config_check, exit_codes, health, parts as parts_lib
-from training import preemption
+from training import checkpointing, config_check, exit_codes, health, preemption
+from training import parts as parts_lib
 from training import step as step_lib
 from training import warm_start, watchdog
+from training.parts import checkpointer, data_health, early_stopping, evaluation
+from training.parts import metrics_logger, nonfinite, plateau, profiler
 from training import state as state_lib
 
 TrainingHalted = parts_lib.TrainingHalted
@@ -127,16 +129,16 @@ class Run:
     return {p.name: p.checkpoint_state() for p in self.parts if p.name}
 
   def train(self, record_stats):
-    self.data_health = parts_lib.DataHealth(self, record_stats)
-    self.evaluator = parts_lib.Evaluator(self)
+    self.data_health = data_health.DataHealth(self, record_stats)
+    self.evaluator = evaluation.Evaluator(self)
     restored = checkpointing.restore_latest(self.manager, self.setup.abstract_state,
                                             self.train_iter, announce)
-    early = ([parts_lib.EarlyStopping(self)] if self.config.early_stop.metric else [])
-    plateau = ([parts_lib.ReduceOnPlateau(self)]
+    early = ([early_stopping.EarlyStopping(self)] if self.config.early_stop.metric else [])
+    plateaus = ([plateau.ReduceOnPlateau(self)]
                if self.config.optim.schedule == 'reduce_on_plateau' else [])
     gradients = [health.GradientHealth(self)] if self.config.health.every else []
     # Before restore: their state is in the checkpoint.
-    self.parts = [self.evaluator, *early, *plateau, *gradients]
+    self.parts = [self.evaluator, *early, *plateaus, *gradients]
     if restored is None:
       state, start = state_lib.init_state(self.config, self.setup), 0
       params = state_lib.count_params(self.setup.abstract_state['params'])
@@ -173,10 +175,10 @@ class Run:
     with preemption.PreemptionWatcher(self.manager) as watcher, \
         watchdog.Watchdog(t.hang_factor, t.hang_min_seconds,
                           self.manager.wait_until_finished) as dog:
-      self.checkpointer = parts_lib.Checkpointer(self, watcher)
-      self.logger = parts_lib.MetricsLogger(self, start)
-      self.parts += [self.checkpointer, parts_lib.NonFinitePolicy(self), self.data_health,
-                     self.logger, parts_lib.Profiler(self, start), *self.task.parts(self)]
+      self.checkpointer = checkpointer.Checkpointer(self, watcher)
+      self.logger = metrics_logger.MetricsLogger(self, start)
+      self.parts += [self.checkpointer, nonfinite.NonFinitePolicy(self), self.data_health,
+                     self.logger, profiler.Profiler(self, start), *self.task.parts(self)]
       state = self._steps(state, start, dog)  # the logger stays open for at_end's test figures
     self.checkpointer.check_saved(self, self.step)
     if self.stop_reason:

@@ -1,0 +1,33 @@
+"""The non-finite policy: what a step whose update the guard rejected leads to."""
+
+from tasks.base import Part
+from training import checkpointing
+from training.parts import TrainingHalted
+
+
+class NonFinitePolicy(Part):
+  """Skips, rolls back or stops on a step whose update the step's guard rejected (non-finite
+  loss or gradients, or a loss spike): `train.nonfinite_policy`."""
+
+  def __init__(self, run):
+    self.rolled_back_for = set()
+
+  def after_fetch(self, run, step, metrics):
+    if metrics['guard/accept']:
+      return
+    what = ', '.join(k for k in ('nonfinite_loss', 'nonfinite_grads', 'loss_spike')
+                     if metrics[f'guard/{k}'])
+    policy = run.config.train.nonfinite_policy
+    if policy == 'stop':
+      run.checkpointer.save(run, run.step, run.state, 1, final=True)
+      raise TrainingHalted(f'step {step}: {what} (train.nonfinite_policy=stop); the update was '
+                           f'not applied and step {run.step} is saved in {run.manager.directory}')
+    run.announce(f'step {step}: {what}; update skipped')
+    if policy == 'rollback' and step not in self.rolled_back_for:
+      self.rolled_back_for.add(step)  # once: if the step fails again, skipping it is all
+      restored = checkpointing.restore_before(run.manager, step, run.setup.abstract_state)
+      if restored is None:
+        run.announce('no checkpoint before it to roll back to; continuing')
+        return
+      run.announce(f'rolled back to step {int(restored["step"])}; its data is skipped')
+      run.roll_back(restored)
