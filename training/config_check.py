@@ -6,7 +6,7 @@ from configs import common
 from models import MODELS
 from parallel import sharding
 from tasks import TASKS
-from training import optimizer, precision
+from training import optimizer, parts, precision
 
 
 class ConfigError(ValueError):
@@ -160,5 +160,6 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
   check_task(config)
   check_train(config)
   check_health(config)
+  _from_value_error(lambda: parts.validate(config))
   check_optim(config, overridden)
   check_mesh(config, num_devices, num_processes, num_slices)

@@ -3,23 +3,34 @@
 import contextlib
 
 from tasks.base import Part
-from training import checkpointing
+from training import checkpointing, preemption
 from training.parts import TrainingHalted
+
+PLACE = 50
 
 
 class Checkpointer(Part):
   """Saves every `train.checkpoint_every` steps, at the last step and when preempted (SIGTERM,
-  SIGINT, or a pod's preemption notice); a failed write warns or stops as configured."""
+  SIGINT, or a pod's preemption notice); a failed write warns or stops as configured. The loop
+  makes it (`run.checkpointer`: a policy may save now) and checks the last save; it watches for
+  preemption from the first step to the final save."""
 
-  def __init__(self, run, watcher):
-    self.watcher = watcher
+  def __init__(self, run):
+    self.watcher = preemption.PreemptionWatcher(run.manager)
+    self.watching = False
     self.preempted = False
     self.failure = ''  # the last failed write's error, for the run's last line
 
-  def after_step(self, run, step, state, metrics):
+  def at_start(self, run, state):
+    self.watcher.__enter__()
+    self.watching = True
+
+  def after_step(self, run, step, state, results):
     self.preempted = self.watcher.should_stop(step)
     final = step == run.end or self.preempted
     self.save(run, step, state, run.config.train.checkpoint_every, final)
+    if final:
+      self.close()
     if self.preempted:
       run.stop(f'{self.watcher.signal_name or "Preemption"} received: saved step {step} to '
                f'{run.manager.directory / str(step)}; rerun to resume.', complete=False)
@@ -31,7 +42,7 @@ class Checkpointer(Part):
       checkpointing.raise_failed_save(run.manager)
     with self._save_errors(run, step):
       checkpointing.save(run.manager, step, state, run.train_iter, every, final=final,
-                         loop_state=run.loop_state())
+                         loop_state=run.loop_state(), arrays=run.part_arrays())
     if final:
       with self._save_errors(run, step):
         run.manager.wait_until_finished()
@@ -60,3 +71,12 @@ class Checkpointer(Part):
       if run.config.train.on_save_error == 'stop':
         raise TrainingHalted(f'{self.failure}; the checkpoints already written are kept') from e
       run.announce(f'WARNING: {self.failure}; training continues')
+
+  def close(self):
+    if self.watching:
+      self.watcher.__exit__(None, None, None)
+      self.watching = False
+
+
+def build(run):
+  return [run.checkpointer]

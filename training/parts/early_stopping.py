@@ -5,6 +5,8 @@ from etils import epath
 
 from tasks.base import Part
 
+PLACE = 20
+
 
 def improved(value, best, mode: str, min_delta: float) -> bool:
   """Whether `value` beats `best` (None: nothing yet) by more than `min_delta`; mode min|max."""
@@ -14,7 +16,9 @@ def improved(value, best, mode: str, min_delta: float) -> bool:
 
 class EarlyStopping(Part):
   """Stops when `early_stop.metric` has not improved by `min_delta` for `patience` evals, and
-  keeps the best step's parameters apart from the latest checkpoints (`WORKDIR/best/`)."""
+  keeps the best step's parameters apart from the latest checkpoints (`WORKDIR/best/`). When
+  training is complete it offers them as the named result `best_state`: (step, a function that
+  reads them), if it kept any."""
   name = 'early_stopping'
 
   def __init__(self, run):
@@ -27,10 +31,10 @@ class EarlyStopping(Part):
         enable_async_checkpointing=False)
     self.best_manager = ocp.CheckpointManager(epath.Path(run.workdir) / 'best', options=options)
 
-  def after_step(self, run, step, state, metrics):
-    if self.key not in metrics:
+  def after_step(self, run, step, state, results):
+    if self.key not in results:
       return None
-    value = metrics[self.key]
+    value = results[self.key]
     if improved(value, self.best, self.cfg.mode, self.cfg.min_delta):
       self.best, self.best_step, self.bad_evals = value, step, 0
       keep = {k: state[k] for k in ('params', 'model_state') if k in state}
@@ -46,11 +50,13 @@ class EarlyStopping(Part):
       run.stop(self.stopped)
     return {'early_stop/best': self.best, 'early_stop/bad_evals': self.bad_evals}
 
-  def best_state(self, run):
-    """{'params', 'model_state'} of the best step, placed as training places them, or None if
-    no evaluation has been kept."""
-    if not self.best_step:
-      return None
+  def at_end(self, run, state, results):
+    if self.best_step:
+      return {'best_state': (self.best_step, lambda: self._best_state(run))}
+    return None
+
+  def _best_state(self, run):
+    """{'params', 'model_state'} of the best step, placed as training places them."""
     abstract = {k: run.setup.abstract_state[k] for k in ('params', 'model_state')
                 if k in run.setup.abstract_state}
     return self.best_manager.restore(self.best_step, args=ocp.args.StandardRestore(abstract))
@@ -67,3 +73,7 @@ class EarlyStopping(Part):
 
   def close(self):
     self.best_manager.close()
+
+
+def build(run):
+  return [EarlyStopping(run)] if run.config.early_stop.metric else []

@@ -1,15 +1,17 @@
 """Logged steps: metrics files, TensorBoard, the progress bar, throughput, the run report."""
 
+import numbers
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from hardware import chips
 from models import MODELS
 from tasks.base import Part
 from training import report, metrics as metrics_lib
+
+PLACE = 100
 
 
 class Throughput:
@@ -49,46 +51,71 @@ def device_memory(devices) -> dict[str, float]:
           for key in ('bytes_in_use', 'peak_bytes_in_use', 'bytes_limit')}
 
 
+def figures(results: dict) -> dict:
+  """The numbers among named results: what is logged."""
+  return {k: v for k, v in results.items() if isinstance(v, numbers.Real)}
+
+
+def is_logged(run, step: int, results: dict) -> bool:
+  """Whether step N is logged: every `train.log_every`, the last, eval and health-check steps."""
+  logged = figures(results)
+  evaluated = any(k.startswith('eval/') for k in logged)
+  checked = any(k.startswith('health/') for k in logged)  # training/parts/gradient_health.py
+  return step % run.config.train.log_every == 0 or step == run.end or evaluated or checked
+
+
 class MetricsLogger(Part):
-  """Logged steps (every `train.log_every`, eval and health-check steps, the last) to
-  WORKDIR/metrics/, TensorBoard and the progress bar."""
+  """Logged steps (`is_logged`) to WORKDIR/metrics/, TensorBoard and the progress bar: the
+  figures and histograms (`metrics.Histogram`) of the step's results, throughput and device
+  memory. When training is complete, the figures at_end returned go into the last record, and
+  the run report is written with the `summary/*` sections."""
 
-  def __init__(self, run, start):
-    self.every = run.config.train.log_every
-    self.throughput = Throughput(run, start)
-    self.writer = metrics_lib.MetricsWriter(run.workdir, resumed_step=start)
-    self.progress = metrics_lib.Progress(start, run.config.train.steps, self.throughput.unit)
+  def __init__(self, run):
     self.workdir, self.total_steps = run.workdir, run.config.train.steps
+    self.throughput = self.writer = self.progress = None  # from the first step on
 
-  def after_fetch(self, run, step, metrics):
-    metrics = {k: v for k, v in metrics.items() if np.ndim(v) == 0}  # scalars only
-    evaluated = any(k.startswith('eval/') for k in metrics)
-    checked = any(k.startswith('health/') for k in metrics)  # training/health.py
-    if not (step % self.every == 0 or step == run.end or evaluated or checked):
+  def at_start(self, run, state):
+    self.throughput = Throughput(run, run.step)
+    self.writer = metrics_lib.MetricsWriter(run.workdir, resumed_step=run.step)
+    self.progress = metrics_lib.Progress(run.step, self.total_steps, self.throughput.unit)
+
+  def after_fetch(self, run, step, results):
+    if not is_logged(run, step, results):
       return
-    values = {**metrics, **self.throughput.update(step, run.eval_seconds),
-              **run.data_health.figures(), **device_memory(jax.local_devices())}
-    run.eval_seconds = 0.0
+    excluded = sum(results.get('seconds', {}).values())  # evaluations
+    values = {**figures(results), **self.throughput.update(step, excluded),
+              **device_memory(jax.local_devices())}
     self.writer.write(step, values)
+    for name, value in results.items():
+      if isinstance(value, metrics_lib.Histogram):
+        self.writer.histogram(step, name, value.values)
     self.progress.update(step, values)
-    if evaluated:
-      figures = '  '.join(f'{k} {v:.4f}' for k, v in values.items() if k.startswith('eval/'))
-      self.progress.write(f"step {step}: train/loss {values['train/loss']:.4f}  {figures}")
+    if any(k.startswith('eval/') for k in values):
+      shown = '  '.join(f'{k} {v:.4f}' for k, v in values.items() if k.startswith('eval/'))
+      self.progress.write(f"step {step}: train/loss {values['train/loss']:.4f}  {shown}")
 
-  def rewind(self, step):
+  def rewind(self, run, step):
     self.writer.rewind(step)
 
   def close(self):
-    self.progress.close()
-    self.writer.close()
+    if self.writer:
+      self.progress.close()
+      self.writer.close()
 
-  def at_end(self, run, state):
-    """The run report, once training is complete (never while a preempted run has seconds to
-    save and exit)."""
+  def at_end(self, run, state, results):
+    """The test figures into the last record, and the run report, once training is complete
+    (never while a preempted run has seconds to save and exit)."""
+    self.writer.add_to_last(figures(results))
     if self.writer.enabled:
+      sections = {k.removeprefix('summary/'): v for k, v in results.items()
+                  if k.startswith('summary/')}
       try:
         report.write(self.workdir, metrics_lib.read_metrics(self.workdir), self.total_steps,
-                     run.report_sections)
+                     sections)
       except Exception as e:  # pylint: disable=broad-except; the run itself is saved and fine
         logging.warning('The run report (summary.json, report.png) was not written: %s: %s',
                         type(e).__name__, e)
+
+
+def build(run):
+  return [MetricsLogger(run)]

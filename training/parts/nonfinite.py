@@ -4,6 +4,8 @@ from tasks.base import Part
 from training import checkpointing
 from training.parts import TrainingHalted
 
+PLACE = 60
+
 
 class NonFinitePolicy(Part):
   """Skips, rolls back or stops on a step whose update the step's guard rejected (non-finite
@@ -31,3 +33,7 @@ class NonFinitePolicy(Part):
         return
       run.announce(f'rolled back to step {int(restored["step"])}; its data is skipped')
       run.roll_back(restored)
+
+
+def build(run):
+  return [NonFinitePolicy(run)]

@@ -6,6 +6,8 @@ from tasks.base import Part
 from training import config_check, optimizer
 from training.parts.early_stopping import improved
 
+PLACE = 30
+
 
 class ReduceOnPlateau(Part):
   """optim.schedule=reduce_on_plateau: after an evaluation that makes more than `patience`
@@ -19,15 +21,15 @@ class ReduceOnPlateau(Part):
     self.key = f'eval/{self.cfg.metric}'
     self.best, self.bad_evals, self.cooldown = None, 0, 0
 
-  def after_step(self, run, step, state, metrics):
-    if self.key not in metrics:
-      if any(k.startswith('eval/') for k in metrics):
+  def after_step(self, run, step, state, results):
+    if self.key not in results:
+      if any(k.startswith('eval/') for k in results):
         raise config_check.ConfigError(
             f'optim.plateau.metric: {self.cfg.metric!r} is not an eval metric of this task; it '
-            f'has {", ".join(sorted(k[5:] for k in metrics if k.startswith("eval/")))}')
+            f'has {", ".join(sorted(k[5:] for k in results if k.startswith("eval/")))}')
       return None
-    if improved(metrics[self.key], self.best, self.cfg.mode, self.cfg.min_delta):
-      self.best, self.bad_evals = metrics[self.key], 0
+    if improved(results[self.key], self.best, self.cfg.mode, self.cfg.min_delta):
+      self.best, self.bad_evals = results[self.key], 0
     else:
       self.bad_evals += 1
     if self.cooldown:
@@ -48,3 +50,7 @@ class ReduceOnPlateau(Part):
 
   def restore(self, run, saved):
     self.best, self.bad_evals, self.cooldown = saved['best'], saved['bad_evals'], saved['cooldown']
+
+
+def build(run):
+  return [ReduceOnPlateau(run)] if run.config.optim.schedule == 'reduce_on_plateau' else []
