@@ -95,6 +95,9 @@ def train_config():
   t.keep_checkpoints = 3
   t.on_save_error = 'warn'  # warn | stop, when a checkpoint cannot be written (e.g. disk full)
   t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
+  # > 0: also keep an average of the parameters, avg = ema_decay * avg + (1 - ema_decay) * params
+  # after each step; evaluated as eval_ema/*, written to WORKDIR/ema/ at the end. 0: off.
+  t.ema_decay = 0.0
   t.nonfinite_policy = 'skip'  # skip | rollback | stop, for non-finite loss/grads or a spike
   t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
   t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
