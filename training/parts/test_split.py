@@ -12,8 +12,8 @@ class TestSplit(Part):
   stopping's best parameters (the named result `best_state`) if it kept some, else the last."""
 
   def at_end(self, run, state, results):
-    best = results.get('best_state')
-    step, kept = best if best else (run.step, state)
+    best = results.get('best_state')  # (step, a function that reads them)
+    step, kept = (best[0], best[1]()) if best else (run.step, state)
     placed = [run.place_eval(b) for b in run.test_batches]  # only now: they are used once
     test = evaluation.evaluate(run, kept, placed, step, 'best/' if best else 'last')
     figures = {f'test/{k}': v for k, v in test.figures.items()}
