@@ -60,7 +60,7 @@ def _time_restore(config, setup, state, data_iter):
     checkpointing.save(manager, 1, state, data_iter, every=1, final=True)
     manager.wait_until_finished()
     start = time.perf_counter()
-    _, restored, _ = checkpointing.restore_latest(manager, setup.abstract_state, data_iter)
+    _, restored, _, _ = checkpointing.restore_latest(manager, setup.abstract_state, data_iter)
     jax.block_until_ready(restored)
     manager.close()
     return time.perf_counter() - start

@@ -110,34 +110,74 @@ class Task:
 
 
 class Part:
-  """A piece of the training loop that is not the step: checkpoints, evaluation, logging, early
-  stopping, samples... The loop calls, for each step N:
-    after_step(run, N, state, metrics)  right after step N is dispatched, while its state is
-        live (the next step donates it). `metrics` holds what earlier parts added for step N
-        (e.g. eval/* as host floats); return a dict to add more, or None. A part may set
-        `run.state` to a changed state, which later parts and the next step then get.
-    after_fetch(run, N, metrics)  step N's metrics as host floats (numpy arrays for vector
-        ones), fetched one step late so the host never waits for the device; return a dict of
-        figures to add for the parts after it (e.g. health/*, then logged), or None.
-  and at_end(run, state) when training reached train.steps. A part with state that must
-  survive a restart returns it from `checkpoint_state()` (JSON-able) and takes it back in
-  `restore(run, saved)`; it is saved with every checkpoint under the part's `name`.
-  `run` (training/loop.py `Run`) offers config, workdir, setup, task, mesh, end, stop(reason),
-  announce(line) and report_sections (name -> JSON-able: sections added to summary.json).
+  """A piece of the training loop that is not the step: evaluation, checkpoints, logging, early
+  stopping, samples... `training.parts.build` makes a run's parts, in one list, from the modules
+  of `training/parts/` (each says its PLACE in the order) and the task's `parts(run)`. The loop
+  calls every part's hooks in that order:
+
+    at_start(run, state)  once, before the first step of this process (on a fresh, warm-started
+        or restored state); not when a rerun finds training already complete.
+    after_step(run, N, state, results)  right after step N is dispatched, while its state is
+        live (the next step donates it). A part may set `run.state` to a changed state, which
+        later parts and the next step then get (reduce_on_plateau's multiplier).
+    after_fetch(run, N, results)  step N's results on the host, fetched one step late so the
+        host never waits for the device (numbers as Python floats, vectors as numpy arrays).
+    rewind(run, N)  training rolled back to step N (the non-finite policy): forget later steps.
+    at_end(run, state, results)  when training is complete (train.steps, or an early stop),
+        after the last step; `results` holds what earlier parts' at_end returned.
+    close()  always, last: on success, preemption and errors alike.
+
+  Parts exchange data only through named results. `results` of step N holds what the train step
+  returned (train/*, guard/*, learning_rate, health/norms, ...) and what earlier parts returned
+  for it: each hook but rewind and close may return a dict that the loop merges in for the parts
+  after it. A number is a figure, logged under its name (metrics files, TensorBoard; at_end: added
+  to the last record); a `training.metrics.Histogram` is a TensorBoard histogram; at_end, a
+  `summary/<name>` dict is a section of summary.json; anything else is for other parts only:
+  `eval` and `test` (a `training.parts.evaluation.Evaluation`: its split's sums, figures and
+  step), `seconds` (host seconds spent evaluating after step N, by what: `eval`, ...; they do
+  not count as training time).
+
+  Saved state: a part with a `name` whose state must survive a restart returns it from
+  `checkpoint_state()` (JSON-able; the checkpoint's `loop` item) and takes it back in
+  `restore(run, saved)`; arrays (a pytree of jax.Arrays, kept sharded) it returns from
+  `checkpoint_arrays()` (the checkpoint's `parts` item) and takes back in `restore_arrays(run,
+  arrays)`. Before the run starts, `checkpoint_arrays()` returns their jax.ShapeDtypeStructs
+  (with shardings), which the restore reads into. Both are saved with every checkpoint and
+  restored before at_start.
+
+  `run` (training/loop.py `Run`) offers config, workdir, mesh, setup, task, manager, train_iter,
+  record_stats, batch_waits, eval_step, place_eval, eval_batches (placed), test_batches (on the
+  host), step, state, end, stop(reason), roll_back(state), announce(line), loop_state() and
+  part_arrays() (every part's saved state, for the checkpointer), and checkpointer (to save now).
   """
   name = ''
 
-  def after_step(self, run, step, state, metrics):
-    del run, step, state, metrics
-
-  def after_fetch(self, run, step, metrics):
-    del run, step, metrics
-
-  def at_end(self, run, state):
+  def at_start(self, run, state):
     del run, state
+
+  def after_step(self, run, step, state, results):
+    del run, step, state, results
+
+  def after_fetch(self, run, step, results):
+    del run, step, results
+
+  def rewind(self, run, step):
+    del run, step
+
+  def at_end(self, run, state, results):
+    del run, state, results
+
+  def close(self):
+    pass
 
   def checkpoint_state(self):
     return None
 
   def restore(self, run, saved):
     del run, saved
+
+  def checkpoint_arrays(self):
+    return None
+
+  def restore_arrays(self, run, arrays):
+    del run, arrays

@@ -172,7 +172,7 @@ class Task(base.Task):
 
   def parts(self, run):
     histogram = ([] if self.class_counts is None else
-                 [reports.ClassHistogram(run, self.class_names, self.class_counts)])
+                 [reports.ClassHistogram(self.class_names, self.class_counts)])
     return [reports.ConfusionMatrix(self.class_names), *histogram]
 
 

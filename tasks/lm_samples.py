@@ -17,7 +17,7 @@ class Samples(base.Part):
   def __init__(self, config, tokenizer=None):
     self.config, self.tokenizer = config, tokenizer
 
-  def at_end(self, run, state):
+  def at_end(self, run, state, results):
     t = self.config.task
     prompts = [t.sample_prompts[i % len(t.sample_prompts)] for i in range(t.num_samples)]
     make_model = lambda params: run.setup.model(params, state.get('model_state'))

@@ -20,13 +20,13 @@ class ConfusionMatrix(base.Part):
   def __init__(self, class_names):
     self.class_names = class_names
 
-  def after_step(self, run, step, state, metrics):
-    if 'eval/accuracy' in metrics:
-      self._write(run, 'validation', run.last_eval_sums, step)
+  def after_step(self, run, step, state, results):
+    if 'eval' in results:  # the evaluator's named result
+      self._write(run, 'validation', results['eval'].sums, step)
 
-  def at_end(self, run, state):
-    if run.test_sums is not None:
-      self._write(run, 'test', run.test_sums, run.test_step)
+  def at_end(self, run, state, results):
+    if 'test' in results:
+      self._write(run, 'test', results['test'].sums, results['test'].step)
 
   def _write(self, run, split, sums, step):
     if jax.process_index() != 0:
@@ -47,12 +47,17 @@ class ClassHistogram(base.Part):
   """Logs the training split's records per class when the run starts, and puts them in the
   run report (summary.json 'train_classes')."""
 
-  def __init__(self, run, class_names, counts):
-    counts = [int(c) for c in counts]
-    total = max(sum(counts), 1)
+  def __init__(self, class_names, counts):
+    self.class_names, self.counts = class_names, [int(c) for c in counts]
+
+  def at_start(self, run, state):
+    total = max(sum(self.counts), 1)
     run.announce('train classes: ' + ', '.join(
-        f'{name} {count} ({count / total:.1%})' for name, count in zip(class_names, counts)))
-    run.report_sections['train_classes'] = dict(zip(class_names, counts))
+        f'{name} {count} ({count / total:.1%})'
+        for name, count in zip(self.class_names, self.counts)))
+
+  def at_end(self, run, state, results):
+    return {'summary/train_classes': dict(zip(self.class_names, self.counts))}
 
 
 def _plot(confusion, class_names, title) -> bytes:

@@ -9,7 +9,8 @@ import json
 import os
 
 from tests.test_train_e2e import run_train
-from training import parts, report
+from training import report
+from training.parts import metrics_logger
 
 RECORDS = [
     {'step': 1, 'train/loss': 3.0, 'learning_rate': 0.1, 'images_per_second': 10.0,
@@ -72,7 +73,7 @@ class _Device:
 def test_device_memory_reports_the_fullest_device_where_the_backend_tells():
   devices = [_Device({'bytes_in_use': 5, 'peak_bytes_in_use': 9, 'bytes_limit': 16}),
              _Device({'bytes_in_use': 7, 'peak_bytes_in_use': 8, 'bytes_limit': 16})]
-  assert parts.device_memory(devices) == {'memory/bytes_in_use': 7.0,
+  assert metrics_logger.device_memory(devices) == {'memory/bytes_in_use': 7.0,
                                           'memory/peak_bytes_in_use': 9.0,
                                           'memory/bytes_limit': 16.0}
-  assert parts.device_memory([_Device(None)]) == {}  # CPUs report nothing
+  assert metrics_logger.device_memory([_Device(None)]) == {}  # CPUs report nothing

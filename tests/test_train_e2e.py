@@ -34,7 +34,11 @@ def run_train(workdir, *args, env=None, cwd=REPO):
 
 def saved_state(workdir, step):
   """The train state saved at `step`, on one local device whatever the run's layout was."""
-  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  return read_item(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+
+
+def read_item(path):
+  """The arrays Orbax saved in `path` (a checkpoint item), on one local device."""
   checkpointer = ocp.StandardCheckpointer()
   on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one_device),

@@ -1,5 +1,6 @@
 """Orbax checkpoints holding the train state, the data iterator's position and the loop parts'
-state (e.g. early stopping's patience), saved together.
+state (e.g. early stopping's patience, as JSON, in `loop`; arrays such as an average of the
+parameters, sharded, in `parts`), saved together.
 
 Saves are asynchronous: `save` copies arrays off the devices and returns while a background
 thread writes them, so the next steps (which donate the state's buffers) can start at once.
@@ -34,7 +35,8 @@ def make_manager(workdir, train_config, asynchronous=True) -> ocp.CheckpointMana
       create=True)
   handlers = {'state': ocp.StandardCheckpointHandler(),
               'data': DataIteratorHandler(),
-              'loop': ocp.JsonCheckpointHandler()}
+              'loop': ocp.JsonCheckpointHandler(),
+              'parts': ocp.StandardCheckpointHandler()}
   return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
                                item_handlers=handlers)
 
@@ -91,14 +93,17 @@ def _quiet_orbax_errors():
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, every: int,
-         final: bool, loop_state: dict | None = None) -> bool:
-  """Saves on every `every`-th step and the final one; returns whether a save started."""
+         final: bool, loop_state: dict | None = None, arrays: dict | None = None) -> bool:
+  """Saves on every `every`-th step and the final one; returns whether a save started.
+  `loop_state`: the parts' JSON-able state; `arrays`: their arrays (part name -> pytree)."""
   if step % every and not final:
     return False
   items = {'state': ocp.args.StandardSave(state),
            'data': DataIteratorSave(data_iterator)}
   if loop_state:
     items['loop'] = ocp.args.JsonSave(loop_state)
+  if arrays:
+    items['parts'] = ocp.args.StandardSave(arrays)
   args = ocp.args.Composite(**items)
   return manager.save(step, args=args, force=True)
 
@@ -120,9 +125,11 @@ class NoUsableCheckpointError(RuntimeError):
   """Checkpoints exist but none can be read; starting over would discard the user's run."""
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, announce=print):
-  """(step, state, loop state or None) from the newest readable checkpoint, moving
-  `data_iterator` to match.
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, announce=print,
+                   abstract_arrays: dict | None = None):
+  """(step, state, loop state or None, parts' arrays or None) from the newest readable
+  checkpoint, moving `data_iterator` to match. `abstract_arrays`: the parts' arrays to read (part
+  name -> pytree of jax.ShapeDtypeStructs); those of a checkpoint saved without them are None.
 
   Returns None when there are no checkpoints. Unreadable checkpoints newer than the one restored
   are moved aside into `checkpoints_unreadable/` (never deleted), each `announce`d in one line.
@@ -134,7 +141,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
   for step in steps:
     _check_shapes(manager, step, abstract_state)
     try:
-      restored = _restore(manager, step, abstract_state, data_iterator)
+      restored = _restore(manager, step, abstract_state, data_iterator, abstract_arrays)
     except IncompatibleCheckpointError:
       raise  # readable, but not by this run: the user must say how to go on
     except Exception as e:  # pylint: disable=broad-except; any failure to read means unusable
@@ -154,13 +161,16 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
   return None
 
 
-def _restore(manager, step, abstract_state, data_iterator):
+def _restore(manager, step, abstract_state, data_iterator, abstract_arrays):
   items = {'state': ocp.args.StandardRestore(abstract_state),
            'data': DataIteratorRestore(data_iterator)}
   if (manager.directory / str(step) / 'loop').exists():
     items['loop'] = ocp.args.JsonRestore()
+  if abstract_arrays and (manager.directory / str(step) / 'parts').exists():
+    items['parts'] = ocp.args.StandardRestore(abstract_arrays)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return step, restored['state'], restored['loop'] if 'loop' in items else None
+  return (step, restored['state'], restored['loop'] if 'loop' in items else None,
+          restored['parts'] if 'parts' in items else None)
 
 
 class IncompatibleCheckpointError(ValueError):

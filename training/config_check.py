@@ -12,6 +12,7 @@ from models import MODELS, platforms
 from parallel import sharding
 from tasks import TASKS, base
 from training import optimizer, parts, precision
+from training.parts import nonfinite
 
 
 class ConfigError(ValueError):
@@ -75,7 +76,7 @@ def _from_value_error(check):
 def train_choices():
   """The registered choices of the train section (looked up when called: parts imports this
   module)."""
-  return (precision.LOSS_SCALE, parts.NonFinitePolicy.POLICIES)
+  return (precision.LOSS_SCALE, nonfinite.NonFinitePolicy.POLICIES)
 
 
 def keep_chosen(config, overridden=()):
@@ -111,7 +112,10 @@ def train_config():
   t.keep_checkpoints = 3
   t.on_save_error = 'warn'  # warn | stop, when a checkpoint cannot be written (e.g. disk full)
   t.stop_after = 0  # stop this run after this step (0: run to `steps`); resuming continues
-  parts.NonFinitePolicy.POLICIES.declare(t, 'skip')
+  # > 0: also keep an average of the parameters, avg = ema_decay * avg + (1 - ema_decay) * params
+  # after each step; evaluated as eval_ema/*, written to WORKDIR/ema/ at the end. 0: off.
+  t.ema_decay = 0.0
+  nonfinite.NonFinitePolicy.POLICIES.declare(t, 'skip')
   t.spike_sigmas = 0.0  # > 0: also reject a loss this many std devs above its running mean
   t.spike_window = 100  # steps in the running loss statistics; spikes are checked after these
   precision.LOSS_SCALE.declare(t, 'auto')
@@ -225,6 +229,7 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
   resolved = Resolved(model, check_task(config, model))
   check_train(config, overridden)
   check_health(config)
+  _from_value_error(lambda: parts.validate(config))
   check_optim(config, overridden)
   check_mesh(config, resolved, num_devices, num_processes, num_slices)
   return resolved

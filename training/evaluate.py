@@ -10,13 +10,13 @@ import json
 
 import jax
 from etils import epath
-import numpy as np
 
 from parallel import sharding
 from tasks import base
 from training import step as step_lib
 from training import state as state_lib
 from training import warm_start
+from training.parts import evaluation
 
 SPLITS = ('validation', 'test')
 
@@ -75,13 +75,9 @@ def evaluate(config, workdir: str, split: str, step: str, resolved=None) -> dict
     raise EvaluateError(str(e).replace('init_from: ', '--workdir: ')) from None
   _, eval_step = step_lib.compile_steps(setup, config, mesh)
   place = base.batch_placer(setup.task.batch_spec('eval'), mesh, config.mesh.rules)
-  sums = None
   with sharding.activate(mesh, config.mesh.rules):
-    for batch in batches:
-      batch_sums = jax.device_get(eval_step(state['params'], state.get('model_state'),
-                                            place(batch)))
-      sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
-  figures = {k: float(v) for k, v in setup.task.eval_metrics(sums).items()}
+    summed = evaluation.sums(eval_step, state, [place(batch) for batch in batches])
+  figures = {k: float(v) for k, v in setup.task.eval_metrics(summed).items()}
   result = {'split': split, 'step': step_number, 'checkpoint': str(folder), **figures}
   if jax.process_index() == 0:
     out = epath.Path(workdir) / 'evaluations'

@@ -1,7 +1,8 @@
 """The training loop: mesh -> data -> state (new or restored) -> steps, with parts attached.
 
 The loop only runs steps; everything else (evaluation, checkpoints, the non-finite policy,
-metrics, early stopping, samples) is a part (`training/parts.py`, `tasks.base.Part`).
+metrics, early stopping, samples) is a part (`training/parts/`, `tasks.base.Part`), made in one
+list by `parts.build` and called in its order; the parts exchange only named results.
 """
 
 import sys
@@ -15,11 +16,11 @@ import tqdm
 from data import pipeline
 from parallel import sharding
 from tasks import base
-from training import checkpointing, config_check, exit_codes, health, parts as parts_lib
-from training import preemption
+from training import checkpointing, config_check, exit_codes, parts as parts_lib
 from training import step as step_lib
 from training import warm_start, watchdog
 from training import state as state_lib
+from training.parts import checkpointer, data_health
 
 TrainingHalted = parts_lib.TrainingHalted
 
@@ -49,8 +50,9 @@ def train(config, workdir: str, compile_cache: str | None = None, resolved=None)
     manager = checkpointing.make_manager(workdir, config.train)
     try:
       with sharding.activate(mesh, config.mesh.rules):
-        run = Run(config, workdir, mesh, setup, manager, train_iter, eval_batches, test_batches)
-        run.train(record_stats)
+        run = Run(config, workdir, mesh, setup, manager, train_iter, record_stats, eval_batches,
+                  test_batches)
+        run.train()
         return run.exit_status()
     finally:
       manager.close()  # waits for a save still being written
@@ -86,30 +88,33 @@ def _create_workdir(workdir: str):
 
 
 class Run:
-  """One training run: the state of the loop, and what parts may ask of it."""
+  """One training run: the state of the loop, and what parts may ask of it (`tasks.base.Part`
+  lists it): config, workdir, mesh, setup, task, manager, train_iter, record_stats, batch_waits,
+  eval_step, place_eval, eval_batches (placed on the devices), test_batches (on the host), step,
+  state, end, stop(), roll_back(), announce(), loop_state(), part_arrays(), and checkpointer
+  (the part that saves, to save now)."""
 
-  def __init__(self, config, workdir, mesh, setup, manager, train_iter, eval_batches,
-               test_batches):
+  def __init__(self, config, workdir, mesh, setup, manager, train_iter, record_stats,
+               eval_batches, test_batches):
     self.config, self.workdir, self.mesh, self.setup = config, workdir, mesh, setup
     self.task, self.manager, self.train_iter = setup.task, manager, train_iter
-    self.eval_batches, self.test_batches = eval_batches, test_batches  # on the host
+    self.record_stats = record_stats  # the input pipeline's record and batch counts
+    self.batch_waits = data_health.BatchWaits()  # the loop's waits for the next batch
     self.train_step, self.eval_step = step_lib.compile_steps(setup, config, mesh)
     rules = config.mesh.rules
     self.place_train = base.batch_placer(self.task.batch_spec('train'), mesh, rules)
     self.place_eval = base.batch_placer(self.task.batch_spec('eval'), mesh, rules)
+    self.eval_batches = [self.place_eval(b) for b in eval_batches]  # placed once, kept
+    self.test_batches = test_batches  # on the host: placed only when used, once
     self.end = self.step = 0
     self.state = None
     self.stop_reason, self.complete = '', False
-    self.last_eval_sums, self.eval_seconds = None, 0.0
-    self.test_sums, self.test_step = None, None  # the test split's, once training is complete
-    self.report_sections = {}  # parts' own sections of summary.json, e.g. the class histogram
     self._rolled_back_to = None
-    self.parts = []
-    self.checkpointer = None  # made when steps start
+    self.checkpointer = checkpointer.Checkpointer(self)
+    self.parts = parts_lib.build(self)
 
   def exit_status(self) -> int:
-    preempted = self.checkpointer is not None and self.checkpointer.preempted
-    return exit_codes.PREEMPTED if preempted else exit_codes.DONE
+    return exit_codes.PREEMPTED if self.checkpointer.preempted else exit_codes.DONE
 
   def stop(self, reason: str, complete: bool = True):
     """Ends training after the current step (which is then saved). A `complete` run is done
@@ -127,19 +132,27 @@ class Run:
     """What the parts need to resume exactly, saved with every checkpoint."""
     return {p.name: p.checkpoint_state() for p in self.parts if p.name}
 
-  def train(self, record_stats):
-    self.data_health = parts_lib.DataHealth(self, record_stats)
-    self.evaluator = parts_lib.Evaluator(self)
+  def part_arrays(self) -> dict:
+    """The parts' arrays (before the run starts: their abstract arrays), saved likewise."""
+    arrays = {p.name: p.checkpoint_arrays() for p in self.parts if p.name}
+    return {name: tree for name, tree in arrays.items() if tree is not None}
+
+  def train(self):
+    try:
+      state, start = self._start()
+      _write_config(self.workdir, self.config)
+      return self._train_from(state, start)
+    finally:
+      for part in self.parts:
+        part.close()
+
+  def _start(self):
+    """(state, step) to train from: the newest checkpoint's, with the parts' own restored, or
+    a new state (from `init_from` if set)."""
     restored = checkpointing.restore_latest(self.manager, self.setup.abstract_state,
-                                            self.train_iter, announce)
-    early = ([parts_lib.EarlyStopping(self)] if self.config.early_stop.metric else [])
-    plateau = ([parts_lib.ReduceOnPlateau(self)]
-               if self.config.optim.schedule == 'reduce_on_plateau' else [])
-    gradients = [health.GradientHealth(self)] if self.config.health.every else []
-    # Before restore: their state is in the checkpoint.
-    self.parts = [self.evaluator, *early, *plateau, *gradients]
+                                            self.train_iter, announce, self.part_arrays())
     if restored is None:
-      state, start = state_lib.init_state(self.config, self.setup), 0
+      state = state_lib.init_state(self.config, self.setup)
       params = state_lib.count_params(self.setup.abstract_state['params'])
       if self.config.init_from:
         state, loaded = warm_start.load(self.config.init_from, state)
@@ -148,19 +161,16 @@ class Run:
                  f'new ({params:,} parameters).')
       else:
         announce(f'Starting from scratch: {params:,} parameters.')
-    else:
-      start, state, loop_state = restored
-      announce(f'Resumed from the checkpoint at step {start}.')
-      self.step = start
-      for part in self.parts:
-        if part.name in (loop_state or {}):
-          part.restore(self, loop_state[part.name])
-    _write_config(self.workdir, self.config)
-    try:
-      return self._train_from(state, start)
-    finally:
-      for part in self.parts:
-        getattr(part, 'close', lambda: None)()
+      return state, 0
+    start, state, loop_state, arrays = restored
+    announce(f'Resumed from the checkpoint at step {start}.')
+    self.step = start
+    for part in self.parts:
+      if part.name in (loop_state or {}):
+        part.restore(self, loop_state[part.name])
+      if part.name in (arrays or {}):
+        part.restore_arrays(self, arrays[part.name])
+    return state, start
 
   def _train_from(self, state, start):
     config = self.config
@@ -171,26 +181,25 @@ class Run:
       return state
     self.end = min(config.train.steps, config.train.stop_after or config.train.steps)
     t = config.train
-    with preemption.PreemptionWatcher(self.manager) as watcher, \
-        watchdog.Watchdog(t.hang_factor, t.hang_min_seconds,
-                          self.manager.wait_until_finished) as dog:
-      self.checkpointer = parts_lib.Checkpointer(self, watcher)
-      self.logger = parts_lib.MetricsLogger(self, start)
-      self.parts += [self.checkpointer, parts_lib.NonFinitePolicy(self), self.data_health,
-                     self.logger, parts_lib.Profiler(self, start), *self.task.parts(self)]
-      state = self._steps(state, start, dog)  # the logger stays open for at_end's test figures
+    with watchdog.Watchdog(t.hang_factor, t.hang_min_seconds,
+                           self.manager.wait_until_finished) as dog:
+      self.state = state
+      for part in self.parts:
+        part.at_start(self, state)
+      state = self._steps(state, start, dog)
     self.checkpointer.check_saved(self, self.step)
     if self.stop_reason:
       announce(self.stop_reason)
     if self.step == config.train.steps or self.complete:
+      results = {}
       for part in self.parts:
-        part.at_end(self, state)
+        results = {**results, **(part.at_end(self, state, results) or {})}
     return state
 
   def _steps(self, state, step, dog):
-    """Steps after `step` up to `self.end`, reading step N's metrics only after step N+1 is
+    """Steps after `step` up to `self.end`, reading step N's results only after step N+1 is
     dispatched; returns the final state."""
-    previous = None  # (step, metrics): device arrays, and host floats added by parts
+    previous = None  # (step, results): device arrays, and what parts added on the host
     while step < self.end or previous:
       dog.beat()
       current = None
@@ -198,12 +207,13 @@ class Run:
         step += 1
         if step == self.config.train.debug_hang_at_step:  # fault injection, for the watchdog
           time.sleep(1e6)
-        batch = self.data_health.next_batch(self.train_iter)
+        batch = self.batch_waits.next_batch(self.train_iter)
         state, device_metrics = self.train_step(state, self.place_train(batch))
         current = (step, device_metrics)
       self.step, self.state = step, state
       if previous:
-        fetched = {k: float(v) if np.ndim(v) == 0 else v  # vectors: e.g. health/norms
+        # Scalar arrays become floats; vectors (e.g. health/norms) stay arrays.
+        fetched = {k: float(v) if isinstance(v, np.ndarray) and v.ndim == 0 else v
                    for k, v in jax.device_get(previous[1]).items()}
         for part in self.parts:
           extra = part.after_fetch(self, previous[0], fetched)
@@ -214,7 +224,8 @@ class Run:
         if self._rolled_back_to is not None:
           state, self._rolled_back_to = self._rolled_back_to, None
           step, previous = int(state['step']), None
-          self.logger.rewind(step)
+          for part in self.parts:
+            part.rewind(self, step)
           continue
       if current:
         for part in self.parts:

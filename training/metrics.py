@@ -5,9 +5,11 @@ Object stores (gs://) cannot append, so the records are kept in chunks, `metrics
 RECORDS_PER_CHUNK records, so a rewrite stays small and the objects few.
 """
 
+import dataclasses
 import json
 import os
 import re
+from typing import Any
 
 from etils import epath
 import jax
@@ -16,6 +18,13 @@ from tensorboardX import SummaryWriter
 
 RECORDS_PER_CHUNK = 256
 _CHUNK_NAME = re.compile(r'(\d+)\.jsonl')
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+  """Values a part returns (as a named result) to be shown as a TensorBoard histogram on a
+  logged step; not in the metrics files."""
+  values: Any
 
 
 class MetricsWriter:
