@@ -112,7 +112,7 @@ class Task:
 class Part:
   """A piece of the training loop that is not the step: evaluation, checkpoints, logging, early
   stopping, samples... `training.parts.build` makes a run's parts, in one list, from the modules
-  of `training/parts/` (each says its PLACE in the order) and the task's `parts(run)`. The loop
+  of `training/parts/` (in its ORDER) and the task's `parts(run)`. The loop
   calls every part's hooks in that order:
 
     at_start(run, state)  once, before the first step of this process (on a fresh, warm-started

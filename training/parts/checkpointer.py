@@ -6,8 +6,6 @@ from tasks.base import Part
 from training import checkpointing, preemption
 from training.parts import TrainingHalted
 
-PLACE = 50
-
 
 class Checkpointer(Part):
   """Saves every `train.checkpoint_every` steps, at the last step and when preempted (SIGTERM,

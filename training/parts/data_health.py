@@ -5,8 +5,6 @@ import time
 from tasks.base import Part
 from training.parts import TrainingHalted, metrics_logger
 
-PLACE = 70
-
 
 _MIN_RECORDS_FOR_BAD_FRACTION = 100  # too few records make the fraction noise
 

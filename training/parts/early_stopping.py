@@ -5,8 +5,6 @@ from etils import epath
 
 from tasks.base import Part
 
-PLACE = 20
-
 
 def improved(value, best, mode: str, min_delta: float) -> bool:
   """Whether `value` beats `best` (None: nothing yet) by more than `min_delta`; mode min|max."""

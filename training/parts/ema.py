@@ -7,8 +7,6 @@ from etils import epath
 from tasks.base import Part
 from training.parts import evaluation
 
-PLACE = 15  # after the evaluator (it evaluates at its steps), before the checkpointer (saved)
-
 
 def _update(average, params, *, decay):
   return jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, average, params)

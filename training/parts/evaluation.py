@@ -8,8 +8,6 @@ import numpy as np
 
 from tasks.base import Part
 
-PLACE = 10
-
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:

@@ -7,8 +7,6 @@ import numpy as np
 from tasks.base import Part
 from training import health, metrics
 
-PLACE = 40
-
 
 class GradientHealth(Part):
   """Every `health.every` steps: per-layer norms as metrics (and TensorBoard histograms across

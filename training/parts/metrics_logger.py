@@ -10,8 +10,6 @@ from hardware import chips
 from tasks.base import Part
 from training import report, metrics as metrics_lib
 
-PLACE = 100
-
 
 class Throughput:
   """Units/s (tokens, images, ...) and per device: units/s, analytic model TFLOP/s and MFU."""

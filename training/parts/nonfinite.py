@@ -5,8 +5,6 @@ from tasks.base import Part
 from training import checkpointing
 from training.parts import TrainingHalted
 
-PLACE = 60
-
 
 class NonFinitePolicy(Part):
   """Skips, rolls back or stops on a step whose update the step's guard rejected (non-finite

@@ -6,8 +6,6 @@ from tasks.base import Part
 from training import config_check, optimizer
 from training.parts.early_stopping import improved
 
-PLACE = 30
-
 
 class ReduceOnPlateau(Part):
   """optim.schedule=reduce_on_plateau: after an evaluation that makes more than `patience`

@@ -5,8 +5,6 @@ from etils import epath
 
 from tasks.base import Part
 
-PLACE = 80
-
 
 class Profiler(Part):
   """A JAX profiler trace of steps `train.profile_steps` = (first, count), into the TensorBoard

@@ -3,8 +3,6 @@
 from tasks.base import Part
 from training.parts import evaluation
 
-PLACE = 25
-
 
 class TestSplit(Part):
   """When training is complete: the task's metrics on its test split (test/*, in the last
