@@ -119,3 +119,9 @@ def trace(command: list[str], cwd: str, env: dict, interval: float = 0.05,
   lines.sort(key=lambda line: line[0])
   return Trace(start, end, process.returncode, usage.ru_utime + usage.ru_stime,
                usage.ru_maxrss / _KIB, samples, lines)
+
+
+def uptime() -> str:
+  """The load average (1, 5, 15 minutes), to print beside timings on a shared machine."""
+  with open('/proc/loadavg', encoding='ascii') as f:
+    return 'load ' + ' '.join(f.read().split()[:3])

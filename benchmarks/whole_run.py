@@ -158,22 +158,19 @@ def print_table(trace, workdir: str, step_s):
           f'{max(steady) * 1e3:.2f} ms; in-process {step_s * 1e3:.2f} ms')
 
 
-def uptime() -> str:
-  with open('/proc/loadavg', encoding='ascii') as f:
-    return 'load ' + ' '.join(f.read().split()[:3])
-
-
 def main(argv):
   extra = argv[1:]
   workdir = os.path.abspath(_WORKDIR.value)
   if _VS.value:
     from benchmarks import whole_run_reference  # pylint: disable=g-import-not-at-top
-    whole_run_reference.compare(_JOB.value, workdir, _PAIRS.value, extra)
+    whole_run_reference.compare(_JOB.value, workdir, _PAIRS.value,
+                                lambda directory: run_podium(directory, extra)[0],
+                                _NANOGPT.value, _DATA.value, _STEPS.value)
     return
-  print(f'{uptime()}, {os.cpu_count()} CPUs')
+  print(f'{run_trace.uptime()}, {os.cpu_count()} CPUs')
   step_s = step_seconds(train_flags(workdir, extra)) if _STEP_TIME.value else None
   trace, flags_ = run_podium(workdir, extra)
-  print(f'python train.py --workdir={workdir}/run {" ".join(flags_)}  ({uptime()})')
+  print(f'python train.py --workdir={workdir}/run {" ".join(flags_)}  ({run_trace.uptime()})')
   print_table(trace, f'{workdir}/run', step_s)
 
 
