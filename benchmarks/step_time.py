@@ -136,8 +136,9 @@ def time_config(name, matmul_rate):
                                                      else 1)
   flops_xla, flops_model = xla_flops(compiled), aot.train_flops_per_step(config)
   rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+  shape = f' x {config.data.seq_len}' if unit == 'tokens' else ''
   print(f'[{name}] {state_lib.count_params(state["params"]) / 1e6:.2f}M params, batch '
-        f'{config.data.global_batch_size}' + (f' x {config.data.seq_len}' if unit == 'tokens' else '') + f', compiled in {compile_s:.1f} s, '
+        f'{config.data.global_batch_size}{shape}, compiled in {compile_s:.1f} s, '
         f'loss {float(metrics["train/loss"]):.4f}')
   print(f'  step        median {step_s * 1e3:.2f} ms (p10 {np.percentile(times, 10) * 1e3:.2f}, '
         f'p90 {np.percentile(times, 90) * 1e3:.2f}) over {len(times)} steps')

@@ -42,7 +42,7 @@ from benchmarks import run_phases, run_trace  # pylint: disable=wrong-import-pos
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _JOB = flags.DEFINE_enum('job', 'default', ['default', 'char', 'fashion_mnist_cnn'],
                          'Which job (see the docstring); --config replaces its config file.')
-_CONFIG = flags.DEFINE_string('config', '', 'A config file[:presets] instead of the job\'s.')
+_CONFIG = flags.DEFINE_string('config', '', "A config file[:presets] instead of the job's.")
 _STEPS = flags.DEFINE_integer('steps', 0, "train.steps (0: the job's own).")
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/podium_whole_run', 'Scratch folder: emptied.')
 _DATA = flags.DEFINE_string('data', '/work/shared/data/tinyshakespeare.txt',

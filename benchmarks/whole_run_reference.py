@@ -93,6 +93,7 @@ def compare(job: str, workdir: str, pairs: int, run_podium, nanogpt: str, data: 
     ratios.append((podium.wall_s / reference.wall_s, podium.cpu_s / reference.cpu_s,
                    podium.peak_rss_mib / reference.peak_rss_mib))
   wall, cpu, rss = (statistics.median(r[i] for r in ratios) for i in range(3))
-  spread = f' ({min(r[0] for r in ratios):.3f}-{max(r[0] for r in ratios):.3f})' if pairs > 1 else ''
+  walls = [r[0] for r in ratios]
+  spread = f' ({min(walls):.3f}-{max(walls):.3f})' if pairs > 1 else ''
   print(f'podium / reference ({job}, {pairs} pair(s), medians): wall {wall:.3f}{spread}, '
         f'CPU {cpu:.3f}, peak RSS {rss:.2f}x')
