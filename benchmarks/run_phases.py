@@ -18,8 +18,6 @@ import os
 import re
 import struct
 
-from tensorboardX.proto import event_pb2
-
 _LOG_LINE = re.compile(r'^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+)\s+\d+ [^\]]*\] (.*)$')
 _COMPILE = re.compile(r'Finished (?:tracing|jaxpr to MLIR module conversion|XLA compilation of) '
                       r'(?:jit\()?(\w+)\)?(?: for jit)? in ([\d.]+) sec')
@@ -53,6 +51,35 @@ def _first(records, text: str, after: float = 0.0):
   return next((t for t, message in records if t > after and text in message), None)
 
 
+def _varint(data: bytes, offset: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    byte = data[offset]
+    value, shift, offset = value | (byte & 0x7f) << shift, shift + 7, offset + 1
+    if byte < 0x80:
+      return value, offset
+
+
+def _event(data: bytes) -> tuple[float, int, bool]:
+  """(wall_time, step, has a summary) of one serialised tensorboard Event (fields 1, 2, 5)."""
+  wall, step, summary, offset = 0.0, 0, False, 0
+  while offset < len(data):
+    key, offset = _varint(data, offset)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, offset = _varint(data, offset)
+      step = value if field == 2 else step
+    elif wire == 1:
+      wall = struct.unpack('<d', data[offset:offset + 8])[0] if field == 1 else wall
+      offset += 8
+    elif wire == 2:
+      length, offset = _varint(data, offset)
+      summary, offset = summary or field == 5, offset + length
+    else:  # wire 5, fixed32
+      offset += 4
+  return wall, step, summary
+
+
 def logged_step_times(workdir: str) -> dict[int, float]:
   """step -> wall time its metrics were written (the first TensorBoard event of each step)."""
   times = {}
@@ -62,10 +89,10 @@ def logged_step_times(workdir: str) -> dict[int, float]:
     offset = 0
     while offset + 12 <= len(data):  # TFRecord: length, its CRC, the record, the record's CRC
       (length,) = struct.unpack('<Q', data[offset:offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      wall, step, summary = _event(data[offset + 12:offset + 12 + length])
       offset += 16 + length
-      if event.HasField('summary') and event.step not in times:
-        times[event.step] = event.wall_time
+      if summary and step not in times:
+        times[step] = wall
   return times
 
 

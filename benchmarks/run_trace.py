@@ -25,7 +25,7 @@ class Trace:
   status: int
   cpu_s: float  # user + system, of the process and the children it waited for
   peak_rss_mib: float  # the kernel's high-water mark (ru_maxrss) of the largest process
-  samples: list  # (time, RSS of the process and its descendants in MiB)
+  samples: list  # (time, RSS in MiB, CPU seconds so far) of the process and its descendants
   lines: list  # (time, 'out' | 'err', text)
 
   @property
@@ -34,9 +34,14 @@ class Trace:
 
   def peak_between(self, start: float, end: float) -> float:
     """The largest sampled RSS (MiB) from `start` to `end`, or the nearest sample before."""
-    inside = [rss for t, rss in self.samples if start <= t <= end]
-    before = [rss for t, rss in self.samples if t < start]
+    inside = [rss for t, rss, _ in self.samples if start <= t <= end]
+    before = [rss for t, rss, _ in self.samples if t < start]
     return max(inside) if inside else (before[-1] if before else float('nan'))
+
+  def cpu_between(self, start: float, end: float) -> float:
+    """CPU seconds the process tree used from `start` to `end` (from the samples)."""
+    at = lambda when: max((cpu for t, _, cpu in self.samples if t <= when), default=0.0)
+    return at(end) - at(start)
 
   def first_line(self, pattern: str, after: float = 0.0):
     """The time of the first printed line matching `pattern` (a regex) after `after`; None."""
@@ -58,6 +63,16 @@ def _status_kib(pid: int, field: str) -> int:
   return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+  """utime + stime of `pid` and the children it has waited for, from /proc/PID/stat."""
+  try:
+    with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+  except OSError:
+    return 0.0
+  return sum(int(x) for x in fields[11:15]) / os.sysconf('SC_CLK_TCK')
+
+
 def _descendants(pid: int) -> list[int]:
   """`pid` and every process below it (from /proc/PID/task/*/children)."""
   found, queue = [], [pid]
@@ -75,9 +90,10 @@ def _descendants(pid: int) -> list[int]:
 
 def _sample(pid: int, samples: list, done: threading.Event, interval: float):
   while not done.is_set():
-    rss = sum(_status_kib(p, 'VmRSS:') for p in _descendants(pid))
+    tree = _descendants(pid)
+    rss = sum(_status_kib(p, 'VmRSS:') for p in tree)
     if rss:
-      samples.append((time.time(), rss / _KIB))
+      samples.append((time.time(), rss / _KIB, sum(_cpu_seconds(p) for p in tree)))
     done.wait(interval)
 
 

@@ -51,6 +51,8 @@ _STEP_TIME = flags.DEFINE_bool('step_time', True, 'Time the in-process step firs
 _VS = flags.DEFINE_bool('vs_reference', False, 'Alternate with the reference job.')
 _PAIRS = flags.DEFINE_integer('pairs', 1, 'Alternating (podium, reference) pairs.')
 _NANOGPT = flags.DEFINE_string('nanogpt', '', 'A karpathy/nanoGPT checkout, for --job=char.')
+_REPO = flags.DEFINE_string('repo', REPO, 'The podium checkout whose train.py runs (before/after '
+                            'comparisons: e.g. a worktree of main).')
 _ECHO = flags.DEFINE_bool('echo', False, "Print the run's own lines as they come.")
 
 _CONFIGS = {'default': 'configs/default.py', 'char': 'configs/default.py',
@@ -92,12 +94,12 @@ def train_flags(workdir: str, extra: list[str]) -> list[str]:
     overrides += [*_CHAR, *char_files(_DATA.value, os.path.join(workdir, 'char_data'))]
   if _STEPS.value:
     overrides.append(f'train.steps={_STEPS.value}')
-  config = _CONFIG.value or os.path.join(REPO, _CONFIGS[_JOB.value])
+  config = _CONFIG.value or os.path.join(_REPO.value, _CONFIGS[_JOB.value])
   return [f'--config={config}', *[f'--config.{o}' for o in overrides], *extra]
 
 
 def child_env() -> dict:
-  return {**os.environ, 'PYTHONPATH': REPO, 'JAX_LOG_COMPILES': '1'}
+  return {**os.environ, 'PYTHONPATH': _REPO.value, 'JAX_LOG_COMPILES': '1'}
 
 
 def step_seconds(flags_: list[str]) -> float | None:
@@ -118,8 +120,9 @@ def run_podium(workdir: str, extra: list[str]):
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
   flags_ = train_flags(workdir, extra)
-  command = [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}/run', *flags_]
-  trace = run_trace.trace(command, REPO, child_env(), echo=print if _ECHO.value else None)
+  command = [sys.executable, os.path.join(_REPO.value, 'train.py'), f'--workdir={workdir}/run',
+             *flags_]
+  trace = run_trace.trace(command, _REPO.value, child_env(), echo=print if _ECHO.value else None)
   if trace.status != 0:
     print(trace.text()[-3000:])
     fail(f'train.py exited with status {trace.status}: {" ".join(command)}')
@@ -140,11 +143,12 @@ def units(workdir: str) -> tuple[int, str]:
 def print_table(trace, workdir: str, step_s):
   per_step, unit = units(workdir)
   rows, compiled, windows = run_phases.phases(trace, workdir, per_step, unit, step_s)
-  print(f'\n{"phase":<66} {"wall s":>8} {"share":>6} {"peak RSS MiB":>12}')
+  print(f'\n{"phase":<66} {"wall s":>8} {"share":>6} {"CPU s":>7} {"peak RSS MiB":>12}')
   for name, seconds, start, end in rows:
-    peak = trace.peak_between(start, end) if not name.startswith('  ') else float('nan')
-    peak_text = f'{peak:12.0f}' if peak == peak else ''
-    print(f'{name:<66} {seconds:8.2f} {seconds / trace.wall_s:6.1%} {peak_text}')
+    whole = not name.startswith('  ')  # sub-rows share their parent's interval
+    cpu = f'{trace.cpu_between(start, end):7.1f}' if whole else ''
+    peak = f'{trace.peak_between(start, end):12.0f}' if whole else ''
+    print(f'{name:<66} {seconds:8.2f} {seconds / trace.wall_s:6.1%} {cpu:>7} {peak}')
   print(f'{"total: the sum of the rows":<66} {sum(r[1] for r in rows):8.2f}')
   print(f'{"measured wall":<66} {trace.wall_s:8.2f}  CPU {trace.cpu_s:.1f} s, peak RSS '
         f'{trace.peak_rss_mib:.0f} MiB (kernel high-water mark)')
