@@ -162,13 +162,19 @@ def print_table(trace, workdir: str, step_s):
           f'{max(steady) * 1e3:.2f} ms; in-process {step_s * 1e3:.2f} ms')
 
 
+def _run_and_print(workdir: str, extra: list[str]):
+  trace, _ = run_podium(workdir, extra)
+  print_table(trace, f'{workdir}/run', None)
+  return trace
+
+
 def main(argv):
   extra = argv[1:]
   workdir = os.path.abspath(_WORKDIR.value)
   if _VS.value:
     from benchmarks import whole_run_reference  # pylint: disable=g-import-not-at-top
     whole_run_reference.compare(_JOB.value, workdir, _PAIRS.value,
-                                lambda directory: run_podium(directory, extra)[0],
+                                lambda directory: _run_and_print(directory, extra),
                                 _NANOGPT.value, _DATA.value, _STEPS.value)
     return
   print(f'{run_trace.uptime()}, {os.cpu_count()} CPUs')

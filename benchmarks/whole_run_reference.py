@@ -77,7 +77,7 @@ def _describe(name: str, trace, load: str) -> str:
 def compare(job: str, workdir: str, pairs: int, run_podium, nanogpt: str, data: str,
             steps: int):
   """Prints each pair and the median ratios podium / reference; `run_podium(workdir)` runs
-  podium's job and returns its run_trace.Trace."""
+  podium's job, prints its phase table and returns its run_trace.Trace."""
   ratios = []
   reference_dir = os.path.join(workdir, 'reference')
   os.makedirs(reference_dir, exist_ok=True)
