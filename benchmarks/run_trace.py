@@ -1,7 +1,8 @@
 """One process run from outside: wall time, CPU time and memory over time, and its output lines.
 
 `trace(command, cwd, env)` starts `command`, samples the resident memory of it and of every
-process it started (Grain's workers, say) from `/proc` every `interval` seconds on a thread,
+process it started (Grain's workers, say: the memory only they hold, so a forked child is not
+counted twice) and their CPU time from `/proc` every `interval` seconds on a thread,
 stamps each line it prints (stdout and stderr; a progress bar's `\r` updates count as lines)
 with the wall-clock time it arrived, and returns a `Trace` once the process has exited. CPU time
 and the kernel's own peak RSS come from `wait4`, so nothing is missed between samples.
@@ -73,6 +74,15 @@ def _cpu_seconds(pid: int) -> float:
   return sum(int(x) for x in fields[11:15]) / os.sysconf('SC_CLK_TCK')
 
 
+def _private_kib(pid: int) -> int:
+  """Memory only `pid` holds (a forked child shares its parent's pages until it writes them)."""
+  try:
+    with open(f'/proc/{pid}/smaps_rollup', encoding='ascii') as f:
+      return sum(int(line.split()[1]) for line in f if line.startswith('Private_'))
+  except (OSError, ValueError):
+    return 0
+
+
 def _descendants(pid: int) -> list[int]:
   """`pid` and every process below it (from /proc/PID/task/*/children)."""
   found, queue = [], [pid]
@@ -91,7 +101,7 @@ def _descendants(pid: int) -> list[int]:
 def _sample(pid: int, samples: list, done: threading.Event, interval: float):
   while not done.is_set():
     tree = _descendants(pid)
-    rss = sum(_status_kib(p, 'VmRSS:') for p in tree)
+    rss = _status_kib(pid, 'VmRSS:') + sum(_private_kib(p) for p in tree[1:])
     if rss:
       samples.append((time.time(), rss / _KIB, sum(_cpu_seconds(p) for p in tree)))
     done.wait(interval)
