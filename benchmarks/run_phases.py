@@ -139,17 +139,18 @@ def phases(trace, workdir: str, units_per_step: int, unit: str, step_s: float | 
     at = end
   if windows:
     first, rest = windows[0], windows[1:]
-    rows.append((f'steps {first[0]}-{first[1]}: first step (compiles) and loop set-up', first[2],
-                 at, at + first[2]))
+    rows.append((f'steps {first[0]}-{first[1]}: first step, loop set-up (train_step compile '
+                 f'{compiled.get("train_step", 0):.1f} s)', first[2], at, at + first[2]))
     at += first[2]
-    rows += _steady_rows(rest, saves, step_s, at)
+    rows += _steady_rows(rest, saves, step_s, at, compiled.get('eval_step', 0.0))
     at = times[windows[-1][1]]
   summary = max((os.path.getmtime(os.path.join(workdir, name)) for name in
                  ('summary.json', 'report.png') if os.path.exists(os.path.join(workdir, name))),
                 default=None)
   last_out = max((t for t, stream, _ in trace.lines if stream == 'out'), default=at)
   for name, end in (('end of run: test split, summary.json, report.png', summary),
-                    ('end of run: the rest (samples)', last_out),
+                    ('end of run: the rest (samples: compile '
+                     f'{sum(s for f, s in compiled.items() if "sample" in f):.1f} s)', last_out),
                     ('exit (teardown)', trace.end)):
     end = max(end or at, at)
     rows.append((name, end - at, at, end))
@@ -169,7 +170,7 @@ def _save_waits(records):
   return waits
 
 
-def _steady_rows(windows, saves, step_s, at):
+def _steady_rows(windows, saves, step_s, at, eval_compile):
   """The windows after the first: steps (the step and the host work around it), data wait,
   checkpoint saves (their blocking part) and evaluation."""
   if not windows:
@@ -192,5 +193,5 @@ def _steady_rows(windows, saves, step_s, at):
   rows.append(('  waiting for data', waited, at, end))
   rows.append(('  checkpoint saves (blocking part and waits for writes)',
                saving, at, end))
-  rows.append(('  evaluation (incl. its compile)', evaluating, at, end))
+  rows.append((f'  evaluation (eval_step compile {eval_compile:.1f} s)', evaluating, at, end))
   return rows
