@@ -20,7 +20,7 @@ import struct
 
 _LOG_LINE = re.compile(r'^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+)\s+\d+ [^\]]*\] (.*)$')
 _COMPILE = re.compile(r'Finished (?:tracing|jaxpr to MLIR module conversion|XLA compilation of) '
-                      r'(?:jit\()?(\w+)\)?(?: for jit)? in ([\d.]+) sec')
+                      r'(?:jit\()?([\w<>]+)\)?(?: for jit)? in ([\d.]+) sec')
 
 
 def log_records(workdir: str, year: int) -> list[tuple[float, str]]:
@@ -131,7 +131,8 @@ def phases(trace, workdir: str, units_per_step: int, unit: str, step_s: float | 
   saves += _save_waits(records)
   bounds = [('interpreter and imports', _first(records, 'Modules imported.')),
             ('config, mesh and data set-up', _first(records, 'CheckpointManager created')),
-            ('state init, restore check', trace.first_line(r'^(Starting from|Resumed from)'))]
+            (f'state init, restore check (init compile {compiled.get("<lambda>", 0):.1f} s)',
+             trace.first_line(r'^(Starting from|Resumed from)'))]
   rows, at = [], trace.start
   for name, end in bounds:
     end = end or at

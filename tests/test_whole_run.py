@@ -23,7 +23,7 @@ def test_the_phase_table_accounts_for_the_whole_run(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   table = dict(re.findall(r'^(\S.*?)\s+(-?\d+\.\d\d)(?: |$)', done.stdout, re.MULTILINE))
   for phase in ('interpreter and imports', 'config, mesh and data set-up',
-                'state init, restore check', 'exit (teardown)'):
+                'exit (teardown)'):
     assert float(table[phase]) > 0, done.stdout
   assert float(table['total: the sum of the rows']) == float(table['measured wall'])
   assert re.search(r'compiles .*train_step \d', done.stdout), done.stdout
