@@ -158,6 +158,7 @@ def main(argv):
   from data import pipeline  # pylint: disable=g-import-not-at-top
   from hardware import paths  # pylint: disable=g-import-not-at-top
   from training import checkpointing, config_check, loop, warm_start  # pylint: disable=g-import-not-at-top
+  logging.info('Modules imported.')  # a phase boundary, for benchmarks/whole_run.py
   workdir = paths.absolute(FLAGS.workdir)
   _resolve_paths(config, paths.absolute)
   try:

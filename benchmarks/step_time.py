@@ -14,6 +14,9 @@ Configs (benchmarks/bench_configs.py):
            batch 12, AdamW in float32, dropout 0 (tinyshakespeare characters when --data exists,
            else random tokens).
   default_health  the default with gradient health on (per-layer norms in every step).
+`--config=FILE[:presets]` (with `--config.<key>=<value>` overrides, as train.py takes them)
+times that config instead, any task: language models on --data's characters or random tokens,
+other tasks on random batches of their declared shapes (benchmarks/whole_run.py uses this).
 The machine is shared: the share of CPU other processes used while timing is printed too.
 Its speed also drifts by a quarter between hours, so compare with a reference timed alongside:
 `benchmarks/torch_reference.py` times the small model in PyTorch (needs torch).
@@ -32,12 +35,13 @@ import time
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from benchmarks.bench_configs import CONFIGS
 
 from hardware import chips, cpu_runtime
 from parallel import sharding
-from tasks import language_model
+from tasks import base, language_model
 from training import aot, state as state_lib, step as step_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['default', 'small'], 'Configs to time, one process each.')
@@ -47,6 +51,8 @@ _DEVICES = flags.DEFINE_integer('devices', 1, 'Devices in the mesh (data paralle
 _DATA = flags.DEFINE_string('data', '/work/shared/data/tinyshakespeare.txt',
                             'Characters for the small config; random tokens if missing.')
 _LOW_MEMORY = flags.DEFINE_bool('low_memory', False, 'cpu_runtime.configure(low_memory=True).')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file[:presets] to time '
+                                         'instead of --configs (any task).')
 _MATMUL_GFLOPS = flags.DEFINE_float('matmul_gflops', 0, 'The machine matmul rate (set by the '
                                     'parent process; 0 measures it here).')
 
@@ -70,6 +76,14 @@ def _batches(config, rng):
       yield np.stack([text[s:s + l1] for s in starts])
 
 
+def _random_batches(spec, rng):
+  """Endless batches of `spec`'s shapes: N(0, 1) floats, integers 0 or 1 (labels, masks)."""
+  while True:
+    yield {k: (rng.standard_normal(f.shape).astype(f.dtype)
+               if np.issubdtype(f.dtype, np.floating) else rng.integers(0, 2, f.shape, f.dtype))
+           for k, f in spec.items()}
+
+
 def xla_flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -88,13 +102,15 @@ def _busy_seconds_of_others() -> float:
 
 
 def time_config(name, matmul_rate):
-  config = CONFIGS[name]()
+  config = _CONFIG.value if name == 'config' else CONFIGS[name]()
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:_DEVICES.value])
   setup = state_lib.make_setup(config, mesh)
-  batch_sharding = sharding.logical_sharding(mesh, config.mesh.rules, 'batch', 'length')
-  batches = _batches(config, np.random.default_rng(0))
-  put = lambda: jax.device_put(language_model.one_document_per_row(next(batches)),
-                               batch_sharding)
+  place = base.batch_placer(setup.task.batch_spec('train'), mesh, config.mesh.rules)
+  if config.task.name == 'lm':
+    batches = map(language_model.one_document_per_row, _batches(config, np.random.default_rng(0)))
+  else:
+    batches = _random_batches(setup.task.batch_spec('train'), np.random.default_rng(0))
+  put = lambda: place(next(batches))
   with sharding.activate(mesh, config.mesh.rules):
     state = state_lib.init_state(config, setup)
     train_step, _ = step_lib.compile_steps(setup, config, mesh)
@@ -115,16 +131,18 @@ def time_config(name, matmul_rate):
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / _STEPS.value
     others = max(0.0, (_busy_seconds_of_others() - others0) / sum(times))
   step_s = statistics.median(times)
-  tokens_per_step = config.data.global_batch_size * config.data.seq_len
-  flops_xla = xla_flops(compiled)
-  flops_model = aot.train_flops_per_step(config, setup.model_module)
+  unit = 'tokens' if config.task.name == 'lm' else 'examples'
+  tokens_per_step = config.data.global_batch_size * (config.data.seq_len if unit == 'tokens'
+                                                     else 1)
+  flops_xla, flops_model = xla_flops(compiled), aot.train_flops_per_step(config, setup.model_module)
   rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+  shape = f' x {config.data.seq_len}' if unit == 'tokens' else ''
   print(f'[{name}] {state_lib.count_params(state["params"]) / 1e6:.2f}M params, batch '
-        f'{config.data.global_batch_size} x {config.data.seq_len}, compiled in {compile_s:.1f} s, '
+        f'{config.data.global_batch_size}{shape}, compiled in {compile_s:.1f} s, '
         f'loss {float(metrics["train/loss"]):.4f}')
   print(f'  step        median {step_s * 1e3:.2f} ms (p10 {np.percentile(times, 10) * 1e3:.2f}, '
         f'p90 {np.percentile(times, 90) * 1e3:.2f}) over {len(times)} steps')
-  print(f'  throughput  {tokens_per_step / step_s:,.0f} tokens/s')
+  print(f'  throughput  {tokens_per_step / step_s:,.0f} {unit}/s')
   print(f'  memory      peak RSS {rss_mib:.0f} MiB, {faults:.0f} minor page faults/step')
   print(f'  FLOPs       {flops_model / 1e9:.3f} G/step analytic, {flops_xla / 1e9:.3f} G/step XLA')
   print(f'  FLOP/s      {flops_model / step_s / 1e9:.1f} G/s = '
@@ -144,12 +162,12 @@ def main(argv):
     print(f'jax {jax.__version__}, {jax.default_backend()} x{jax.device_count()}, '
           f'{os.cpu_count()} CPUs; float32 2048^3 jnp.dot (best of 20): '
           f'{rate / 1e9:.1f} GFLOP/s; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
-    for name in _CONFIGS.value:
+    for name in ['config'] if _CONFIG.value else _CONFIGS.value:
       flags_ = [a for a in sys.argv[1:] if not a.startswith(('--configs', '--matmul_gflops'))]
       subprocess.run([sys.executable, os.path.abspath(__file__), f'--configs={name}',
                       f'--matmul_gflops={rate / 1e9}', *flags_], check=True)
     return
-  for name in _CONFIGS.value:
+  for name in ['config'] if _CONFIG.value else _CONFIGS.value:
     time_config(name, _MATMUL_GFLOPS.value * 1e9)
 
 

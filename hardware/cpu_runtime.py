@@ -15,6 +15,7 @@ copies; trimming after each compile hands back the compiler's garbage.
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import importlib.util
 import os
@@ -64,6 +65,7 @@ def _cpu_only() -> bool:
   return not any(importlib.util.find_spec(p) for p in plugins)
 
 
+@functools.cache  # find_library runs `ldconfig -p` in a subprocess: once, not after every compile
 def _glibc():
   name = ctypes.util.find_library('c')
   libc = ctypes.CDLL(name) if name else None

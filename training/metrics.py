@@ -9,12 +9,30 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from typing import Any
 
 from etils import epath
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
+
+
+def _tensorboardx_writer():
+  """tensorboardX's SummaryWriter, imported without PyTorch: its writer imports torch wherever
+  torch is installed, only to accept torch tensors (podium passes floats and NumPy arrays),
+  which cost a run ~180 MiB of RSS and seconds of start-up (benchmarks/whole_run.py)."""
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError, which it catches
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules['torch']  # a later `import torch` elsewhere works as usual
+  return SummaryWriter
+
+
+SummaryWriter = _tensorboardx_writer()
 
 RECORDS_PER_CHUNK = 256
 _CHUNK_NAME = re.compile(r'(\d+)\.jsonl')
