@@ -111,8 +111,18 @@ SCHEDULE_KEYS = dict(final_lr_fraction=0.2, decay_rate=0.5, decay_steps=4, inver
                      inverse_time_power=0.7, step_boundaries=(0.3, 0.6), step_factors=(0.5, 0.1),
                      polynomial_power=2.0, decay_fraction=0.3, one_cycle_pct_start=0.4,
                      one_cycle_div_factor=10.0, one_cycle_final_div_factor=100.0, cycle_steps=4,
-                     cycle_min_fraction=0.25)
+                     cycle_min_fraction=0.25, restart_steps=2, restart_mult=2.0)
 END = LR * 0.2
+
+
+def _cosine_restarts(s):
+  """Cosine cycles of 2, 4, 8, ... steps, each from LR down to END."""
+  start, length = 0, 2
+  while s >= start + length:
+    start, length = start + length, 2 * length
+  return END + (LR - END) * 0.5 * (1 + np.cos(np.pi * (s - start) / length))
+
+
 AFTER_WARMUP = {
     'constant': lambda s: LR,
     'reduce_on_plateau': lambda s: LR,
@@ -125,6 +135,7 @@ AFTER_WARMUP = {
     'warmup_stable_decay': lambda s: LR if s < 7 else LR + (END - LR) * (s - 7) / 3,
     'one_cycle': optax.cosine_onecycle_schedule(T, LR, 0.4, 10.0, 100.0),
     'cyclic': lambda s: 0.25 * LR + 0.75 * LR * abs(2 * (s % 4) / 4 - 1),
+    'cosine_restarts': _cosine_restarts,
 }
 
 

@@ -145,6 +145,36 @@ def _cyclic(o, steps):
   return schedule
 
 
+def _check_restarts(o, **_):
+  _unit(o, 'final_lr_fraction')
+  require(o.restart_steps >= 1, 'restart_steps', f'must be >= 1, got {o.restart_steps}')
+  require(o.restart_mult >= 1, 'restart_mult', f'must be >= 1, got {o.restart_mult}')
+
+
+@SCHEDULES.register(
+    'cosine_restarts', 'cosine down to the end rate, restarting at lr every cycle (SGDR)',
+    _check_restarts, final_lr_fraction=_END,
+    restart_steps=Key(1000, 'the first cycle; each later one is restart_mult times longer'),
+    restart_mult=Key(1.0, '1: cycles of equal length'))
+def _cosine_restarts(o, steps):
+  """Loshchilov & Hutter 2017: cycle i lasts restart_steps * restart_mult^i steps."""
+  del steps
+  lr, end, first, mult = (o.learning_rate, o.learning_rate * o.final_lr_fraction,
+                          o.restart_steps, o.restart_mult)
+
+  def schedule(t):
+    t = jnp.asarray(t, jnp.float32)
+    if mult == 1:
+      start, length = jnp.floor(t / first) * first, first
+    else:  # cycle i starts at first * (mult^i - 1) / (mult - 1)
+      begins = lambda i: first * (mult ** i - 1) / (mult - 1)
+      i = jnp.floor(jnp.log1p(t * (mult - 1) / first) / jnp.log(mult))
+      i = i + (t >= begins(i + 1)) - (t < begins(i))  # the log's rounding at a boundary
+      start, length = begins(i), first * mult ** i
+    phase = jnp.clip((t - start) / length, 0.0, 1.0)
+    return end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * phase))
+  return schedule
+
 def _check_plateau(o, eval_every, **_):
   p = o.plateau
   require(p.metric and eval_every > 0, 'plateau.metric',
