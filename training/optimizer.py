@@ -81,25 +81,27 @@ if hasattr(optax.contrib, 'muon'):
          eps=1e-8, weight_decay=0.0, adam_b1=0.9, adam_b2=0.999)
 
 
+def _positive(key):
+  """The check that `optim.<key>` is > 0."""
+  return lambda o, **_: require(o[key] > 0, key, f'must be > 0, got {o[key]}')
+
+
 @CLIPPING.register('global_norm', 'scales the gradients to a global norm of grad_clip_norm',
-                   lambda o, **_: require(o.grad_clip_norm > 0, 'grad_clip_norm',
-                                          f'must be > 0, got {o.grad_clip_norm}'),
+                   _positive('grad_clip_norm'),
                    grad_clip_norm=Key(1.0, 'the largest global gradient norm'))
 def _global_norm(o):
   return [optax.clip_by_global_norm(o.grad_clip_norm)]
 
 
 @CLIPPING.register('value', 'clips each element to +-grad_clip_value',
-                   lambda o, **_: require(o.grad_clip_value > 0, 'grad_clip_value',
-                                          f'must be > 0, got {o.grad_clip_value}'),
+                   _positive('grad_clip_value'),
                    grad_clip_value=Key(1.0, 'the largest gradient element'))
 def _value(o):
   return [optax.clip(o.grad_clip_value)]
 
 
 @CLIPPING.register('adaptive', 'unit-wise, to grad_clip_factor x the parameter norm (Brock et '
-                   'al. 2021)', lambda o, **_: require(o.grad_clip_factor > 0, 'grad_clip_factor',
-                                                       f'must be > 0, got {o.grad_clip_factor}'),
+                   'al. 2021)', _positive('grad_clip_factor'),
                    grad_clip_factor=Key(0.01, 'the largest gradient norm per unit of weight norm'))
 def _adaptive(o):
   return [optax.adaptive_grad_clip(o.grad_clip_factor)]
