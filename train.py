@@ -52,7 +52,7 @@ def _define_flags():
                       'v5e-16, v6e-8 or 2xv5e-16 (two slices).')
   flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
                     "evaluate: the task's eval figures for one checkpoint of --workdir, on "
-                    '--split, and no training. The config is the run\'s WORKDIR/config.json '
+                    "--split, and no training. The config is the run's WORKDIR/config.json "
                     'unless --config is given.')
   flags.DEFINE_enum('split', 'validation', ['validation', 'test'], 'The split --mode=evaluate '
                     'evaluates.')

@@ -56,7 +56,7 @@ def _params(setup, folder: epath.Path) -> dict:
   state, loaded = warm_start.load(str(folder), wanted)
   expected = len(jax.tree.leaves(wanted))
   if loaded != expected:
-    raise EvaluateError(f'--workdir: {folder} has {loaded} of the model\'s {expected} arrays; '
+    raise EvaluateError(f"--workdir: {folder} has {loaded} of the model's {expected} arrays; "
                         'is it a run of this config?')
   return state
 
