@@ -15,10 +15,10 @@ Two heads:
 
 Tokens are bytes 0..255 plus specials (models/byte_vocab.py), or a tokenizer's ids
 (data.tokenizer, whose [PAD] must be 0, as BERT's is); PAD (byte 0, which text never contains)
-is never attended to: the blocks get a key mask `tokens != PAD_ID`. A padding position's own output is computed but
-means nothing; losses and pooling must ignore it. Token types (segment A = 0, B = 1, ...;
-BERT's token_type_ids) are embedded when `type_vocab_size` > 0; not given, they are all 0 (the
-data pipelines give single texts).
+is never attended to: the blocks get a key mask `tokens != PAD_ID`. A padding position's own
+output is computed but means nothing; losses and pooling must ignore it. Token types (segment
+A = 0, B = 1, ...; BERT's token_type_ids) are embedded when `type_vocab_size` > 0; not given,
+they are all 0 (the data pipelines give single texts).
 
 Tensor names carry their shapes: B batch, L length, D embed, V vocab, N classes.
 """
