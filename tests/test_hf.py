@@ -18,7 +18,7 @@ from flax import nnx
 from configs import default
 from models import rotary, transformer
 from tests.conftest import REPO
-from tools import hf
+from tools import hf, hf_configs
 from training import warm_start
 
 TOLERANCE = 1e-4  # float32 logits, max abs difference
@@ -121,7 +121,7 @@ def test_llama_1b_preset_is_llama_3_2_1b():
       500000.0, True, 1e-5, 'rmsnorm', 'swiglu', False)
   assert (m.rope_scaling, m.rope_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
           m.rope_original_max_len) == ('llama3', 32.0, 1.0, 4.0, 8192)
-  overrides = hf._llama_model(LLAMA_3_2_1B)  # pylint: disable=protected-access
+  overrides = hf_configs.llama_model(LLAMA_3_2_1B)
   assert {k: v for k, v in overrides.items() if m[k] != v} == {'max_len': 131072}
 
   # The parameters' shapes as zero-byte arrays, named as the checkpoint's tensors.

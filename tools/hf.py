@@ -46,171 +46,13 @@ from hardware import console, cpu_runtime, paths
 from data import tokenizers
 from models import encoder, transformer
 from tools import sample
+from tools.hf_configs import (BERT, GPT2, LLAMA, MODEL_KEYS, HFConfig, HFError, family_of,
+                               hf_config, require)
 
-GPT2, LLAMA, BERT = 'gpt2', 'llama', 'bert'
-_ARCHITECTURES = {GPT2: 'GPT2LMHeadModel', LLAMA: 'LlamaForCausalLM'}
 # Buffers some checkpoints carry that hold no weights (causal masks, rotary frequencies,
 # BERT's position and token-type ids).
 _BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq', '.position_ids',
             '.token_type_ids')
-
-
-class HFError(ValueError):
-  """A checkpoint or model that has no equivalent on the other side."""
-
-
-def _require(ok: bool, message: str):
-  if not ok:
-    raise HFError(message)
-
-
-# --- configs -------------------------------------------------------------------------------
-
-class _HFConfig(dict):
-  """A config.json's keys; one it lacks that is needed is an HFError naming the file."""
-
-  def __init__(self, path: epath.Path):
-    super().__init__(json.loads(path.read_text()))
-    self.path = path
-
-  def __missing__(self, key):
-    raise HFError(f'{self.path} lacks the key {key!r}')
-
-
-def _supported(c: dict, key: str, *values):
-  """Raises naming `key` unless the HF config leaves it unset or sets one of `values`."""
-  if c.get(key) is not None and c[key] not in values:
-    raise HFError(f'{key}={c[key]!r} is not supported (only {", ".join(map(repr, values))})')
-
-
-def _gpt2_model(c: dict) -> dict:
-  """GPT-2 config.json -> the model keys that build its shape."""
-  _supported(c, 'activation_function', 'gelu_new', 'gelu_pytorch_tanh')  # gelu, tanh-approximated
-  _supported(c, 'scale_attn_weights', True)
-  _supported(c, 'scale_attn_by_inverse_layer_idx', False)
-  _supported(c, 'add_cross_attention', False)
-  return dict(num_layers=c['n_layer'], num_heads=c['n_head'], num_kv_heads=c['n_head'],
-              embed_dim=c['n_embd'], mlp_dim=c.get('n_inner') or 4 * c['n_embd'],
-              max_len=c['n_positions'], vocab_size=c['vocab_size'], position='learned',
-              norm='layernorm', norm_eps=c.get('layer_norm_epsilon', 1e-5), mlp='gelu',
-              activation='gelu', use_bias=True, tie_embeddings=c.get('tie_word_embeddings', True))
-
-
-def _llama_model(c: dict) -> dict:
-  """Llama config.json -> the model keys that build its shape."""
-  heads = c['num_attention_heads']
-  _supported(c, 'hidden_act', 'silu')
-  _supported(c, 'attention_bias', False)
-  _supported(c, 'mlp_bias', False)
-  _supported(c, 'head_dim', c['hidden_size'] // heads)
-  # rope_theta at the top level (older files) or in rope_parameters / rope_scaling (newer).
-  rope_key = 'rope_parameters' if c.get('rope_parameters') else 'rope_scaling'
-  rope = c.get(rope_key) or {}
-  return dict(num_layers=c['num_hidden_layers'], num_heads=heads,
-              num_kv_heads=c.get('num_key_value_heads') or heads, embed_dim=c['hidden_size'],
-              mlp_dim=c['intermediate_size'], max_len=c['max_position_embeddings'],
-              vocab_size=c['vocab_size'], position='rope',
-              rope_theta=float(rope.get('rope_theta', c.get('rope_theta', 10000.0))),
-              **_rope_scaling(rope, rope_key),
-              norm='rmsnorm', norm_eps=c.get('rms_norm_eps', 1e-6), mlp='swiglu',
-              activation='gelu', use_bias=False,
-              tie_embeddings=c.get('tie_word_embeddings', False))
-
-
-# HF's llama3 rope parameters -> podium's model keys (models/layers.py).
-_LLAMA3_KEYS = {'factor': 'rope_factor', 'low_freq_factor': 'rope_low_freq_factor',
-                'high_freq_factor': 'rope_high_freq_factor',
-                'original_max_position_embeddings': 'rope_original_max_len'}
-
-
-def _rope_scaling(rope: dict, rope_key: str) -> dict:
-  """The rope_scaling model keys of a Llama config's `rope_key` section (Llama 3.1 and 3.2
-  files carry rope_type 'llama3'; plain rotary has none or 'default')."""
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  if rope_type == 'default':
-    return dict(rope_scaling='none')
-  _require(rope_type == 'llama3', f'{rope_key}: rope_type={rope_type!r} is not supported (only '
-           "'default' and 'llama3')")
-  missing = [k for k in _LLAMA3_KEYS if rope.get(k) is None]
-  _require(not missing, f'{rope_key}: rope_type llama3 lacks {", ".join(missing)}')
-  keys = {ours: float(rope[hf_key]) for hf_key, ours in _LLAMA3_KEYS.items()}
-  keys['rope_original_max_len'] = int(keys['rope_original_max_len'])
-  return dict(rope_scaling='llama3', **keys)
-
-
-# BERT's hidden_act -> model.activation: erf GELU, or its tanh approximation.
-_BERT_ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
-
-
-def _bert_model(c: dict) -> dict:
-  """BERT config.json -> the encoder keys that build its shape."""
-  _supported(c, 'hidden_act', *_BERT_ACTIVATIONS)
-  _supported(c, 'position_embedding_type', 'absolute')
-  _supported(c, 'is_decoder', False)
-  _supported(c, 'add_cross_attention', False)
-  heads = c['num_attention_heads']
-  return dict(num_layers=c['num_hidden_layers'], num_heads=heads, num_kv_heads=heads,
-              embed_dim=c['hidden_size'], mlp_dim=c['intermediate_size'],
-              max_len=c['max_position_embeddings'], vocab_size=c['vocab_size'],
-              type_vocab_size=c.get('type_vocab_size', 2), position='learned',
-              norm='layernorm', norm_position='post', norm_eps=c.get('layer_norm_eps', 1e-12),
-              mlp='gelu', activation=_BERT_ACTIVATIONS[c.get('hidden_act') or 'gelu'],
-              use_bias=True, tie_embeddings=c.get('tie_word_embeddings', True))
-
-
-_MODEL_KEYS = {GPT2: _gpt2_model, LLAMA: _llama_model, BERT: _bert_model}
-
-
-def _bert_config(m, dtype: str) -> dict:
-  """Encoder keys -> BERT's config.json (the inverse of `_bert_model`); head=classify writes a
-  BertForSequenceClassification with its number of labels."""
-  act = {ours: hf_name for hf_name, ours in reversed(_BERT_ACTIVATIONS.items())}
-  classify = dict(num_labels=m.num_classes) if m.head == 'classify' else {}
-  return dict(model_type=BERT, architectures=[
-      'BertForSequenceClassification' if classify else 'BertForMaskedLM'], dtype=dtype,
-              vocab_size=m.vocab_size, hidden_size=m.embed_dim, num_hidden_layers=m.num_layers,
-              num_attention_heads=m.num_heads, intermediate_size=m.mlp_dim,
-              max_position_embeddings=m.max_len, type_vocab_size=max(m.type_vocab_size, 1),
-              layer_norm_eps=m.norm_eps, hidden_act=act.get(m.activation),
-              position_embedding_type='absolute', tie_word_embeddings=m.tie_embeddings,
-              pad_token_id=0, **classify)
-
-
-def _hf_config(m, family: str, dtype: str) -> dict:
-  """Model keys -> the family's config.json (the inverse of `_MODEL_KEYS[family]`)."""
-  if family == BERT:
-    return _bert_config(m, dtype)
-  common = dict(model_type=family, architectures=[_ARCHITECTURES[family]],
-                vocab_size=m.vocab_size, tie_word_embeddings=m.tie_embeddings, dtype=dtype,
-                bos_token_id=None, eos_token_id=None)  # podium's tokens are bytes
-  if family == GPT2:
-    return dict(common, n_layer=m.num_layers, n_head=m.num_heads, n_embd=m.embed_dim,
-                n_inner=m.mlp_dim, n_positions=m.max_len, layer_norm_epsilon=m.norm_eps,
-                activation_function='gelu_new')
-  rope = {}
-  if m.rope_scaling == 'llama3':  # as Llama 3.1 and 3.2 files write it
-    rope = dict(rope_scaling=dict(rope_type='llama3',
-                                  **{hf_key: m[ours] for hf_key, ours in _LLAMA3_KEYS.items()}))
-  return dict(common, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-              num_key_value_heads=m.num_kv_heads, hidden_size=m.embed_dim,
-              intermediate_size=m.mlp_dim, max_position_embeddings=m.max_len,
-              rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, hidden_act='silu',
-              attention_bias=False, mlp_bias=False, **rope)
-
-
-def _family_of(m) -> str:
-  """The family whose checkpoints hold this model; raises naming the first key that has no
-  equivalent there."""
-  family = BERT if m.name == 'encoder' else GPT2 if m.position == 'learned' else LLAMA
-  _require(family != BERT or m.head == 'mlm' or m.pool == 'cls',
-           "model.pool='mean' has no equivalent in a bert checkpoint (it needs 'cls')")
-  # type_vocab_size 0 is written as one all-zero token type, which adds nothing.
-  back = _MODEL_KEYS[family](_hf_config(m, family, 'float32'))
-  for key, value in back.items():
-    _require(m[key] == value or (key, m[key]) == ('type_vocab_size', 0),
-             f'model.{key}={m[key]!r} has no equivalent in a {family} checkpoint (it needs '
-             f'{value!r})')
-  return family
 
 
 # --- tensor names --------------------------------------------------------------------------
@@ -344,7 +186,7 @@ def _read_tensors(hf_dir: epath.Path) -> dict[str, np.ndarray]:
     files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
   else:
     files = ['model.safetensors']
-  _require((hf_dir / files[0]).exists(), f'{hf_dir / files[0]} does not exist')
+  require((hf_dir / files[0]).exists(), f'{hf_dir / files[0]} does not exist')
   tensors = {}
   for name in files:
     tensors.update(safetensors.numpy.load_file(os.fspath(hf_dir / name)))
@@ -383,11 +225,11 @@ def from_hf(hf_dir: str, scan_layers: bool = False, head: str = 'mlm',
   encoder's `head` (mlm | classify with `num_classes`); a classify head's pooler and classifier
   are left out when the file has none."""
   hf_dir = epath.Path(hf_dir)
-  hf_config = _HFConfig(hf_dir / 'config.json')
-  family = hf_config.get('model_type')
-  _require(family in _MODEL_KEYS, f'model_type={family!r} in {hf_dir}/config.json: only gpt2, '
-           'llama and bert are supported')
-  overrides = _MODEL_KEYS[family](hf_config)
+  saved = HFConfig(hf_dir / 'config.json')
+  family = saved.get('model_type')
+  require(family in MODEL_KEYS, f'model_type={family!r} in {hf_dir}/config.json: only gpt2, '
+          'llama and bert are supported')
+  overrides = MODEL_KEYS[family](saved)
   m = ml_collections.ConfigDict(dict(overrides, scan_layers=scan_layers, head=head))
   tensors = _read_tensors(hf_dir)
   if family == GPT2:  # the original GPT-2 files name the base model's tensors without a prefix
@@ -399,7 +241,7 @@ def from_hf(hf_dir: str, scan_layers: bool = False, head: str = 'mlm',
   for hf_name, param_paths, transposed in _table(family, m):
     if family == BERT and hf_name.startswith(_BERT_FRESH) and hf_name not in tensors:
       continue  # initialised by init_from
-    _require(hf_name in tensors, f'{hf_dir} lacks the tensor {hf_name}')
+    require(hf_name in tensors, f'{hf_dir} lacks the tensor {hf_name}')
     tensor = tensors.pop(hf_name)
     parts = np.split(tensor.T if transposed else tensor, len(param_paths), -1)
     flat.update(zip(param_paths, parts))
@@ -414,7 +256,7 @@ def from_hf(hf_dir: str, scan_layers: bool = False, head: str = 'mlm',
 def to_hf(model_config, params: dict, out_dir: str):
   """Writes `params` of a decoder with `model_config` as a GPT-2 or Llama checkpoint:
   `out_dir`/config.json and model.safetensors, in the parameters' dtype."""
-  family = _family_of(model_config)
+  family = family_of(model_config)
   flat = _flat_params(params, model_config)
   if family == BERT and not model_config.type_vocab_size:  # one token type that adds nothing
     flat[('token_types',)] = np.zeros_like(flat[('positions',)][:1])
@@ -428,7 +270,7 @@ def to_hf(model_config, params: dict, out_dir: str):
   safetensors.numpy.save_file(tensors, os.fspath(out / 'model.safetensors'),
                               metadata={'format': 'pt'})  # transformers expects the tag
   (out / 'config.json').write_text(
-      json.dumps(_hf_config(model_config, family, dtype), indent=2) + '\n')
+      json.dumps(hf_config(model_config, family, dtype), indent=2) + '\n')
 
 
 # --- command line --------------------------------------------------------------------------
@@ -438,13 +280,13 @@ def import_run(config, hf_dir: str, workdir: str) -> dict:
   config) reshaped to it; returns the config keys that changed ('model.<key>', and for BERT
   'data.tokenizer' when `hf_dir` has a tokenizer.json)."""
   models = {'transformer': transformer, 'encoder': encoder}
-  _require(config.model.name in models, f'model.name={config.model.name!r}: weights import '
-           'into the decoder (transformer) or the encoder')
+  require(config.model.name in models, f'model.name={config.model.name!r}: weights import '
+          'into the decoder (transformer) or the encoder')
   m = config.model
-  family = _HFConfig(epath.Path(hf_dir) / 'config.json').get('model_type')
-  _require((family == BERT) == (m.name == 'encoder'), f'model_type={family!r}: bert imports '
-           'into the encoder (--config=configs/encoder_mlm.py or encoder_classify.py), gpt2 '
-           'and llama into the decoder (transformer)')
+  family = HFConfig(epath.Path(hf_dir) / 'config.json').get('model_type')
+  require((family == BERT) == (m.name == 'encoder'), f'model_type={family!r}: bert imports '
+          'into the encoder (--config=configs/encoder_mlm.py or encoder_classify.py), gpt2 '
+          'and llama into the decoder (transformer)')
   overrides, params = from_hf(hf_dir, scan_layers=m.scan_layers, head=m.get('head', 'mlm'),
                               num_classes=m.get('num_classes', 2))
   changed = {f'model.{k}': v for k, v in overrides.items() if m[k] != v}
@@ -466,8 +308,8 @@ def _copy_tokenizer(hf_dir: str, workdir: epath.Path) -> str:
   token 0 as padding, so the tokenizer's [PAD] must be 0."""
   source = os.fspath(epath.Path(hf_dir) / 'tokenizer.json')
   pad = tokenizers.HuggingFaceTokenizer(source).token_id('[PAD]')
-  _require(pad == encoder.PAD_ID, f'{source}: [PAD] is token {pad}; the encoder pads with '
-           f'{encoder.PAD_ID}')
+  require(pad == encoder.PAD_ID, f'{source}: [PAD] is token {pad}; the encoder pads with '
+          f'{encoder.PAD_ID}')
   workdir.mkdir(parents=True, exist_ok=True)
   shutil.copyfile(source, workdir / 'tokenizer.json')
   return os.fspath(workdir / 'tokenizer.json')
