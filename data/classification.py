@@ -73,7 +73,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.label_key = 'label'  # csv/jsonl field holding the label
   d.seq_len = 128  # text: token ids per example
   # text: '' (bytes) or a Hugging Face tokenizer.json with [CLS], [SEP], [MASK], [PAD] = 0
-  # (BERT's WordPiece; `python -m tools.hf import` names it), data/text.py's Vocabulary.
+  # (BERT's WordPiece; `python -m tools.hf import` names it), data/tokenizers.py's Vocabulary.
   d.tokenizer = ''
   # Inputs become (pixel / 255 - mean) / std per channel. dataset: mean and std of a sample
   # of the train split; given: data.mean and data.std; none: mean 0, std 1.
@@ -315,8 +315,8 @@ def _loader(source, d, stats: RecordStats, substitute: bool):
   if not len(source):
     raise ValueError(f'data: {source!r} has no examples')
   if source.kind == 'text':
-    from data import text  # pylint: disable=g-import-not-at-top; text sources are optional
-    encode = functools.partial(text.Vocabulary(d.tokenizer).classification_row,
+    from data import tokenizers  # pylint: disable=g-import-not-at-top; text sources are optional
+    encode = functools.partial(tokenizers.Vocabulary(d.tokenizer).classification_row,
                                seq_len=d.seq_len)
   else:
     encode = lambda inputs: inputs  # pylint: disable=unnecessary-lambda-assignment

@@ -1,6 +1,6 @@
 """BERT-style masked-language-model batches from any document source (data.sources).
 
-Token ids as in data/text.py: bytes, or a tokenizer's (`vocab`, a text.Vocabulary).
+Token ids as in data/tokenizers.py: bytes, or a tokenizer's (`vocab`, a Vocabulary).
 `mlm_batches` is the endless, resumable training stream and `mlm_eval_batches` a fixed, seeded
 eval sample; both give each process its rows of every global batch, masked per example, so
 neither depends on the number of processes.
@@ -10,7 +10,7 @@ import grain
 import numpy as np
 
 from data import pipeline
-from data.text import Vocabulary
+from data.tokenizers import Vocabulary
 
 _BYTES = Vocabulary()
 

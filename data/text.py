@@ -1,8 +1,6 @@
-"""Text for the encoder: labelled text sources, [CLS]-first rows, masked-language-model batches.
-
-Token ids, byte level (models/byte_vocab.py, shared with the encoder): 0..255 are bytes with
-PAD_ID = 0 (byte 0 never occurs in text); CLS_ID = 256 opens every row, MASK_ID = 257 hides a
-byte, SEP_ID = 258 joins text pairs; VOCAB_SIZE = 264 rounds that up to a multiple of 8.
+"""Labelled text sources for the encoder. Their [CLS]-first rows of token ids come from
+data/tokenizers.py's Vocabulary: bytes (models/byte_vocab.py: 0..255, PAD_ID = 0, which text
+never contains, then CLS, MASK and SEP) or a tokenizer.json's own ids.
 
 `make_text_source(data_cfg, split)` gives a grain RandomAccessDataSource of
 {'inputs': bytes, 'label': int} with `num_classes`, `class_names`, `kind = 'text'` and
@@ -59,8 +57,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from data import pipeline, sources, splits, tokenizers
-from models.byte_vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, VOCAB_SIZE
+from data import pipeline, sources, splits
 
 STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
                    'multiprocessing', 'unittest', 'urllib', 'xml')
@@ -68,62 +65,6 @@ _TEST_FOLDERS = {'test', 'tests', 'idle_test'}  # unittest's tests moved out in 
 # Known text datasets: their text feature (the split that tests: data/splits.py).
 TFDS_TEXT = {'imdb_reviews': 'text', 'glue/sst2': 'sentence'}
 _INT = re.compile(r'-?\d+')
-
-
-def encode_for_classification(text: bytes, seq_len: int) -> np.ndarray:
-  """int32[seq_len]: CLS, the first seq_len - 1 bytes of `text`, then PAD."""
-  return cls_row(np.frombuffer(text[:seq_len - 1], np.uint8), seq_len)
-
-
-def cls_row(body: np.ndarray, seq_len: int) -> np.ndarray:
-  """CLS, then the token ids `body`, then PAD up to `seq_len`."""
-  row = np.full(seq_len, PAD_ID, np.int32)
-  row[0] = CLS_ID
-  row[1:1 + len(body)] = body
-  return row
-
-
-class Vocabulary:
-  """The encoder's token ids of texts: bytes and podium's specials (spec '' or 'bytes'), or a
-  tokenizer.json and its own; `pad`, `cls`, `sep`, `mask` ids, `size` (the ids used), and
-  `random_ids` (the range masking draws random replacements from)."""
-
-  def __init__(self, spec: str = ''):
-    self.tokenizer = tokenizers.load(spec)
-    if spec in ('', 'bytes'):
-      self.pad, self.cls, self.sep, self.mask = PAD_ID, CLS_ID, SEP_ID, MASK_ID
-      self.size, self.random_ids, self.ends_with_sep = VOCAB_SIZE, (1, 256), False
-      return
-    need = '[PAD], [CLS], [SEP] and [MASK]'
-    if not isinstance(self.tokenizer, tokenizers.HuggingFaceTokenizer):
-      raise ValueError(f'data.tokenizer: the encoder needs bytes or a tokenizer.json with {need}')
-    ids = [self.tokenizer.token_id(f'[{name}]') for name in ('PAD', 'CLS', 'SEP', 'MASK')]
-    if None in ids or ids[0] != PAD_ID:
-      raise ValueError(f'data.tokenizer: {spec} needs {need}, [PAD] = {PAD_ID} (the encoder '
-                       f'never attends to {PAD_ID}); its ids are {ids}')
-    self.pad, self.cls, self.sep, self.mask = ids
-    self.size, self.ends_with_sep = self.tokenizer.vocab_size, True
-    self.random_ids = (max(ids) + 1, self.size)  # BERT's vocabularies put specials first
-
-  def body_len(self, seq_len: int) -> int:
-    """Token ids a row of `seq_len` holds besides its specials."""
-    return seq_len - 1 - self.ends_with_sep
-
-  def row(self, body: np.ndarray, seq_len: int) -> np.ndarray:
-    """int32[seq_len]: CLS, `body` (at most body_len), [SEP] for a tokenizer, then PAD."""
-    body = body[:self.body_len(seq_len)]
-    if not self.ends_with_sep:
-      return cls_row(body, seq_len)
-    row = np.full(seq_len, self.pad, np.int32)
-    row[0], row[1 + len(body)] = self.cls, self.sep
-    row[1:1 + len(body)] = body
-    return row
-
-  def classification_row(self, text: bytes, seq_len: int) -> np.ndarray:
-    """A text's row: as `encode_for_classification` for bytes, else its tokens in `row`."""
-    if not self.ends_with_sep:
-      return encode_for_classification(text, seq_len)
-    return self.row(self.tokenizer.encode(text), seq_len)
 
 
 class TextClassificationSource(grain.sources.RandomAccessDataSource):

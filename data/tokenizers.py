@@ -4,6 +4,9 @@
 learns a SentencePiece or byte-level BPE vocabulary and writes its file. Every tokenizer has
 `vocab_size`, `eos_id` (the token that ends each document in training data), `encode` (no eos
 added) and `decode`, and `spec`, the string `load` was given.
+
+The encoder's rows of token ids are here too: `Vocabulary` (bytes and podium's specials,
+models/byte_vocab.py, or a tokenizer.json's [CLS]/[SEP]/[PAD]/[MASK]) and `cls_row`.
 """
 
 import io
@@ -11,6 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 from etils import epath
+
+from models.byte_vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, VOCAB_SIZE
 
 KINDS = ('sentencepiece', 'bpe')
 BPE_EOS = '<|endoftext|>'  # the one special token of a BPE vocabulary trained here
@@ -148,3 +153,59 @@ def _train_bpe(texts, vocab_size) -> bytes:
                                 show_progress=False)
   tokenizer.train_from_iterator(texts, trainer)
   return tokenizer.to_str().encode('utf-8')
+
+
+def encode_for_classification(text: bytes, seq_len: int) -> np.ndarray:
+  """int32[seq_len]: CLS, the first seq_len - 1 bytes of `text`, then PAD."""
+  return cls_row(np.frombuffer(text[:seq_len - 1], np.uint8), seq_len)
+
+
+def cls_row(body: np.ndarray, seq_len: int) -> np.ndarray:
+  """CLS, then the token ids `body`, then PAD up to `seq_len`."""
+  row = np.full(seq_len, PAD_ID, np.int32)
+  row[0] = CLS_ID
+  row[1:1 + len(body)] = body
+  return row
+
+
+class Vocabulary:
+  """The encoder's token ids of texts: bytes and podium's specials (spec '' or 'bytes'), or a
+  tokenizer.json and its own; `pad`, `cls`, `sep`, `mask` ids, `size` (the ids used), and
+  `random_ids` (the range masking draws random replacements from)."""
+
+  def __init__(self, spec: str = ''):
+    self.tokenizer = load(spec)
+    if spec in ('', 'bytes'):
+      self.pad, self.cls, self.sep, self.mask = PAD_ID, CLS_ID, SEP_ID, MASK_ID
+      self.size, self.random_ids, self.ends_with_sep = VOCAB_SIZE, (1, 256), False
+      return
+    need = '[PAD], [CLS], [SEP] and [MASK]'
+    if not isinstance(self.tokenizer, HuggingFaceTokenizer):
+      raise ValueError(f'data.tokenizer: the encoder needs bytes or a tokenizer.json with {need}')
+    ids = [self.tokenizer.token_id(f'[{name}]') for name in ('PAD', 'CLS', 'SEP', 'MASK')]
+    if None in ids or ids[0] != PAD_ID:
+      raise ValueError(f'data.tokenizer: {spec} needs {need}, [PAD] = {PAD_ID} (the encoder '
+                       f'never attends to {PAD_ID}); its ids are {ids}')
+    self.pad, self.cls, self.sep, self.mask = ids
+    self.size, self.ends_with_sep = self.tokenizer.vocab_size, True
+    self.random_ids = (max(ids) + 1, self.size)  # BERT's vocabularies put specials first
+
+  def body_len(self, seq_len: int) -> int:
+    """Token ids a row of `seq_len` holds besides its specials."""
+    return seq_len - 1 - self.ends_with_sep
+
+  def row(self, body: np.ndarray, seq_len: int) -> np.ndarray:
+    """int32[seq_len]: CLS, `body` (at most body_len), [SEP] for a tokenizer, then PAD."""
+    body = body[:self.body_len(seq_len)]
+    if not self.ends_with_sep:
+      return cls_row(body, seq_len)
+    row = np.full(seq_len, self.pad, np.int32)
+    row[0], row[1 + len(body)] = self.cls, self.sep
+    row[1:1 + len(body)] = body
+    return row
+
+  def classification_row(self, text: bytes, seq_len: int) -> np.ndarray:
+    """A text's row: as `encode_for_classification` for bytes, else its tokens in `row`."""
+    if not self.ends_with_sep:
+      return encode_for_classification(text, seq_len)
+    return self.row(self.tokenizer.encode(text), seq_len)

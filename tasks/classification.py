@@ -73,8 +73,8 @@ class Task(base.Task):
     _require(0 < d.validation_fraction < 1, 'data.validation_fraction',
              f'{d.validation_fraction} is not in (0, 1)')
     if d.tokenizer and not _is_image(self.config):
-      from data import text  # pylint: disable=g-import-not-at-top; text sources are optional
-      size = text.Vocabulary(d.tokenizer).size  # ValueError naming data.tokenizer
+      from data import tokenizers  # pylint: disable=g-import-not-at-top; text sources are optional
+      size = tokenizers.Vocabulary(d.tokenizer).size  # ValueError naming data.tokenizer
       _require(m.vocab_size >= size, 'model.vocab_size',
                f'{m.vocab_size} < {size}, the ids of data.tokenizer={d.tokenizer}')
 

@@ -7,7 +7,7 @@ Batches are {'inputs', 'targets': int32 [B, L], 'weights': float32 [B, L]} (weig
 byte was chosen); eval batches also carry 'mask' [B]. The loss is the cross-entropy at the
 chosen positions; eval reports it with the accuracy of the predicted bytes there. With
 `data.tokenizer` a tokenizer.json (BERT's), pieces are its tokens between [CLS] and [SEP], and
-its own [MASK] and [PAD] are used (data/text.py's Vocabulary).
+its own [MASK] and [PAD] are used (data/tokenizers.py's Vocabulary).
 """
 
 import functools
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from data import mlm, sources, text
+from data import mlm, sources, tokenizers
 from tasks import base, language_model
 
 _EVAL_SEED = 20_251_129
@@ -61,8 +61,8 @@ class Task(base.Task):
     _require(self.config.task.eval_batches >= 0, 'task.eval_batches', 'must be >= 0')
 
   @functools.cached_property
-  def vocab(self) -> text.Vocabulary:
-    return text.Vocabulary(self.config.data.tokenizer)
+  def vocab(self) -> tokenizers.Vocabulary:
+    return tokenizers.Vocabulary(self.config.data.tokenizer)
 
   def batch_spec(self, split):
     d = self.config.data

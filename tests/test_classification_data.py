@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data import classification, images, splits
+from data import classification, images, splits, tokenizers
 from data.pipeline import RecordStats
 
 
@@ -374,14 +374,13 @@ class _Texts:
 
 
 def test_text_sources_become_token_ids(tmp_path):
-  text = pytest.importorskip('data.text')
   source = _Texts([b'abc', b'abcdefgh', b'xy', b'longer text'])
   d = _config(tmp_path, seq_len=6, global_batch_size=4)
   batch = next(iter(classification.train_batches(source, d, process_index=0, process_count=1)))
   assert batch['inputs'].shape == (4, 6) and batch['inputs'].dtype == np.int32
   for row, label in zip(batch['inputs'], batch['label']):
     original = [t for t in source._texts if np.array_equal(
-        text.encode_for_classification(t, 6), row)]  # pylint: disable=protected-access
+        tokenizers.encode_for_classification(t, 6), row)]  # pylint: disable=protected-access
     assert len(original) == 1 and label == int(len(original[0]) > 5)
   [evaluation] = classification.eval_batches(source, d, process_index=0, process_count=2)
   assert evaluation['inputs'].shape == (2, 6) and evaluation['mask'].tolist() == [1, 1]

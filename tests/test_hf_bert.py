@@ -17,7 +17,7 @@ import safetensors.numpy
 from flax import nnx
 
 from configs import encoder_classify, encoder_mlm
-from data import mlm, text
+from data import mlm, tokenizers
 from models import encoder
 from tests.conftest import REPO
 from tools import hf
@@ -266,7 +266,7 @@ def test_decoders_refuse_post_norm():
 
 def test_the_tokenizer_gives_bert_rows_and_masks(tmp_path):
   _write_tokenizer(tmp_path)
-  vocab = text.Vocabulary(str(tmp_path / 'tokenizer.json'))
+  vocab = tokenizers.Vocabulary(str(tmp_path / 'tokenizer.json'))
   assert (vocab.pad, vocab.cls, vocab.sep, vocab.mask) == (0, 2, 3, 4)
   ids = vocab.tokenizer.encode('The cats sat')
   row = vocab.classification_row(b'The cats sat', 8)
@@ -285,7 +285,7 @@ def test_the_tokenizer_gives_bert_rows_and_masks(tmp_path):
   _write_tokenizer(tmp_path, ('[UNK]', '[PAD]', '[CLS]', '[SEP]', '[MASK]'))
   with pytest.raises(ValueError, match=r'^data.tokenizer: .* needs \[PAD\], \[CLS\], \[SEP\] and '
                      r'\[MASK\], \[PAD\] = 0 .* its ids are \[1, 2, 3, 4\]$'):
-    text.Vocabulary(str(tmp_path / 'tokenizer.json'))
+    tokenizers.Vocabulary(str(tmp_path / 'tokenizer.json'))
 
 
 # --- the commands, as users run them -------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import mlm, pipeline, sources, text
+from data import mlm, pipeline, sources, text, tokenizers
 from models import byte_vocab
 
 
@@ -27,9 +27,10 @@ def test_token_ids_are_the_documented_ones():
 
 
 def test_encode_for_classification():
-  row = text.encode_for_classification(b'hi!', 6)
+  row = tokenizers.encode_for_classification(b'hi!', 6)
   assert row.dtype == np.int32 and row.tolist() == [byte_vocab.CLS_ID, 104, 105, 33, 0, 0]
-  assert text.encode_for_classification(b'abcdefgh', 4).tolist() == [byte_vocab.CLS_ID, 97, 98, 99]
+  assert (tokenizers.encode_for_classification(b'abcdefgh', 4).tolist() ==
+          [byte_vocab.CLS_ID, 97, 98, 99])
 
 
 def _write_csv(path, rows, header=('text', 'label')):
