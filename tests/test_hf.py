@@ -50,9 +50,9 @@ def _model_config(family, scan_layers, **keys):
   return m
 
 
-def _random_params(m, seed=0):
+def _random_params(m, seed=0, model_module=transformer):
   """Every parameter random (norm scales and biases too), so a misplaced one shows."""
-  model = nnx.eval_shape(lambda: transformer.Model(m, rngs=nnx.Rngs(params=0)))
+  model = nnx.eval_shape(lambda: model_module.Model(m, rngs=nnx.Rngs(params=0)))
   leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   rng = np.random.default_rng(seed)
   return jax.tree.unflatten(treedef, [(0.1 * rng.standard_normal(x.shape)).astype(np.float32)

@@ -19,6 +19,7 @@ from flax import nnx
 from configs import encoder_classify, encoder_mlm
 from data import mlm, tokenizers
 from models import encoder
+from tests import test_hf
 from tests.conftest import REPO
 from tools import hf
 
@@ -120,11 +121,7 @@ def _podium_outputs(m, params, tokens, types):
 
 
 def _random_params(m, seed=0):
-  model = nnx.eval_shape(lambda: encoder.Model(m, rngs=nnx.Rngs(params=0)))
-  leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [(0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-                                      for x in leaves])
+  return test_hf._random_params(m, seed, encoder)  # pylint: disable=protected-access
 
 
 def _bert_keys(**keys):
