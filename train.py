@@ -68,6 +68,11 @@ def _define_flags():
 
 
 def _unknown_key_error(error: Exception):
+  from data import sources  # pylint: disable=g-import-not-at-top; keeps --help fast
+  for arg in sys.argv[1:]:
+    old = arg.split('=')[0].removeprefix('--config.data.')
+    if arg.startswith('--config.data.') and old in sources.RENAMED:
+      _usage_error(f'--config.data.{old}: renamed --config.data.{sources.RENAMED[old]}')
   detail = error.args[0]
   while isinstance(detail, Exception):  # a KeyError wrapped in an AttributeError
     detail = detail.args[0]

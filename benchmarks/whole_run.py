@@ -72,7 +72,7 @@ def fail(message: str):
 
 def char_files(data: str, directory: str) -> list[str]:
   """--data split 90/10 into two files whose names put the second in the validation split
-  (data.eval_percent over a hash of the name): the train.py flags that read them."""
+  (data.validation_percent over a hash of the name): the train.py flags that read them."""
   if not os.path.exists(data):
     fail(f'--data={data} does not exist; point it at tiny-shakespeare (1,115,394 bytes)')
   with open(data, 'rb') as f:
@@ -84,7 +84,7 @@ def char_files(data: str, directory: str) -> list[str]:
   for name, part in (('train.txt', text[:cut]), (val, text[cut:])):
     with open(os.path.join(directory, name), 'wb') as f:
       f.write(part)
-  return [f'data.files={directory}/*.txt', f'data.eval_percent={hashed(val) + 1}']
+  return [f'data.files={directory}/*.txt', f'data.validation_percent={hashed(val) + 1}']
 
 
 def train_flags(workdir: str, extra: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from etils import epath
 import ml_collections
 
 from configs import common
+from data import sources
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
@@ -28,6 +29,7 @@ def load(workdir: str) -> ml_collections.ConfigDict:
 
 def _update(config, saved: dict, prefix: str):
   for key, value in saved.items():
+    key = sources.RENAMED.get(key, key) if prefix == 'data.' else key  # a run from before
     if key not in config:
       raise ValueError(f'--workdir: its config.json has {prefix}{key}, which podium no longer '
                        'has')

@@ -2,6 +2,15 @@
 prepared dataset (each item one document's token ids), and weighted mixtures of them.
 
 Sources only say where documents come from; `data/pipeline.py` does everything after that.
+
+Splits: 'train', 'validation' (periodic evaluation and every choice made by it) and 'test'
+(evaluated once, at the end). Files are split by a hash of their path's last two parts, seeded
+by `data.split_seed`: the same split on every machine and for any number of processes. Of the
+100 hash buckets, those below `data.validation_percent` validate and the top `data.test_percent`
+test, so the test files stay the same whatever the validation share (seed 0 with the default 2
+percent and no test files is the split podium has always made). TFDS reads the splits named by
+`data.tfds_*_split`; a prepared dataset (`python -m prepare`) validates on its `eval` split and
+tests on a `test` split when its dataset.json lists one.
 """
 
 import glob
@@ -16,7 +25,9 @@ from etils import epath
 
 from data.choices import Key, Registry, require
 
-SPLITS = ('train', 'eval')
+SPLITS = ('train', 'validation', 'test')
+# Keys renamed with the three splits: their old names are refused with the new one.
+RENAMED = {'eval_percent': 'validation_percent', 'tfds_eval_split': 'tfds_validation_split'}
 PREPARED_FORMAT = 'podium-prepared-v1'
 
 
@@ -42,12 +53,24 @@ def glob_files(pattern: str) -> list[str]:
   return sorted(protocol + p for p, info in found.items() if info['type'] == 'file')
 
 
-def split_files(files: list[str], split: str, eval_percent: int) -> list[str]:
-  """Deterministic split on the file name, independent of the machine's install prefix."""
-  def is_eval(path):
-    tail = '/'.join(path.split(os.sep)[-2:])
-    return zlib.crc32(tail.encode()) % 100 < eval_percent
-  return [f for f in files if is_eval(f) == (split == 'eval')]
+class SplitAbsent(ValueError):
+  """The source has no such split (a test split nobody asked for), which is not an error."""
+
+
+def file_bucket(path: str, seed: int = 0) -> int:
+  """0..99 from the path's last two parts (not the machine's install prefix) and `seed`."""
+  tail = '/'.join(path.split(os.sep)[-2:])
+  return zlib.crc32(tail.encode(), seed) % 100
+
+
+def split_files(files: list[str], split: str, validation_percent: int, test_percent: int = 0,
+                seed: int = 0) -> list[str]:
+  """The files of `split`: buckets below validation_percent, the top test_percent, the rest."""
+  def split_of(path):
+    bucket = file_bucket(path, seed)
+    return ('validation' if bucket < validation_percent else
+            'test' if bucket >= 100 - test_percent else 'train')
+  return [f for f in files if split_of(f) == split]
 
 
 class FileSource(grain.sources.RandomAccessDataSource):
@@ -72,12 +95,14 @@ class FileSource(grain.sources.RandomAccessDataSource):
 class TfdsTextSource(grain.sources.RandomAccessDataSource):
   """One text feature of a TFDS dataset, through `tfds.data_source` (ArrayRecord, no TF)."""
 
-  def __init__(self, name: str, split: str, text_key: str):
+  def __init__(self, name: str, split: str, text_key: str, split_key: str = 'data.tfds_split'):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top; optional and slow
     try:
       self._source = tfds.data_source(name, split=split)
     except tfds.core.registered.DatasetNotFoundError as e:
       raise ValueError(f'data.tfds_name: {e.args[0].splitlines()[0]}') from None
+    except ValueError as e:  # a split the dataset does not have, or a bad slice
+      raise ValueError(f'{split_key}: {split!r}: {str(e).splitlines()[0]}') from None
     self._text_key = text_key
 
   def __len__(self):
@@ -113,10 +138,13 @@ class PreparedDataset:
     return 'bytes' if name == 'bytes' else str(epath.Path(self.path) / name)
 
   def source(self, split: str) -> 'PreparedSource':
-    files = self.info['splits'].get(split, {}).get('files')
+    """`split`'s documents: validation is the dataset's `eval` split."""
+    name = 'eval' if split == 'validation' else split
+    files = self.info['splits'].get(name, {}).get('files')
     if not files:
-      raise ValueError(f'{self._key}: {self.path}/dataset.json lists no {split} files')
-    return PreparedSource([str(epath.Path(self.path) / f) for f in files], self.path, split)
+      error = SplitAbsent if split == 'test' else ValueError
+      raise error(f'{self._key}: {self.path}/dataset.json lists no {name} files')
+    return PreparedSource([str(epath.Path(self.path) / f) for f in files], self.path, name)
 
 
 class PreparedSource(grain.sources.RandomAccessDataSource):
@@ -204,27 +232,58 @@ SOURCES = Registry('data.source', 'where the documents come from')
 
 
 def make_source(data_config, split: str):
-  """The documents of `split` ('train' or 'eval') for the configured source."""
+  """The documents of `split` ('train', 'validation' or 'test') for the configured source;
+  SplitAbsent when the source has no test split."""
+  if split not in SPLITS:
+    raise ValueError(f'split {split!r}: must be one of {", ".join(SPLITS)}')
   return SOURCES[data_config.source].build(data_config, split)
 
 
+def refuse_renamed(data_config):
+  """ValueError for a key set under its old name (a config file can add any key)."""
+  for old, new in RENAMED.items():
+    require(old not in data_config, f'data.{old}', f'renamed data.{new}')
+
+
+def _check_file_split(d, **_):
+  for key in ('validation_percent', 'test_percent'):
+    require(0 <= d[key] < 100, key, f'must be in [0, 100), got {d[key]}')
+  require(d.validation_percent + d.test_percent < 100, 'test_percent',
+          f'{d.test_percent} + validation_percent {d.validation_percent} leave no train files')
+  require(0 <= d.split_seed < 2**32, 'split_seed', f'must be in [0, 2**32), got {d.split_seed}')
+
+
+_FILE_SPLIT_KEYS = dict(
+    validation_percent=Key(2, 'percent of the files (by a hash of the path) that validate'),
+    test_percent=Key(0, 'percent of the files (by that hash, apart) that test; 0: none'),
+    split_seed=Key(0, "the path hash's seed: which files each split gets"))
+
+
 def _file_split(d, files: list[str], split: str):
-  files = split_files(files, split, d.eval_percent)
+  files = split_files(files, split, d.validation_percent, d.test_percent, d.split_seed)
+  if split == 'test' and not d.test_percent:
+    raise SplitAbsent('data.test_percent is 0: no files are held out for test')
   if not files:
     raise ValueError(f'data: no {split} files for source={d.source!r} '
-                     f'files={d.get("files", "")!r} eval_percent={d.eval_percent}')
+                     f'files={d.get("files", "")!r} validation_percent={d.validation_percent} '
+                     f'test_percent={d.test_percent}')
   return FileSource(files)
 
 
-@SOURCES.register('stdlib', "the Python standard library's own .py files (no download)")
+@SOURCES.register('stdlib', "the Python standard library's own .py files (no download)",
+                  _check_file_split, **_FILE_SPLIT_KEYS)
 def _stdlib(d, split):
   return _file_split(d, stdlib_files(), split)
 
 
+def _check_files(d, **_):
+  require(bool(d.files), 'files', "is empty but data.source='files'")
+  _check_file_split(d)
+
+
 @SOURCES.register(
-    'files', 'text files, one document each',
-    lambda d, **_: require(bool(d.files), 'files', "is empty but data.source='files'"),
-    files=Key('', "a glob, e.g. '/data/books/**/*.txt' (local or gs://)"))
+    'files', 'text files, one document each', _check_files,
+    files=Key('', "a glob, e.g. '/data/books/**/*.txt' (local or gs://)"), **_FILE_SPLIT_KEYS)
 def _files(d, split):
   return _file_split(d, glob_files(d.files), split)
 
@@ -232,11 +291,15 @@ def _files(d, split):
 @SOURCES.register(
     'tfds', 'a TensorFlow Datasets text dataset, prepared beforehand',
     lambda d, **_: require(bool(d.tfds_name), 'tfds_name', "is empty but data.source='tfds'"),
-    tfds_name=Key('', "e.g. 'lm1b'"), tfds_train_split='train', tfds_eval_split='test',
-    tfds_text_key='text')
+    tfds_name=Key('', "e.g. 'lm1b'"), tfds_train_split='train',
+    tfds_validation_split=Key('validation', "for a dataset without one, e.g. 'train[:1%]' "
+                              "(and tfds_train_split='train[1%:]')"),
+    tfds_test_split=Key('test', "evaluated once, at the end; '': none"), tfds_text_key='text')
 def _tfds(d, split):
-  tfds_split = d.tfds_train_split if split == 'train' else d.tfds_eval_split
-  return TfdsTextSource(d.tfds_name, tfds_split, d.tfds_text_key)
+  key = f'tfds_{split}_split'
+  if not d[key]:
+    raise SplitAbsent(f'data.{key} is empty')
+  return TfdsTextSource(d.tfds_name, d[key], d.tfds_text_key, f'data.{key}')
 
 
 @SOURCES.register(

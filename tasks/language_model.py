@@ -13,10 +13,12 @@ eval loss is the mean over the targets counted; the training loss is their sum o
 targets, so that gradient accumulation's micro-batches, which count different numbers, average
 to the whole batch's loss exactly. It is lower than the counted mean by the share of targets
 left out (1 / the mean document length: 0.1% for 1000-token documents).
-Evaluation is a fixed, seeded sample of packed sequences drawn from every eval document
-(`task.eval_batches` global batches; for a mixture, from the components' eval splits mixed in
-the training weights), reported as loss per token and bits per byte: each target token counts
+Evaluation is a fixed, seeded sample of packed sequences drawn from every document of a split
+(`task.eval_batches` global batches; for a mixture, from the components' splits mixed in the
+training weights), reported as loss per token and bits per byte: each target token counts
 the UTF-8 bytes it stands for (1 for every byte token; eos counts 1, as the byte separator did).
+The validation split is evaluated every `train.eval_every` steps (eval/*) and the test split,
+when the source has one (data/sources.py), once at the end (test/*).
 """
 
 import functools
@@ -58,7 +60,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Raw text's tokenizer: '' (bytes) or a SentencePiece .model or Hugging Face tokenizer.json
   # (local or gs://). Empty for arrayrecord, which uses the prepared dataset's own.
   d.tokenizer = ''
-  d.eval_percent = 2  # files whose path hashes below this percentage form the validation split
   d.seq_len = 128
   d.global_batch_size = 32
   d.shuffle_seed = 0
@@ -140,6 +141,7 @@ class Task(base.Task):
 
   def validate(self):
     d = self.config.data
+    sources.refuse_renamed(d)
     sources.SOURCES.check(d)
     sources.SOURCES.validate(d)
     vocab_size = self.tokenizer.vocab_size  # ValueError: no dataset.json, no tokenizer
@@ -147,8 +149,6 @@ class Task(base.Task):
              f"{self.config.model.vocab_size} is smaller than the tokenizer's {vocab_size} "
              f'tokens ({self.tokenizer.spec})')
     _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}')
-    _require(0 <= d.eval_percent < 100, 'data.eval_percent',
-             f'must be in [0, 100), got {d.eval_percent}')
     t = self.config.task
     for key in ('eval_batches', 'num_samples', 'sample_length'):
       _require(t[key] >= 0, f'task.{key}', f'must be >= 0, got {t[key]}')
@@ -209,10 +209,19 @@ class Task(base.Task):
                     stats=stats, tokenizer=self.tokenizer)
 
   def eval_batches(self):
-    """A fixed sample: eval documents shuffled with a fixed seed, packed, the first batches."""
-    if not (self.config.train.eval_every and self.config.task.eval_batches):
+    if not self.config.train.eval_every:
       return []
-    source = sources.make_source(self.config.data, 'eval')
+    return self._sample('validation')
+
+  def test_batches(self):
+    return self._sample('test')  # SplitAbsent when the source has none
+
+  def _sample(self, split):
+    """A fixed sample: `split`'s documents shuffled with a fixed seed, packed, the first
+    `task.eval_batches` batches."""
+    if not self.config.task.eval_batches:
+      return []
+    source = sources.make_source(self.config.data, split)
     iterator = iter(_batches(self.config.data, source, shuffle=True, seed=_EVAL_SEED,
                              tokenizer=self.tokenizer))
     out = [next(iterator) for _ in range(self.config.task.eval_batches)]

@@ -7,7 +7,10 @@ Batches are {'inputs', 'targets': int32 [B, L], 'weights': float32 [B, L]} (weig
 byte was chosen); eval batches also carry 'mask' [B]. The loss is the cross-entropy at the
 chosen positions; eval reports it with the accuracy of the predicted bytes there. With
 `data.tokenizer` a tokenizer.json (BERT's), pieces are its tokens between [CLS] and [SEP], and
-its own [MASK] and [PAD] are used (data/tokenizers.py's Vocabulary).
+its own [MASK] and [PAD] are used (data/tokenizers.py's Vocabulary). The validation split is
+evaluated every `train.eval_every` steps (eval/*) and the test split, when the source has one
+(data/sources.py), once at the end (test/*), each on a fixed sample of `task.eval_batches`
+global batches.
 """
 
 import functools
@@ -54,6 +57,7 @@ class Task(base.Task):
              f'{d.tokenizer or "bytes and special tokens"}')
     raw = [name for name in sources.SOURCES if name != 'arrayrecord']  # text, not token ids
     _require(d.source in raw, 'data.source', f'{d.source!r} is not one of {", ".join(raw)}')
+    sources.refuse_renamed(d)
     sources.SOURCES.check(d)
     sources.SOURCES.validate(d)
     _require(d.seq_len > 1, 'data.seq_len', f'must be > 1, got {d.seq_len}')
@@ -108,11 +112,19 @@ class Task(base.Task):
         prefetch_batches=d.prefetch_batches, vocab=self.vocab)
 
   def eval_batches(self):
+    if not self.config.train.eval_every:
+      return []
+    return self._sample('validation')
+
+  def test_batches(self):
+    return self._sample('test')  # SplitAbsent when the source has none
+
+  def _sample(self, split):
     d = self.config.data
-    if not (self.config.train.eval_every and self.config.task.eval_batches):
+    if not self.config.task.eval_batches:
       return []
     return mlm.mlm_eval_batches(
-        sources.make_source(d, 'eval'), seq_len=d.seq_len, global_batch_size=d.global_batch_size,
+        sources.make_source(d, split), seq_len=d.seq_len, global_batch_size=d.global_batch_size,
         num_batches=self.config.task.eval_batches, seed=_EVAL_SEED, mask_rate=d.mask_rate,
         process_index=jax.process_index(), process_count=jax.process_count(), vocab=self.vocab)
 

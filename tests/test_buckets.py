@@ -31,7 +31,7 @@ STEPS = 16
 # Dropout on, so its random stream must resume exactly too.
 RUN = [f'--config.train.steps={STEPS}', '--config.train.checkpoint_every=4',
        '--config.train.eval_every=8', '--config.task.num_samples=0',
-       '--config.model.dropout_rate=0.1', '--config.data.eval_percent=25']
+       '--config.model.dropout_rate=0.1', '--config.data.validation_percent=25']
 
 
 def _free_port() -> int:
@@ -84,9 +84,9 @@ def bucket(tmp_path_factory):
 
 
 def _documents() -> dict[str, bytes]:
-  """Text files named so that both splits get some at eval_percent=25."""
+  """Text files named so that both splits get some at validation_percent=25."""
   names = [f'doc{i:02d}.txt' for i in range(12)]
-  eval_names = sources.split_files([f'data/{n}' for n in names], 'eval', 25)
+  eval_names = sources.split_files([f'data/{n}' for n in names], 'validation', 25)
   assert 0 < len(eval_names) < len(names)
   return {n: (f'document {n}: ' + 'the quick brown fox jumps over the lazy dog. ' * (20 + i))
               .encode() for i, n in enumerate(names)}
@@ -162,7 +162,7 @@ def test_a_pattern_that_matches_nothing_in_the_bucket_exits_2_with_one_line(buck
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       f"train.py: error: config data: no train files for source='files' "
-      f"files='gs://{BUCKET}/nothing/*.txt' eval_percent=2")
+      f"files='gs://{BUCKET}/nothing/*.txt' validation_percent=2 test_percent=0")
 
 
 def test_a_prepared_dataset_in_a_bucket_is_read_with_its_tokenizer(bucket, tmp_path):

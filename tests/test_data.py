@@ -1,6 +1,8 @@
 """The input pipeline: deterministic for a seed, resumable from its saved state, sharded."""
 
 import json
+import os
+import zlib
 
 import chex
 import numpy as np
@@ -9,7 +11,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data import pipeline, sources
-from training import checkpointing
+from training import checkpointing, config_check
 
 
 def _write_corpus(tmp_path, n=40):
@@ -194,13 +196,49 @@ def test_checkpoint_read_in_other_streams_is_a_one_line_error(tmp_path):
 
 
 def test_stdlib_corpus_split_is_deterministic_and_disjoint():
+  """Train, validation and test files are disjoint and cover the corpus; the default job's
+  validation files are still those whose path crc32 is below 2 (its training files too), a
+  test share takes files from training only, and the test files do not move with the
+  validation share."""
   files = sources.stdlib_files()
   assert len(files) > 500
-  train = sources.split_files(files, 'train', eval_percent=2)
-  evaluation = sources.split_files(files, 'eval', eval_percent=2)
-  assert evaluation and not set(train) & set(evaluation)
-  assert len(train) + len(evaluation) == len(files)
-  assert evaluation == sources.split_files(list(reversed(files)), 'eval', 2)[::-1]
+  split = lambda name, *args, **kw: sources.split_files(files, name, *args, **kw)
+  validation = split('validation', 2)
+  assert validation == [f for f in files
+                        if zlib.crc32('/'.join(f.split(os.sep)[-2:]).encode()) % 100 < 2]
+  assert split('train', 2) == [f for f in files if f not in validation]
+  parts = [split(name, 2, 5) for name in ('train', 'validation', 'test')]
+  assert parts[1] == validation and parts[2]
+  assert sorted(sum(parts, [])) == sorted(files) and len(set(sum(parts, []))) == len(files)
+  assert split('test', 10, 5) == parts[2]
+  assert split('test', 2, 5) == sources.split_files(list(reversed(files)), 'test', 2, 5)[::-1]
+  assert not set(split('validation', 2, seed=7)) & set(validation)  # another draw
+
+
+def test_file_sources_give_three_splits_or_say_test_is_absent(tmp_path, tiny_config):
+  for i in range(40):
+    (tmp_path / f'doc{i:02d}.txt').write_bytes(b'document %d' % i)
+  d = tiny_config.data
+  d.update(source='files', files=str(tmp_path / '*.txt'), validation_percent=20)
+  with pytest.raises(sources.SplitAbsent, match='^data.test_percent is 0: '):
+    sources.make_source(d, 'test')
+  d.test_percent = 20
+  documents = {split: {bytes(s[i]) for i in range(len(s))}
+               for split in sources.SPLITS for s in [sources.make_source(d, split)]}
+  assert all(documents.values()) and sum(map(len, documents.values())) == 40
+  assert len(set.union(*documents.values())) == 40  # disjoint
+  d.test_percent = 80
+  assert _check(tiny_config) == ('data.test_percent: 80 + validation_percent 20 leave no '
+                                 'train files')
+  d.test_percent = 0
+  d.eval_percent = 2  # what a config file written before the rename would set
+  assert _check(tiny_config) == 'data.eval_percent: renamed data.validation_percent'
+
+
+def _check(config):
+  with pytest.raises(config_check.ConfigError) as error:
+    config_check.check_task(config)
+  return str(error.value)
 
 
 def test_tfds_text_source():

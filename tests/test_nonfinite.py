@@ -80,7 +80,7 @@ def _corpus(directory, good, bad):
   for i in range(bad):
     (directory / f'bad{i:03d}.txt').write_bytes(b'\xff\xfe broken ' + bytes([i % 250]))
   return ['--config.data.source=files', f'--config.data.files={directory}/*.txt',
-          '--config.data.eval_percent=5', '--config.task.num_samples=0']
+          '--config.data.validation_percent=5', '--config.task.num_samples=0']
 
 
 def test_a_few_bad_records_are_skipped_and_reported(tmp_path):

@@ -314,7 +314,7 @@ def test_cli_on_a_small_corpus_from_another_folder_is_quiet_with_both_splits(tmp
   assert [line for line in result.stderr.splitlines() if not line.startswith('prepare: ')] == []
   report = json.loads((tmp_path / 'prepared' / 'report.json').read_text())
   assert {k: v['documents'] for k, v in report['splits'].items()} == {'train': 2, 'eval': 1}
-  assert len(sources.PreparedDataset(str(tmp_path / 'prepared')).source('eval')) == 1
+  assert len(sources.PreparedDataset(str(tmp_path / 'prepared')).source('validation')) == 1
   verbose = _run_cli(tmp_path, '--input=corpus/*.txt', '--output=prepared', '--verbosity=1')
   assert verbose.returncode == 0 and 'apitools not found' in verbose.stderr
 
@@ -363,7 +363,7 @@ def test_without_the_prepare_extra_one_line_says_what_to_install(tmp_path):
 
 def test_training_on_an_empty_eval_split_names_the_fix(tmp_path):
   path = write_prepared(tmp_path / 'prepared', {'train': [[1, 2, 3]] * 2, 'eval': []})
-  source = sources.PreparedDataset(path).source('eval')
+  source = sources.PreparedDataset(path).source('validation')
   with pytest.raises(ValueError, match=re.escape(
       'has fewer documents than the 1 streams: re-run python -m prepare with a larger '
       '--eval_percent')):

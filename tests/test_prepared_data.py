@@ -145,7 +145,17 @@ def test_bad_prepared_data_is_a_one_line_error(tiny_config, tmp_path, mixture):
   d.update(path=write_prepared(tmp_path / 'train_only', {'train': _ranged(1, 9, 3)}),
            mixture='')
   with pytest.raises(ValueError, match=r'^data.path: .* lists no eval files$'):
-    sources.make_source(d, 'eval')
+    sources.make_source(d, 'validation')
+
+
+def test_a_prepared_dataset_validates_on_eval_and_tests_on_test_if_it_has_one(mixture, tmp_path):
+  d = _data_config(source='arrayrecord', path=mixture[0])
+  assert len(sources.make_source(d, 'validation')) == 9  # prepare's eval split
+  with pytest.raises(sources.SplitAbsent, match=r'^data.path: .* lists no test files$'):
+    sources.make_source(d, 'test')
+  d.path = write_prepared(tmp_path, {'train': _ranged(1, 9, 3), 'eval': _ranged(1, 9, 2),
+                                     'test': _ranged(1, 9, 4)})
+  assert len(sources.make_source(d, 'test')) == 4
 
 
 @pytest.fixture(scope='module')

@@ -298,7 +298,7 @@ def test_lm_eval_sample_is_fixed_and_drawn_from_all_documents(tmp_path):
   for i, letter in enumerate(letters):
     (tmp_path / f'doc{i:02d}.txt').write_bytes(letter * 40)
   config = default.get_config('tiny')
-  config.data.update(source='files', files=str(tmp_path / '*.txt'), eval_percent=99,
+  config.data.update(source='files', files=str(tmp_path / '*.txt'), validation_percent=99,
                      prefetch_batches=0)
   config.task.eval_batches = 2
 
@@ -363,3 +363,26 @@ def test_evaluate_names_what_a_workdir_lacks(tmp_path):
   result = _evaluate(tmp_path, '--config=' + os.path.join(REPO, 'configs', 'default.py') +
                      ':tiny', cwd=tmp_path)
   assert result.returncode == 2 and 'holds no checkpoint' in result.stderr, result.stderr
+
+
+def test_lm_run_tests_once_at_the_end_and_evaluate_repeats_it(tmp_path):
+  """A tiny LM run with test files held out: test/* in its last metrics record and summary.json,
+  the same figures from `--mode=evaluate --split=test`, and the validation split's from
+  `--split=validation`."""
+  workdir = tmp_path / 'run'
+  result = run_train(workdir, '--config.data.test_percent=5', '--config.task.num_samples=0')
+  assert result.returncode == 0, result.stderr
+  records = metrics.read_metrics(workdir)
+  test = {k: v for k, v in records[-1].items() if k.startswith('test/')}
+  assert set(test) == {'test/loss', 'test/bits_per_byte'}
+  assert all('test/loss' not in r for r in records[:-1])  # once, at the end
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['test'] == {'step': 8, 'parameters': 'last', **test}
+  result = _evaluate(workdir, '--split=test', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  written = json.loads((workdir / 'evaluations' / 'test-8.json').read_text())
+  assert {f'test/{k}': written[k] for k in ('loss', 'bits_per_byte')} == test
+  result = _evaluate(workdir, '--split=validation', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  written = json.loads((workdir / 'evaluations' / 'validation-8.json').read_text())
+  assert written['loss'] == records[-1]['eval/loss']

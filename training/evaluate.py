@@ -11,6 +11,7 @@ import json
 import jax
 from etils import epath
 
+from data import sources
 from parallel import sharding
 from tasks import base
 from training import step as step_lib
@@ -42,6 +43,8 @@ def checkpoint_dir(workdir: str, step: str) -> tuple[epath.Path, int]:
 def _batches(task, split: str) -> list:
   try:
     batches = task.eval_batches() if split == 'validation' else task.test_batches()
+  except sources.SplitAbsent as e:
+    raise EvaluateError(f'--split={split}: the run has no {split} split: {e}') from None
   except ValueError as e:  # the split is missing or unreadable
     raise EvaluateError(str(e)) from None
   if not batches:

@@ -13,7 +13,7 @@ from etils import epath
 import numpy as np
 import tqdm
 
-from data import pipeline
+from data import pipeline, sources
 from parallel import sharding
 from tasks import base
 from training import checkpointing, config_check, exit_codes, parts as parts_lib
@@ -70,9 +70,15 @@ def _refuse_a_bad_init_from(config, workdir, setup):
 
 
 def _whole_splits(task):
-  """The task's (validation, test) batches, read before anything is written."""
+  """The task's (validation, test) batches, read before anything is written; no test batches
+  when the source has no test split."""
   try:
-    return task.eval_batches(), task.test_batches()
+    validation = task.eval_batches()
+    try:
+      return validation, task.test_batches()
+    except sources.SplitAbsent as e:
+      announce(f'no test split ({e}): no test/* figures at the end')
+      return validation, []
   except pipeline.UnusableDataError:
     raise  # bad data, not a bad config
   except ValueError as e:  # a split is missing or unreadable
