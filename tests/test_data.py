@@ -241,10 +241,15 @@ def _check(config):
   return str(error.value)
 
 
-def test_tfds_text_source():
+def test_tfds_text_source(tiny_config):
   with tfds.testing.mock_data(num_examples=7):
     source = sources.TfdsTextSource('lm1b', 'train', 'text')
     batch = next(iter(_batches(source)))['tokens']
+    d = tiny_config.data
+    d.update(source='tfds', tfds_name='lm1b', tfds_test_split='')
+    assert len(sources.make_source(d, 'validation')) == 7
+    with pytest.raises(sources.SplitAbsent, match='^data.tfds_test_split is empty$'):
+      sources.make_source(d, 'test')
   assert len(source) == 7 and batch.shape == (4, 17)
 
 

@@ -367,8 +367,7 @@ def test_evaluate_names_what_a_workdir_lacks(tmp_path):
 
 def test_lm_run_tests_once_at_the_end_and_evaluate_repeats_it(tmp_path):
   """A tiny LM run with test files held out: test/* in its last metrics record and summary.json,
-  the same figures from `--mode=evaluate --split=test`, and the validation split's from
-  `--split=validation`."""
+  and the same figures from `--mode=evaluate --split=test`."""
   workdir = tmp_path / 'run'
   result = run_train(workdir, '--config.data.test_percent=5', '--config.task.num_samples=0')
   assert result.returncode == 0, result.stderr
@@ -382,7 +381,3 @@ def test_lm_run_tests_once_at_the_end_and_evaluate_repeats_it(tmp_path):
   assert result.returncode == 0, result.stderr
   written = json.loads((workdir / 'evaluations' / 'test-8.json').read_text())
   assert {f'test/{k}': written[k] for k in ('loss', 'bits_per_byte')} == test
-  result = _evaluate(workdir, '--split=validation', cwd=tmp_path)
-  assert result.returncode == 0, result.stderr
-  written = json.loads((workdir / 'evaluations' / 'validation-8.json').read_text())
-  assert written['loss'] == records[-1]['eval/loss']
