@@ -95,7 +95,8 @@ class FileSource(grain.sources.RandomAccessDataSource):
 class TfdsTextSource(grain.sources.RandomAccessDataSource):
   """One text feature of a TFDS dataset, through `tfds.data_source` (ArrayRecord, no TF)."""
 
-  def __init__(self, name: str, split: str, text_key: str, split_key: str = 'data.tfds_split'):
+  def __init__(self, name: str, split: str, text_key: str, split_key: str):
+    """`split_key`: the config key that named `split`, for the error when it does not exist."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top; optional and slow
     try:
       self._source = tfds.data_source(name, split=split)

@@ -14,7 +14,8 @@ The trainer (`training/`) names no task and no model. It asks the task for:
                          this process's rows of each global batch (a checkpointable Grain
                          iterator for training; fixed lists for evaluation: eval_batches on a
                          validation split, for every periodic evaluation and all model selection;
-                         test_batches, if the task has a test split, once at the end).
+                         test_batches, if the task has a test split, once at the end: [] or
+                         data.sources.SplitAbsent, with its reason, when it has none).
   unit, units_per_example
                          the unit of throughput ('tokens', 'images', 'examples').
   parts(run)             extra loop parts, e.g. samples or a confusion matrix at the end.

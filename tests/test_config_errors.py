@@ -29,6 +29,8 @@ CASES = {
                              'data.tfds_name'),
     'no files match': (['--config.data.source=files', '--config.data.files=/nonexistent/*.txt'],
                        'no train files'),
+    'renamed key': (['--config.data.eval_percent=5'],
+                    '--config.data.eval_percent: renamed --config.data.validation_percent'),
     'no prepared dataset': (['--config.data.source=arrayrecord', '--config.data.path=/nonexistent'],
                             'data.path: cannot read /nonexistent/dataset.json'),
     'image augmentation of texts': (['--config=configs/encoder_classify.py:tiny',

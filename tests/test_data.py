@@ -243,7 +243,7 @@ def _check(config):
 
 def test_tfds_text_source(tiny_config):
   with tfds.testing.mock_data(num_examples=7):
-    source = sources.TfdsTextSource('lm1b', 'train', 'text')
+    source = sources.TfdsTextSource('lm1b', 'train', 'text', 'data.tfds_train_split')
     batch = next(iter(_batches(source)))['tokens']
     d = tiny_config.data
     d.update(source='tfds', tfds_name='lm1b', tfds_test_split='')
