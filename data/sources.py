@@ -10,7 +10,7 @@ by `data.split_seed`: the same split on every machine and for any number of proc
 test, so the test files stay the same whatever the validation share (seed 0 with the default 2
 percent and no test files is the split podium has always made). TFDS reads the splits named by
 `data.tfds_*_split`; a prepared dataset (`python -m prepare`) validates on its `eval` split and
-tests on a `test` split when its dataset.json lists one.
+tests on its `test` split when it has one (`prepare --test_percent`).
 """
 
 import glob

@@ -22,8 +22,12 @@ class Options:
   eval_percent: int = cleaning.flag_field(
       1, 'percent of documents (by content hash) in the eval split; at least one document '
       'whenever 2 or more are kept (0: no eval split)')
+  test_percent: int = cleaning.flag_field(
+      0, 'percent of documents (by content hash, from the other end) in the test split, which '
+      'a training run evaluates once at the end (0: no test split)')
   num_shards: int = cleaning.flag_field(8, 'train ArrayRecord files')
   num_eval_shards: int = cleaning.flag_field(1, 'eval ArrayRecord files')
+  num_test_shards: int = cleaning.flag_field(1, 'test ArrayRecord files')
   scrub_pii: bool = cleaning.flag_field(
       False, 'replace e-mail and IP addresses by placeholders, in the text and in the report')
   near_dup_threshold: float = cleaning.flag_field(
@@ -41,8 +45,11 @@ class Options:
         ('vocab_size', self.vocab_size >= 64, f'{self.vocab_size} is below 64'),
         ('tokenizer_sample_docs', self.tokenizer_sample_docs >= 1, 'must be positive'),
         ('eval_percent', 0 <= self.eval_percent < 100, f'{self.eval_percent} is not in [0, 100)'),
+        ('test_percent', 0 <= self.test_percent < 100 - self.eval_percent,
+         f'{self.test_percent} is not in [0, 100 - eval_percent)'),
         ('num_shards', self.num_shards >= 1, f'{self.num_shards} is not a positive number'),
         ('num_eval_shards', self.num_eval_shards >= 1, f'{self.num_eval_shards} is not positive'),
+        ('num_test_shards', self.num_test_shards >= 1, f'{self.num_test_shards} is not positive'),
         ('near_dup_threshold', 0 < self.near_dup_threshold <= 1,
          f'{self.near_dup_threshold} is not in (0, 1]'),
         ('num_perm', self.num_perm >= 2, f'{self.num_perm} is below 2'),
@@ -83,10 +90,10 @@ def _options() -> Options:
 
 def _summary(report: dict, output: str) -> str:
   """The last line: documents in and kept, and the split sizes."""
-  train, eval_ = report['splits']['train'], report['splits']['eval']
-  return (f'{report["documents_in"]} documents in, {report["documents_out"]} kept: '
-          f'train {train["documents"]} ({train["tokens"]:,} tokens), eval {eval_["documents"]} '
-          f'({eval_["tokens"]:,} tokens); {output}/report.json has the details')
+  sizes = ', '.join(f'{split} {n["documents"]} ({n["tokens"]:,} tokens)'
+                    for split, n in report['splits'].items())
+  return (f'{report["documents_in"]} documents in, {report["documents_out"]} kept: {sizes}; '
+          f'{output}/report.json has the details')
 
 
 def main(argv):

@@ -109,14 +109,16 @@ def _clean_pipeline(p, files: list[str], o, out: str):
 
 
 def _shards_pipeline(p, clean_dir: str, spec: str, split_shards: dict[str, int],
-                     eval_percent: int, output: str, out: str):
-  """Tokenises the kept documents into the train and eval ArrayRecord files in `output`."""
+                     percents: tuple[int, int], output: str, out: str):
+  """Tokenises the kept documents into the train, eval (and test) ArrayRecord files in
+  `output`; `percents`: (eval_percent, test_percent)."""
+  eval_percent, test_percent = percents
   docs = p | 'ReadDocs' >> beam.io.ReadFromText(f'{clean_dir}/docs*.jsonl') | 'Parse' >> beam.Map(
       json.loads)
   moved = (docs | 'Hashes' >> beam.Map(lambda doc: doc[0])
            | 'NoEmptySplit' >> beam.CombineGlobally(storage.NoEmptySplit(eval_percent)))
   tokenised = docs | 'Tokenise' >> beam.ParDo(
-      storage.Tokenise(spec, eval_percent, split_shards),
+      storage.Tokenise(spec, eval_percent, split_shards, test_percent),
       beam.pvalue.AsSingleton(moved)).with_outputs(EVENTS, main='records')
   _ = (tokenised.records | 'GroupShards' >> beam.GroupByKey()
        | 'WriteShards' >> beam.Map(storage.write_shard, output, split_shards))
@@ -124,10 +126,12 @@ def _shards_pipeline(p, clean_dir: str, spec: str, split_shards: dict[str, int],
 
 
 def _make_shards(o, clean_dir: str, spec: str, out: epath.Path, stage_dir: str, pipeline_args):
-  split_shards = {'train': o.num_shards, 'eval': o.num_eval_shards}
+  split_shards = {'train': o.num_shards, 'eval': o.num_eval_shards,
+                  **({'test': o.num_test_shards} if o.test_percent else {})}
   storage.remove_shards(out)
-  _run_beam(lambda p: _shards_pipeline(p, clean_dir, spec, split_shards, o.eval_percent, str(out),
-                                       stage_dir), o, pipeline_args, stage_dir)
+  _run_beam(lambda p: _shards_pipeline(p, clean_dir, spec, split_shards,
+                                       (o.eval_percent, o.test_percent), str(out), stage_dir),
+            o, pipeline_args, stage_dir)
   storage.add_empty_shards(out, split_shards)  # a shard no document hashed to
 
 
@@ -250,11 +254,12 @@ def run(input: str, output: str, o, pipeline_args=()) -> dict:  # pylint: disabl
     (out / name).unlink(missing_ok=True)
   clean_args = dataclasses.asdict(o)  # the sample for the tokenizer is drawn here too
   for name in ('workers', 'tokenizer', 'vocab_size', 'eval_percent', 'num_shards',
-               'num_eval_shards'):
+               'num_eval_shards', 'test_percent', 'num_test_shards'):
     clean_args.pop(name)
   clean_key = _key(storage.fingerprint(files), clean_args)
   tokenizer_key = _key(clean_key, o.tokenizer, o.vocab_size)
-  shards_key = _key(tokenizer_key, o.eval_percent, o.num_shards, o.num_eval_shards)
+  shards_key = _key(tokenizer_key, o.eval_percent, o.num_shards, o.num_eval_shards,
+                    o.test_percent, o.num_test_shards)
   clean_dir, shards_dir = str(out / '_work' / 'clean'), str(out / '_work' / 'shards')
   stages = {'clean': _stage(out, 'clean', clean_key, lambda d: _run_beam(
       lambda p: _clean_pipeline(p, files, o, d), o, pipeline_args, d))}

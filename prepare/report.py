@@ -125,7 +125,8 @@ def build(sums: dict, rule_names, near_dup_threshold: float) -> dict:
           'rate': _count(sums, 'near_dup/documents') / unique if unique else 0.0},
       'splits': {split: {'documents': _count(sums, f'split/{split}/documents'),
                          'tokens': _count(sums, f'split/{split}/tokens')}
-                 for split in ('train', 'eval')},
+                 for split in ('train', 'eval', 'test')
+                 if split != 'test' or _count(sums, 'split/test/documents')},
       'histograms': {kind: _histogram(sums, kind) for kind in ('chars_in', 'chars_out', 'tokens')},
   }
 

@@ -140,20 +140,25 @@ class ReadDocuments(beam.DoFn):
           row += 1
 
 
+SPLITS = ('train', 'eval', 'test')
+
+
 def _bucket(content_hash: str) -> int:
-  """0..99: the eval split is the documents in the buckets below eval_percent."""
+  """0..99: the eval split is the documents in the buckets below eval_percent, the test split
+  those in the top test_percent."""
   return int(content_hash[:8], 16) % 100
 
 
-def _hashed_split(content_hash: str, eval_percent: int) -> str:
-  return 'eval' if _bucket(content_hash) < eval_percent else 'train'
+def _hashed_split(content_hash: str, eval_percent: int, test_percent: int = 0) -> str:
+  bucket = _bucket(content_hash)
+  return 'eval' if bucket < eval_percent else 'test' if bucket >= 100 - test_percent else 'train'
 
 
 def split_and_shard(content_hash: str, eval_percent: int, split_shards: dict[str, int],
-                    moved: dict[str, str]):
+                    moved: dict[str, str], test_percent: int = 0):
   """(split, shard index): the split from the content hash unless `moved` (NoEmptySplit's)
   names the document; stable across runs, runners and workers."""
-  split = moved.get(content_hash) or _hashed_split(content_hash, eval_percent)
+  split = moved.get(content_hash) or _hashed_split(content_hash, eval_percent, test_percent)
   return split, int(content_hash[8:16], 16) % split_shards[split]
 
 
@@ -194,8 +199,10 @@ class Tokenise(beam.DoFn):
   """[hash, text] -> ((split, shard), (hash, '<u4' token-id bytes)), plus token-count events;
   `moved` (a side input) is NoEmptySplit's output."""
 
-  def __init__(self, spec: str, eval_percent: int, split_shards: dict[str, int]):
+  def __init__(self, spec: str, eval_percent: int, split_shards: dict[str, int],
+               test_percent: int = 0):
     self._spec, self._eval_percent, self._split_shards = spec, eval_percent, split_shards
+    self._test_percent = test_percent
     self._tokenizer = None
 
   def setup(self):
@@ -204,7 +211,8 @@ class Tokenise(beam.DoFn):
   def process(self, element, moved):
     content_hash, text = element
     ids = self._tokenizer.encode(text)
-    split, shard = split_and_shard(content_hash, self._eval_percent, self._split_shards, moved)
+    split, shard = split_and_shard(content_hash, self._eval_percent, self._split_shards, moved,
+                                   self._test_percent)
     yield beam.pvalue.TaggedOutput(_EVENTS, event(f'split/{split}/documents'))
     yield beam.pvalue.TaggedOutput(_EVENTS, event(f'split/{split}/tokens', len(ids)))
     yield beam.pvalue.TaggedOutput(_EVENTS, histogram_event('tokens', len(ids)))
@@ -244,7 +252,7 @@ def _shard_files(out: epath.Path, split: str) -> list[epath.Path]:
 
 
 def remove_shards(out: epath.Path):
-  for split in ('train', 'eval'):
+  for split in SPLITS:
     for path in _shard_files(out, split):
       path.unlink()
 

@@ -59,8 +59,8 @@ BREAKS = {
     'max_dup_line_ratio': 'A line that repeats.\n' * 10 + 'And one that does not.',
     'max_dup_ngram_ratio': ' '.join(['the same ten words said over and over again here'] * 6),
 }
-OPTIONS = dict(tokenizer='bpe', vocab_size=300, num_shards=3, eval_percent=20, scrub_pii=True,
-               rules=cleaning.Rules(max_chars=5000))
+OPTIONS = dict(tokenizer='bpe', vocab_size=300, num_shards=3, eval_percent=20, test_percent=20,
+               scrub_pii=True, rules=cleaning.Rules(max_chars=5000))
 
 
 def _write_corpus(root) -> dict:
@@ -168,9 +168,9 @@ def test_shards_hold_the_tokenised_kept_documents(run):
   tokenizer = tokenizers.load(str(out / 'tokenizer.json'))
   assert dataset['vocab_size'] == tokenizer.vocab_size and dataset['eos_id'] == tokenizer.eos_id
   found = []
-  for split in ('train', 'eval'):
+  for split in ('train', 'eval', 'test'):
     files = [str(out / f) for f in dataset['splits'][split]['files']]
-    assert len(files) == {'train': 3, 'eval': 1}[split]
+    assert len(files) == {'train': 3, 'eval': 1, 'test': 1}[split]
     source = grain.sources.ArrayRecordDataSource(files)
     records = [np.frombuffer(source[i], '<u4').tolist() for i in range(len(source))]
     assert len(records) == dataset['splits'][split]['documents'] == report['splits'][split][
@@ -179,6 +179,8 @@ def test_shards_hold_the_tokenised_kept_documents(run):
   texts = [cleaning.scrub_pii(cleaning.normalise(t))[0] for t in kept.values()]
   assert sorted(found) == sorted(tokenizer.encode(t).tolist() for t in texts)
   assert report['splits']['eval']['documents'] > 0  # 20% of 11: the split is exercised
+  assert len(sources.PreparedDataset(str(out)).source('test')) == report['splits']['test'][
+      'documents'] > 0  # what a training run tests on
 
 
 def test_rerun_skips_done_stages_and_changed_arguments_redo(run, tmp_path):
@@ -257,6 +259,7 @@ def test_near_dup_threshold_without_lsh_banding_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize('options, message', [
     (dict(eval_percent=100), 'eval_percent: 100 is not in [0, 100)'),
+    (dict(eval_percent=50, test_percent=50), 'test_percent: 50 is not in [0, 100 - eval_percent)'),
     (dict(tokenizer='words'), "tokenizer: 'words' is not bytes, sentencepiece or bpe"),
     (dict(rules=cleaning.Rules(max_digit_ratio=2.0)), 'max_digit_ratio: 2.0 is not in [0, 1]'),
 ])
