@@ -241,6 +241,8 @@ def _fewer_documents_fix(source) -> str:
   if source.split == 'eval':
     return (f're-run python -m prepare with a larger --eval_percent, {fewer_streams}, or '
             'train without eval (--config.train.eval_every=0)')
+  if source.split == 'test':
+    return f're-run python -m prepare with a larger --test_percent, or {fewer_streams}'
   return f're-run python -m prepare with more documents, or {fewer_streams}'
 
 
