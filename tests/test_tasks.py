@@ -226,10 +226,19 @@ def test_test_figures_are_the_best_steps_predictions_scored_by_hand(honest_and_s
 def pretrained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('mlm')
   result = run_train(workdir, '--config=' + os.path.join(REPO, 'configs', 'encoder_mlm.py')
-                     + ':tiny')
+                     + ':tiny', '--config.data.test_percent=5')
   assert result.returncode == 0, result.stderr
-  assert 'eval/accuracy' in metrics.read_metrics(workdir)[-1]
+  assert {'eval/accuracy', 'test/accuracy'} <= set(metrics.read_metrics(workdir)[-1])
   return workdir
+
+
+def test_mlm_evaluate_repeats_the_test_figures_of_the_run(pretrained, tmp_path):
+  test = json.loads((pretrained / 'summary.json').read_text())['test']
+  result = _evaluate(pretrained, '--split=test', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  written = json.loads((pretrained / 'evaluations' / 'test-8.json').read_text())
+  assert {f'test/{k}': written[k] for k in ('loss', 'accuracy')} == {
+      k: test[k] for k in ('test/loss', 'test/accuracy')}
 
 
 CLASSIFY = '--config=' + os.path.join(REPO, 'configs', 'encoder_classify.py') + ':tiny'
