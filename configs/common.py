@@ -103,7 +103,7 @@ def _fashion_mnist(config):
   """Debian's dataset-fashion-mnist IDX files; 28x28 grey; 60,000 training images."""
   config.model.image_shape = (28, 28, 1)
   d = config.data
-  d.source, d.name, d.path = 'idx', 'fashion_mnist', '/usr/share/datasets/fashion-mnist'
+  d.source, d.path = 'idx', '/usr/share/datasets/fashion-mnist'
   d.class_names = FASHION_MNIST_CLASSES
   o = config.optim
   o.learning_rate, o.warmup_steps, o.adamw.weight_decay = 2e-3, 100, 1e-4
@@ -117,7 +117,7 @@ def _mnist(config):
   recipe: the same shape and size."""
   _fashion_mnist(config)
   d = config.data
-  d.name, d.path, d.class_names = 'mnist', '/usr/share/datasets/mnist', ()
+  d.path, d.class_names = '/usr/share/datasets/mnist', ()
 
 
 def _cifar10(config):
@@ -125,8 +125,7 @@ def _cifar10(config):
   batches.meta.txt), 32x32 colour images, flipped and cropped; 50,000 training images."""
   config.model.image_shape = (32, 32, 3)
   d = config.data
-  d.source, d.name, d.path, d.augment = 'cifar_bin', 'cifar10', '/usr/share/datasets/cifar10', (
-      'flip,crop')
+  d.source, d.path, d.augment = 'cifar_bin', '/usr/share/datasets/cifar10', 'flip,crop'
   o = config.optim
   o.warmup_steps, o.adamw.weight_decay = 400, 5e-4
   t = config.train

@@ -16,7 +16,7 @@ def get_config(presets: str = ''):
   m, d = config.model, config.data
   m.head, m.pool = 'classify', 'cls'
   m.num_classes = len(text.STDLIB_PACKAGES)
-  d.source, d.path = 'stdlib_packages', ''
+  d.source = 'stdlib_packages'
   d.seq_len = m.max_len = 128
   d.normalize = 'none'
   d.global_batch_size = 32

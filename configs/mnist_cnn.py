@@ -5,8 +5,9 @@
 `t10k-labels-idx1-ubyte`, plain or .gz) are read from `data.path`, by default
 /usr/share/datasets/mnist: where Debian's `dataset-fashion-mnist` puts Fashion-MNIST, so copying
 MNIST's files there (no Debian package ships them) needs no flag; elsewhere, set
-`--config.data.path=DIR`. TFDS stays an option: `--config.data.source=tfds` (`tfds build mnist`
-on a machine with internet, then `--config.data.tfds_data_dir` if not in the default place).
+`--config.data.path=DIR`. TFDS stays an option: `--config.data.source=tfds
+--config.data.name=mnist` (`tfds build mnist` on a machine with internet, then
+`--config.data.tfds_data_dir` if not in the default place).
 """
 
 from configs import common

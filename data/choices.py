@@ -51,8 +51,10 @@ class Registry:
     self.entries: dict[str, Entry] = {}
     REGISTRIES.append(self)
 
-  def register(self, name: str, doc: str, check: Callable = lambda section, **_: None, **keys):
-    """Decorates the entry's build function; `keys`: name -> Key, or a plain default."""
+  def register(self, name: str, doc: str, check: Callable = lambda section, **_: None, /,
+               **keys):
+    """Decorates the entry's build function; `keys`: name -> Key, or a plain default (any
+    name, `name` and `doc` included: the first three are positional)."""
     keys = {k: v if isinstance(v, Key) else Key(v) for k, v in keys.items()}
     for key, declared in keys.items():
       other = self._declared().get(key)
@@ -65,6 +67,12 @@ class Registry:
     return add
 
   def __getitem__(self, name: str) -> Entry:
+    return self.entries[name]
+
+  def chosen(self, section) -> Entry:
+    """The entry `section` names; a ValueError naming the choosing key for an unknown name."""
+    name = section[self.key]
+    require(name in self.entries, self.path, f'{name!r} is not one of {", ".join(self)}')
     return self.entries[name]
 
   def __iter__(self):
@@ -114,8 +122,7 @@ class Registry:
     `overridden`: the keys ('optim.sgd.momentum') set on the command line. A config file tunes
     the keys of its own choice: switching the choice on the command line leaves those behind,
     and only then are they tolerated; set there, never."""
-    name = section[self.key]
-    require(name in self.entries, self.path, f'{name!r} is not one of {", ".join(self)}')
+    name = self.chosen(section).name
     switched, defaults = self.path in overridden, self.defaults()
     for key in self._unread(section, name):
       for leaf, value, default in _leaves(section[key], defaults[key], key):
@@ -125,8 +132,9 @@ class Registry:
 
   def validate(self, section, **context):
     """The chosen entry's own check of its keys, given `context` (e.g. other sections' values)."""
+    entry = self.chosen(section)
     try:
-      self.entries[section[self.key]].check(section, **context)
+      entry.check(section, **context)
     except ValueError as e:
       raise ValueError(f'{self.section}.{e}') from None
 
@@ -150,6 +158,8 @@ def _leaves(value, default, key):
     yield key, value, default
 
 
-def comments() -> dict[str, str]:
-  """The comment of each key that a registry declares, by its path."""
-  return {path: comment for r in REGISTRIES for path, comment in r.comments().items()}
+def comments(registries=None) -> dict[str, str]:
+  """The comment of each key that `registries` (default: every registry) declare, by its path.
+  Two registries may declare one path (each task's data.source): pass those of one config."""
+  chosen = REGISTRIES if registries is None else registries
+  return {path: comment for r in chosen for path, comment in r.comments().items()}

@@ -40,13 +40,12 @@ import ml_collections
 import numpy as np
 
 from data import augment
-from data import images
+from data import images, text  # noqa: F401  (importing them registers their data.source entries)
 from data import pipeline
 from data import splits
 from data.pipeline import RecordStats
+from data.splits import SOURCES
 
-IMAGE_SOURCES = ('idx', 'tfds', 'cifar_bin', 'folder')
-TEXT_SOURCES = ('csv', 'jsonl', 'stdlib_packages')  # data/text.py
 SPLITS = ('train', 'validation', 'test')
 _MAX_BAD_IN_A_ROW = 100  # so many unusable records in a row is a wrong path, not bad luck
 
@@ -54,23 +53,12 @@ _MAX_BAD_IN_A_ROW = 100  # so many unusable records in a row is a wrong path, no
 def default_data_config() -> ml_collections.ConfigDict:
   """Every key the classification data reads."""
   d = ml_collections.ConfigDict()
-  d.source = 'idx'  # idx | tfds | cifar_bin | folder | csv | jsonl | stdlib_packages
-  d.name = 'fashion_mnist'  # TFDS name, for source=tfds
-  d.tfds_data_dir = ''  # '' = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-  d.path = '/usr/share/datasets/fashion-mnist'  # idx/cifar_bin/folder/csv/jsonl: Debian's F-MNIST
-  d.train_split = 'train'  # TFDS split, IDX prefix ('test' reads t10k-*) or folder name
+  SOURCES.declare(d, 'idx')
   # auto: the source's validation split (TFDS 'validation', a folder's val/ or validation/)
   # if it has one, else a holdout; holdout: always carved from train; or a split's name.
   d.validation_split = 'auto'
   d.validation_fraction = 0.1  # holdout: the share of each class's train records held out
   d.validation_seed = 0  # holdout: which records (the same for any process count)
-  d.test_split = 'test'  # evaluated once, at the end of training
-  d.test_percent = 10  # folder/csv/jsonl without split files, stdlib_packages: hashed into test
-  d.class_names = ()  # idx: names for labels 0..; () = '0'..'9'
-  d.image_size = ()  # (H, W): resize tfds/folder images to it; () = keep (folder: the first's)
-  d.image_channels = 3  # folder: 1 (grey) or 3 (RGB)
-  d.text_key = 'text'  # csv/jsonl field holding the text
-  d.label_key = 'label'  # csv/jsonl field holding the label
   d.seq_len = 128  # text: token ids per example
   # text: '' (bytes) or a Hugging Face tokenizer.json with [CLS], [SEP], [MASK], [PAD] = 0
   # (BERT's WordPiece; `python -m tools.hf import` names it), data/tokenizers.py's Vocabulary.
@@ -104,9 +92,13 @@ def make_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
   """The examples of `split` ('train', 'validation' or 'test') for `data_cfg.source`."""
   if split not in SPLITS:
     raise ValueError(f'split {split!r}: must be one of {", ".join(SPLITS)}')
-  if split == 'test' or splits.validation_split_name(data_cfg):
-    return _split_source(data_cfg, split)
-  train = _split_source(data_cfg, 'train')
+  build = SOURCES.chosen(data_cfg).build
+  if split == 'test':
+    return build(data_cfg, 'test')
+  validation = build(data_cfg, 'validation')  # None: the source has none of its own
+  if validation is not None:
+    return validation if split == 'validation' else build(data_cfg, 'train')
+  train = build(data_cfg, 'train')
   # Stratified when the source has a label index; reading every TFDS record would be slow.
   labels = source_labels(train) if hasattr(train, 'labels') else None
   held_out = splits.holdout(labels, len(train), data_cfg.validation_fraction,
@@ -116,21 +108,6 @@ def make_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
     raise ValueError(f'data.validation_fraction: {data_cfg.validation_fraction} leaves no '
                      f'{split} example of the {len(train)} in {train!r}')
   return splits.Subset(train, kept, split)
-
-
-def _split_source(data_cfg, split):
-  if data_cfg.source in TEXT_SOURCES or (data_cfg.source == 'tfds' and _is_text_tfds(data_cfg)):
-    from data import text  # pylint: disable=g-import-not-at-top; text sources are optional
-    return text.make_text_source(data_cfg, split)
-  if data_cfg.source in IMAGE_SOURCES:
-    return images.make_image_source(data_cfg, split)
-  raise ValueError(f'data.source: {data_cfg.source!r}; expected one of '
-                   f'{", ".join(IMAGE_SOURCES + TEXT_SOURCES)}')
-
-
-def _is_text_tfds(data_cfg) -> bool:
-  from data import text  # pylint: disable=g-import-not-at-top; text sources are optional
-  return text.is_text_tfds(data_cfg.name, data_cfg.tfds_data_dir)
 
 
 def train_batches(source, data_cfg, *, process_index: int, process_count: int,

@@ -1,5 +1,6 @@
-"""Image-classification sources: TFDS, IDX files (the MNIST family), the CIFAR-10 binary files
-and folders of images.
+"""Image-classification sources: IDX files (the MNIST family), the CIFAR-10 binary files and
+folders of images, each an entry of data.source (`splits.SOURCES`), and TFDS images (its tfds
+entry is in data/text.py: a TFDS dataset holds images or texts).
 
 Each is a random-access source of {'inputs': uint8 [H, W, C], 'label': int} with `num_classes`,
 `class_names`, `kind` ('image') and `record_name(index)`; `data/classification.py` does the rest.
@@ -15,10 +16,14 @@ import numpy as np
 from etils import epath
 
 from data import splits
+from data.choices import Key, require
+from data.splits import SOURCES
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+CLASS_NAMES = Key((), "names for labels 0..; () = '0'..'9' (cifar_bin: its batches.meta.txt)")
+IMAGE_SIZE = Key((), "(H, W): resize the images to it; () = keep (folder: the first's size)")
 
 
 def resize(image: np.ndarray, size) -> np.ndarray:
@@ -105,6 +110,15 @@ def idx_source(directory: str, split: str, class_names=()) -> IdxSource:
                    find_idx(directory, prefix, 'labels', 1), class_names)
 
 
+@SOURCES.register(
+    'idx', 'IDX files, the MNIST family: <split>-images-idx3-ubyte[.gz] and its labels',
+    splits.gives('images'), path=splits.PATH, train_split=splits.TRAIN_SPLIT,
+    test_split=splits.TEST_SPLIT, class_names=CLASS_NAMES)
+def _idx(d, split):
+  name = splits.split_name(d, split)
+  return None if name is None else idx_source(d.path, name, d.class_names)
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 binary files
 
@@ -173,6 +187,15 @@ class CifarBinSource(grain.sources.RandomAccessDataSource):
 
   def __repr__(self):
     return f'CifarBinSource({self._root}, {self._names[0]}.., {len(self)} images)'
+
+
+@SOURCES.register(
+    'cifar_bin', "CIFAR-10's binary files (cifar-10-batches-bin/): train and test",
+    splits.gives('images'), path=splits.PATH, train_split=splits.TRAIN_SPLIT,
+    test_split=splits.TEST_SPLIT, class_names=CLASS_NAMES)
+def _cifar_bin(d, split):
+  name = splits.split_name(d, split)
+  return None if name is None else CifarBinSource(d.path, name, d.class_names)
 
 
 def _cifar_class_names(root: epath.Path) -> list[str]:
@@ -249,8 +272,6 @@ class FolderSource(grain.sources.RandomAccessDataSource):
   kind = 'image'
 
   def __init__(self, files, labels, class_names, image_size=(), channels: int = 3):
-    if channels not in (1, 3):
-      raise ValueError(f'data.image_channels: {channels}; must be 1 (grey) or 3 (RGB)')
     self._files, self._labels = list(files), list(labels)
     self.class_names, self.num_classes = list(class_names), len(class_names)
     self._mode, self._size = 'L' if channels == 1 else 'RGB', tuple(image_size)
@@ -346,24 +367,26 @@ def _is_test(relative_path: str, test_percent: int) -> bool:
   return zlib.crc32(relative_path.encode()) % 100 < test_percent
 
 
-# ---------------------------------------------------------------------------------------------
+def _validation_folder(d) -> str:
+  """A folder's own validation split: val/ or validation/ beside the train folder."""
+  return next((n for n in ('val', 'validation') if (epath.Path(d.path) / n).is_dir()
+               and (epath.Path(d.path) / d.train_split).is_dir()), '')
 
-def make_image_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
-  """The images of `split` ('train', 'test', or 'validation' when it is a named split) for
-  `data_cfg.source` in tfds | idx | cifar_bin | folder."""
-  d = data_cfg
-  names = {'train': d.train_split, 'validation': d.validation_split, 'test': d.test_split}
-  if split == 'validation' and d.validation_split == 'auto':
-    names['validation'] = splits.validation_split_name(d)
-  name = names[split]
-  if d.source == 'tfds':
-    return TfdsImageSource(d.name, name, d.tfds_data_dir, d.image_size)
-  if d.source == 'idx':
-    return idx_source(d.path, name, d.class_names)
-  if d.source == 'cifar_bin':
-    return CifarBinSource(d.path, name, d.class_names)
-  if d.source == 'folder':
-    return folder_source(d.path, split, split_names=names, test_percent=d.test_percent,
-                         image_size=d.image_size, channels=d.image_channels)
-  raise ValueError(f'data.source: {d.source!r} is not an image source (tfds | idx | cifar_bin | '
-                   'folder)')
+
+def _check_channels(d):
+  require(d.image_channels in (1, 3), 'image_channels',
+          f'{d.image_channels}; must be 1 (grey) or 3 (RGB)')
+
+
+@SOURCES.register(
+    'folder', 'a folder per class, in train/, test/ (and val/) folders or hashed into them',
+    splits.gives('images', _check_channels), path=splits.PATH, train_split=splits.TRAIN_SPLIT,
+    test_split=splits.TEST_SPLIT, test_percent=splits.TEST_PERCENT, image_size=IMAGE_SIZE,
+    image_channels=Key(3, '1 (grey) or 3 (RGB)'))
+def _folder(d, split):
+  name = splits.split_name(d, split, lambda: _validation_folder(d))
+  if name is None:
+    return None
+  names = {'train': d.train_split, 'test': d.test_split, split: name}
+  return folder_source(d.path, split, split_names=names, test_percent=d.test_percent,
+                       image_size=d.image_size, channels=d.image_channels)

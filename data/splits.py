@@ -9,23 +9,42 @@ import functools
 
 import grain
 import numpy as np
-from etils import epath
+
+from data.choices import Key, Registry, require
+
+# The entries are registered where each source is: data/images.py (idx, cifar_bin, folder) and
+# data/text.py (csv, jsonl, stdlib_packages, tfds: images or texts). An entry's build(data_cfg,
+# split) gives the examples of 'train', 'test' or 'validation'; for validation, None where the
+# source has none of its own (`split_name` is None), and a holdout is carved from train instead.
+SOURCES = Registry('data.source', 'where the labelled examples come from')
+
+# Keys that several sources read (entries that share a key declare it alike).
+PATH = Key('/usr/share/datasets/fashion-mnist',
+           "the data's folder (csv, jsonl: or a file or glob), local or gs://; default: Debian's "
+           'Fashion-MNIST')
+TRAIN_SPLIT = Key('train', "the training split: TFDS's, the IDX prefix, a folder or files' prefix")
+TEST_SPLIT = Key('test', "evaluated once, at the end of training ('test' of IDX reads t10k-*)")
+TEST_PERCENT = Key(10, 'without split folders or files: the share of records hashed into test')
 
 
-def validation_split_name(data_cfg) -> str:
-  """The source's own split that validates (`data.validation_split`), or '' for a holdout."""
-  d = data_cfg
-  if d.validation_split == 'holdout':
-    return ''
-  if d.validation_split != 'auto':
-    return d.validation_split
-  if d.source == 'folder':
-    return next((n for n in ('val', 'validation')
-                 if (epath.Path(d.path) / n).is_dir() and (epath.Path(d.path) / d.train_split)
-                 .is_dir()), '')
-  if d.source == 'tfds' and _tfds_splits(d.name, d.tfds_data_dir) & {'validation'}:
-    return '' if tfds_test_split(d) == 'validation' else 'validation'
-  return ''
+def gives(kind: str, also=lambda d: None):
+  """An entry's check that its `kind` of examples ('images', 'texts') is what the model takes
+  (context: `takes`, `model`), then `also(data_cfg)`."""
+  def check(d, *, takes: str, model: str):
+    require(takes == kind, 'source',
+            f'{d.source!r} gives {kind}, and model.name={model!r} takes {takes}')
+    also(d)
+  return check
+
+
+def split_name(data_cfg, split: str, own_validation=lambda: '') -> str | None:
+  """The source's own name of `split`: data.train_split, data.test_split, or data.validation_split
+  (for 'auto', `own_validation()`: the source's validation split, or ''); None for a holdout."""
+  if split != 'validation':
+    return data_cfg[f'{split}_split']
+  if data_cfg.validation_split == 'auto':
+    return own_validation() or None
+  return None if data_cfg.validation_split == 'holdout' else data_cfg.validation_split
 
 
 # TFDS datasets whose usual test split is not 'test': glue's test labels are hidden, so its
@@ -43,6 +62,13 @@ def tfds_entry(table: dict, name: str):
 def tfds_test_split(data_cfg) -> str:
   """The TFDS split that tests: data.test_split, or for '' the dataset's usual one."""
   return data_cfg.test_split or tfds_entry(TFDS_TEST_SPLITS, data_cfg.name) or 'test'
+
+
+def tfds_validation_split(data_cfg) -> str:
+  """'validation' where the TFDS dataset has that split and it is not the one that tests."""
+  d = data_cfg
+  has_it = 'validation' in _tfds_splits(d.name, d.tfds_data_dir)
+  return 'validation' if has_it and tfds_test_split(d) != 'validation' else ''
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,18 +2,13 @@
 data/tokenizers.py's Vocabulary: bytes (models/byte_vocab.py: 0..255, PAD_ID = 0, which text
 never contains, then CLS, MASK and SEP) or a tokenizer.json's own ids.
 
-`make_text_source(data_cfg, split)` gives a grain RandomAccessDataSource of
-{'inputs': bytes, 'label': int} with `num_classes`, `class_names`, `kind = 'text'` and
-`record_name(index)`, for data_cfg.source:
-  tfds             name (imdb_reviews, glue/sst2, or any with a Text and a ClassLabel feature),
-                   tfds_data_dir, train_split / test_split (split names; '' = the dataset's usual
-                   ones), text_key ('' or 'text' = the dataset's text feature), label_key.
-  csv, jsonl       path, text_key, label_key. A folder: train files `{train_split}*.csv`
-                   (.jsonl) in it, test files `{test_split}*`. A file or glob: its records split
-                   by a hash of their text, test_percent of them for test.
-  stdlib_packages  seq_len, test_percent (below).
-Validation (data/classification.py) is a holdout carved from train, or a named split
-(`data.validation_split`: TFDS, or files `{validation_split}*` in a folder).
+Each source is an entry of data.source (`splits.SOURCES`, with the keys it reads): a grain
+RandomAccessDataSource of {'inputs': bytes, 'label': int} with `num_classes`, `class_names`,
+`kind = 'text'` and `record_name(index)`. csv and jsonl read a folder (train files
+`{train_split}*.csv` (.jsonl) in it, test files `{test_split}*`, validation `{validation_split}*`)
+or a file or glob (its records split by a hash of their text, test_percent of them for test).
+The tfds entry is here too, for images (data/images.py) as for texts: which one a dataset holds
+is known only once its features are read.
 Labels are ints (class names '0'..max) or strings (class names sorted); other files may only use
 the train files' classes. A CSV/JSONL record with bad JSON, no text or no label is dropped as the
 file is loaded and counted in `source.stats` (a data.pipeline.RecordStats): the file is read
@@ -57,7 +52,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from data import pipeline, sources, splits
+from data import images, pipeline, sources, splits
+from data.choices import Key, require
+from data.splits import SOURCES
 
 STDLIB_PACKAGES = ('asyncio', 'concurrent', 'email', 'http', 'importlib', 'logging',
                    'multiprocessing', 'unittest', 'urllib', 'xml')
@@ -65,6 +62,8 @@ _TEST_FOLDERS = {'test', 'tests', 'idle_test'}  # unittest's tests moved out in 
 # Known text datasets: their text feature (the split that tests: data/splits.py).
 TFDS_TEXT = {'imdb_reviews': 'text', 'glue/sst2': 'sentence'}
 _INT = re.compile(r'-?\d+')
+TEXT_KEY = Key('text', "the field holding the text (tfds: '' or 'text' = the dataset's text)")
+LABEL_KEY = Key('label', 'the field holding the label')
 
 
 class TextClassificationSource(grain.sources.RandomAccessDataSource):
@@ -230,11 +229,10 @@ def _read_jsonl(path, text_key, label_key, stats):
   return [r for r in records if r]
 
 
-def _read_files(cfg, pattern, which, stats):
+def _read_files(cfg, read, pattern, which, stats):
   paths = sources.glob_files(pattern)
   if not paths:
     raise ValueError(f'data.{which}: no file matches {pattern!r}')
-  read = {'csv': _read_csv, 'jsonl': _read_jsonl}[cfg.source]
   records = [r for p in paths for r in read(p, cfg.text_key or 'text', cfg.label_key or 'label',
                                             stats)]
   if stats.bad:
@@ -250,21 +248,26 @@ def _classes(labels) -> tuple[str, ...]:
   return tuple(sorted(set(labels)))
 
 
-def _file_source(cfg, split) -> TextClassificationSource:
+def _file_source(cfg, split, read):
+  """The records of `split` in cfg.path's files, read by `read` (_read_csv, _read_jsonl); None
+  for validation without split files of its own (a holdout is carved from train)."""
+  name = splits.split_name(cfg, split)
+  if name is None:
+    return None
   stats = pipeline.RecordStats()
   if epath.Path(cfg.path).is_dir():
-    names = {'train': cfg.train_split, 'validation': cfg.validation_split,
-             'test': cfg.test_split}
     if not (cfg.train_split and cfg.test_split):
       raise ValueError(f'data.train_split, data.test_split: name the files in {cfg.path}')
     files = lambda name: str(epath.Path(cfg.path) / f'{name}*.{cfg.source}')
-    train = _read_files(cfg, files(cfg.train_split), 'train_split',
+    train = _read_files(cfg, read, files(cfg.train_split), 'train_split',
                         stats if split == 'train' else pipeline.RecordStats())
     class_names = _classes([label for _, label, _ in train])
     records = (train if split == 'train' else
-               _read_files(cfg, files(names[split]), f'{split}_split', stats))
+               _read_files(cfg, read, files(name), f'{split}_split', stats))
   else:  # by text, so duplicate texts never straddle the splits
-    records = _read_files(cfg, cfg.path, 'path', stats)
+    require(split != 'validation', 'data.validation_split',
+            f'{cfg.path} is not a folder of split files: auto or holdout')
+    records = _read_files(cfg, read, cfg.path, 'path', stats)
     class_names = _classes([label for _, label, _ in records])
     records = [r for r in records
                if (zlib.crc32(r[0]) % 100 < cfg.test_percent) == (split == 'test')]
@@ -279,6 +282,22 @@ def _file_source(cfg, split) -> TextClassificationSource:
   texts, labels, names = zip(*records)
   return TextClassificationSource(list(texts), [ids[label] for label in labels], list(names),
                                   class_names, stats)
+
+
+_FILE_KEYS = dict(path=splits.PATH, train_split=splits.TRAIN_SPLIT, test_split=splits.TEST_SPLIT,
+                  test_percent=splits.TEST_PERCENT, text_key=TEXT_KEY, label_key=LABEL_KEY)
+
+
+@SOURCES.register('csv', 'CSV files with a header row naming the text and label columns',
+                  splits.gives('texts'), **_FILE_KEYS)
+def _csv(d, split):
+  return _file_source(d, split, _read_csv)
+
+
+@SOURCES.register('jsonl', 'JSON lines, each an object with the text and label keys',
+                  splits.gives('texts'), **_FILE_KEYS)
+def _jsonl(d, split):
+  return _file_source(d, split, _read_jsonl)
 
 
 def stdlib_package_files() -> tuple[str, dict[str, list[str]]]:
@@ -312,8 +331,6 @@ def stdlib_test_files(snippets: dict[str, int], test_percent: int) -> set[str]:
 def stdlib_packages_source(seq_len: int, split: str, test_percent: int):
   """Snippets of STDLIB_PACKAGES' source, labelled by package (see the module docstring)."""
   size = seq_len - 1
-  if not 0 <= test_percent < 50:
-    raise ValueError(f'data.test_percent: {test_percent} is not in [0, 50) for stdlib_packages')
   root, files = stdlib_package_files()
   texts, labels, names = [], [], []
   for label, package in enumerate(STDLIB_PACKAGES):
@@ -335,21 +352,46 @@ def stdlib_packages_source(seq_len: int, split: str, test_percent: int):
   return TextClassificationSource(texts, labels, names, STDLIB_PACKAGES)
 
 
-def make_text_source(data_cfg, split: str) -> grain.sources.RandomAccessDataSource:
-  """The labelled texts of `split` ('train', 'test', or 'validation' when it is a named split)
-  for data_cfg.source."""
-  if split not in ('train', 'validation', 'test'):
-    raise ValueError(f'split {split!r} is not train, validation or test')
-  if data_cfg.source == 'tfds':
-    tfds_split = {'train': data_cfg.train_split or 'train',
-                  'test': splits.tfds_test_split(data_cfg),
-                  'validation': splits.validation_split_name(data_cfg)}[split]
-    return TfdsTextClassificationSource(
-        data_cfg.name, tfds_split, data_dir=data_cfg.tfds_data_dir, text_key=data_cfg.text_key,
-        label_key=data_cfg.label_key)
-  if data_cfg.source in ('csv', 'jsonl'):
-    return _file_source(data_cfg, split)
-  if data_cfg.source == 'stdlib_packages':
-    return stdlib_packages_source(data_cfg.seq_len, split, data_cfg.test_percent)
-  raise ValueError(f'data.source: {data_cfg.source!r} is not a text classification source '
-                   '(csv, jsonl, stdlib_packages, tfds)')
+def _check_stdlib_packages(d):
+  require(0 <= d.test_percent < 50, 'test_percent', f'{d.test_percent} is not in [0, 50)')
+  require(d.validation_split in ('auto', 'holdout'), 'validation_split',
+          f'{d.validation_split!r}: stdlib_packages has no split of that name (auto or holdout)')
+
+
+@SOURCES.register(
+    'stdlib_packages', 'which of ten stdlib packages a snippet of its source is from (no download)',
+    splits.gives('texts', _check_stdlib_packages), test_percent=splits.TEST_PERCENT)
+def _stdlib_packages(d, split):
+  if split == 'validation':
+    return None  # always a holdout
+  return stdlib_packages_source(d.seq_len, split, d.test_percent)
+
+
+def _tfds_split(d, split: str) -> str | None:
+  """The TFDS split read as `split` ('' train and test splits: the dataset's usual ones)."""
+  if split == 'train':
+    return d.train_split or 'train'
+  if split == 'test':
+    return splits.tfds_test_split(d)
+  return splits.split_name(d, split, lambda: splits.tfds_validation_split(d))
+
+
+def _check_tfds(d, **_):  # images or texts: the model takes either
+  require(bool(d.name), 'name', "is empty but data.source='tfds'")
+
+
+@SOURCES.register(
+    'tfds', 'a TensorFlow Datasets dataset built as array_record: images, or texts',
+    _check_tfds, name=Key('', "the dataset, e.g. 'mnist', 'cifar10', 'imdb_reviews', 'glue/sst2'"),
+    tfds_data_dir=Key('', "where it was built; '' = TFDS_DATA_DIR or ~/tensorflow_datasets"),
+    train_split=splits.TRAIN_SPLIT, test_split=splits.TEST_SPLIT, image_size=images.IMAGE_SIZE,
+    text_key=TEXT_KEY, label_key=LABEL_KEY)
+def _tfds(d, split):
+  """A dataset with a Text feature gives texts, any other images (features image and label)."""
+  name = _tfds_split(d, split)
+  if name is None:
+    return None
+  if is_text_tfds(d.name, d.tfds_data_dir):
+    return TfdsTextClassificationSource(d.name, name, data_dir=d.tfds_data_dir,
+                                        text_key=d.text_key, label_key=d.label_key)
+  return images.TfdsImageSource(d.name, name, d.tfds_data_dir, d.image_size)

@@ -12,8 +12,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import encoder_classify, fashion_mnist_cnn
 from data import classification, images, splits, tokenizers
 from data.pipeline import RecordStats
+from training import config_check, config_doc
 
 
 def _write_idx(path, array: np.ndarray):
@@ -142,6 +144,32 @@ def test_unknown_tfds_name_and_unknown_source_are_config_errors(tmp_path):
     classification.make_source(d, 'train')
   with pytest.raises(ValueError, match='data.source'):
     classification.make_source(_config(tmp_path, source='parquet'), 'train')
+
+
+def test_each_source_reads_its_own_keys_and_checks_them():
+  """data.source is a registry: a key that only other sources read is an error when set on the
+  command line, left behind when the source is switched there, and out of config.json."""
+  config = fashion_mnist_cnn.get_config('tiny')
+  config.data.name = 'mnist'
+  with pytest.raises(config_check.ConfigError,
+                     match=r"^data.name: set to 'mnist', but data.source='idx' does not read it$"):
+    config_check.keep_chosen(config, {'data.name'})
+  config.data.source = 'tfds'  # the file's class_names (idx's) stay behind, tolerated
+  config_check.keep_chosen(config, {'data.source', 'data.name'})
+  assert {'name', 'tfds_data_dir', 'image_size', 'text_key'} <= set(config.data)
+  assert not {'path', 'class_names', 'image_channels', 'test_percent'} & set(config.data)
+  config.data.name = ''
+  with pytest.raises(config_check.ConfigError,
+                     match=r"^data.name: is empty but data.source='tfds'$"):
+    config_check.check_task(config)
+  texts = encoder_classify.get_config('tiny')
+  texts.data.source = 'folder'
+  with pytest.raises(config_check.ConfigError, match=r"^data.source: 'folder' gives images, and "
+                                                     r"model.name='encoder' takes texts$"):
+    config_check.check_task(texts)
+  printed = config_doc.print_config(texts, 'configs/encoder_classify.py:tiny').splitlines()
+  assert ("data.source = 'folder'  # where the labelled examples come from: idx | cifar_bin | "
+          'folder | csv | jsonl | stdlib_packages | tfds') in printed
 
 
 def _write_png(path, index, size=(6, 5), mode='RGB'):

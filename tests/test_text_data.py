@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data import mlm, pipeline, sources, text, tokenizers
+from data.splits import SOURCES
 from models import byte_vocab
 
 
@@ -18,6 +19,11 @@ def _cfg(**overrides):
       validation_split='auto', test_percent=30, text_key='text', label_key='label', seq_len=64))
   cfg.update(overrides)
   return cfg
+
+
+def _split(cfg, split):
+  """The examples of `split` as the chosen source's entry builds them (no holdout carved)."""
+  return SOURCES[cfg.source].build(cfg, split)
 
 
 def test_token_ids_are_the_documented_ones():
@@ -49,7 +55,7 @@ def _reviews(n=60):
 def test_csv_string_labels_become_sorted_classes_split_by_text_hash(tmp_path):
   rows = _reviews()
   cfg = _cfg(path=_write_csv(tmp_path / 'reviews.csv', rows))
-  train, evaluation = (text.make_text_source(cfg, split) for split in ('train', 'test'))
+  train, evaluation = (_split(cfg, split) for split in ('train', 'test'))
   assert train.class_names == evaluation.class_names == ('meh', 'neg', 'pos')
   assert train.kind == 'text' and train.num_classes == 3
   got = {s[i]['inputs'].decode(): s.class_names[s[i]['label']]
@@ -62,7 +68,7 @@ def test_csv_string_labels_become_sorted_classes_split_by_text_hash(tmp_path):
 def test_csv_int_labels_are_class_ids(tmp_path):
   cfg = _cfg(path=_write_csv(tmp_path / 'a.csv', [('x', '2'), ('y', '0'), ('z', '02')]),
              test_percent=0)
-  source = text.make_text_source(cfg, 'train')
+  source = _split(cfg, 'train')
   assert source.class_names == ('0', '1', '2')
   assert sorted(source[i]['label'] for i in range(3)) == [0, 2, 2]
 
@@ -71,7 +77,7 @@ def test_csv_missing_column_names_the_columns_found(tmp_path):
   cfg = _cfg(path=_write_csv(tmp_path / 'a.csv', [('x', 'y')], header=('body', 'label')))
   with pytest.raises(ValueError, match=r"data.text_key: no column 'text' in .*a.csv; "
                                        r"found \['body', 'label'\]"):
-    text.make_text_source(cfg, 'train')
+    _split(cfg, 'train')
 
 
 @pytest.mark.parametrize('problem,match', [('missing', 'no file matches'),
@@ -81,7 +87,7 @@ def test_unreadable_files_are_one_line_errors(tmp_path, problem, match):
   if problem == 'latin1':
     path.write_bytes('text,label\ncaf\xe9,1\n'.encode('latin-1'))
   with pytest.raises(ValueError, match=match) as error:
-    text.make_text_source(_cfg(path=str(path)), 'train')
+    _split(_cfg(path=str(path)), 'train')
   assert '\n' not in str(error.value)
 
 
@@ -95,7 +101,7 @@ def test_jsonl_bad_lines_are_dropped_and_counted(tmp_path):
   bad = ['{"text": "cut off', {'text': '', 'label': 1}, '[1, 2]', {'text': 'no label'}]
   cfg = _cfg(source='jsonl', path=_write_jsonl(tmp_path / 'a.jsonl', good + bad),
              test_percent=0)
-  source = text.make_text_source(cfg, 'train')
+  source = _split(cfg, 'train')
   assert len(source) == 10 and source.class_names == ('0', '1')
   assert {source[i]['inputs'] for i in range(10)} == {f'line {i}'.encode() for i in range(10)}
   assert source.stats.bad == 4 and source.stats.seen == 14
@@ -109,7 +115,7 @@ def test_jsonl_bad_lines_are_dropped_and_counted(tmp_path):
 def test_jsonl_bad_input_is_a_one_line_error(tmp_path, record, match):
   cfg = _cfg(source='jsonl', path=_write_jsonl(tmp_path / 'a.jsonl', [record]))
   with pytest.raises(ValueError, match=match):
-    text.make_text_source(cfg, 'train')
+    _split(cfg, 'train')
 
 
 def test_a_folder_holds_separate_train_and_test_files(tmp_path):
@@ -118,13 +124,13 @@ def test_a_folder_holds_separate_train_and_test_files(tmp_path):
   _write_csv(tmp_path / 'test.csv', [('d', 'pos')])
   _write_csv(tmp_path / 'other.csv', [('e', 'sarcastic')])
   cfg = _cfg(path=str(tmp_path), train_split='train', test_split='test')
-  train, evaluation = (text.make_text_source(cfg, split) for split in ('train', 'test'))
+  train, evaluation = (_split(cfg, split) for split in ('train', 'test'))
   assert len(train) == 3 and train.record_name(2).endswith('train-1.csv:2')
   assert evaluation.class_names == ('neg', 'pos')
   assert evaluation[0] == {'inputs': b'd', 'label': 1}
   cfg.test_split = 'other'
   with pytest.raises(ValueError, match="label 'sarcastic' at .*other.csv:2 is not a class"):
-    text.make_text_source(cfg, 'test')
+    _split(cfg, 'test')
 
 
 def test_tfds_imdb_reviews_through_mock_data():
@@ -132,7 +138,7 @@ def test_tfds_imdb_reviews_through_mock_data():
   assert not text.is_text_tfds('mnist')
   cfg = _cfg(source='tfds', name='imdb_reviews', text_key='', label_key='')
   with tfds.testing.mock_data(num_examples=5):
-    source = text.make_text_source(cfg, 'test')
+    source = _split(cfg, 'test')
     item = source[3]
   assert len(source) == 5 and source.class_names == ('neg', 'pos') and source.kind == 'text'
   assert isinstance(item['inputs'], bytes) and item['label'] in (0, 1)
@@ -142,13 +148,13 @@ def test_tfds_imdb_reviews_through_mock_data():
 def test_unprepared_tfds_dataset_says_where_podium_looked(tmp_path):
   cfg = _cfg(source='tfds', name='imdb_reviews', tfds_data_dir=str(tmp_path))
   with pytest.raises(ValueError, match=f'not prepared .* in {tmp_path}; .*tfds build'):
-    text.make_text_source(cfg, 'train')
+    _split(cfg, 'train')
 
 
 @pytest.fixture(scope='module')
 def stdlib_splits():
   cfg = _cfg(source='stdlib_packages', seq_len=512, test_percent=10)
-  return [text.make_text_source(cfg, split) for split in ('train', 'test')]
+  return [_split(cfg, split) for split in ('train', 'test')]
 
 
 def test_stdlib_packages_split_files_and_classes(stdlib_splits):
@@ -163,7 +169,7 @@ def test_stdlib_packages_split_files_and_classes(stdlib_splits):
 
 
 def test_stdlib_packages_are_deterministic(stdlib_splits):
-  again = text.make_text_source(_cfg(source='stdlib_packages', seq_len=512, test_percent=10),
+  again = _split(_cfg(source='stdlib_packages', seq_len=512, test_percent=10),
                                 'test')
   first = stdlib_splits[1]
   assert [first.record_name(i) for i in range(len(first))] == [

@@ -79,6 +79,12 @@ def train_choices():
   return (precision.LOSS_SCALE, nonfinite.NonFinitePolicy.POLICIES)
 
 
+def registries(config) -> tuple:
+  """The registered choices `config` makes: the optimiser's, the train section's, its task's."""
+  task_choices = getattr(TASKS.get(config.task.name), 'CHOICES', ())  # e.g. data.source
+  return (*optimizer.CHOICES, *train_choices(), *task_choices)
+
+
 def keep_chosen(config, overridden=()):
   """Keeps only the chosen entries' keys in `config`, after the error for an unknown name or a
   key set that the chosen entries do not read; `overridden`: the keys set on the command line."""

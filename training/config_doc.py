@@ -85,9 +85,10 @@ def print_config(config, config_arg: str) -> str:
   """`config` (resolved: presets and overrides applied), one `key = value` line per key, under
   the comments of each key's declaration in the config file `config_arg` ('path[:presets]'), or
   of its registry entry (data/choices.py) for a key that a registered choice declares."""
+  from training import config_check  # pylint: disable=g-import-not-at-top; --help stays fast
   path, _, presets = config_arg.partition(':')
   sites = _declaration_sites(path, presets)
-  registered = choices.comments()
+  registered = choices.comments(config_check.registries(config))
   lines, shown = [f'# --config={config_arg}'], set()
   for key, value in _leaves(config):
     site = sites.get(key) or next((sites[k] for k in _parents(key) if k in sites), None)
