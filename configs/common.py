@@ -135,10 +135,12 @@ def _cifar10(config):
 IMAGE_DATASETS = {'fashion_mnist': _fashion_mnist, 'mnist': _mnist, 'cifar10': _cifar10}
 
 
-def image_config(model: str, dataset: str) -> ml_collections.ConfigDict:
-  """The base of every image config: `model` classifying `dataset` (IMAGE_DATASETS) in batches
-  of 128 with AdamW (b2 0.999) and a cosine decay to 1% of the peak rate."""
-  config = build('classification', model)
+def image_config(model: str, dataset: str, task: str = 'classification'
+                 ) -> ml_collections.ConfigDict:
+  """The base of every image config: `model` on `dataset` (IMAGE_DATASETS) for `task`
+  (classifying, unless another image task is named) in batches of 128 with AdamW (b2 0.999)
+  and a cosine decay to 1% of the peak rate."""
+  config = build(task, model)
   config.data.global_batch_size = 128
   o = config.optim
   o.schedule, o.final_lr_fraction, o.adamw.b2 = 'cosine', 0.01, 0.999

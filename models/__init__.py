@@ -16,7 +16,7 @@ A model module exports:
 Which methods a model offers beyond that is between it and its tasks (`tasks/`).
 """
 
-from models import cnn, encoder, mlp, resnet, transformer, vit
+from models import autoencoder, cnn, encoder, mlp, resnet, transformer, vit
 
 MODELS = {
     'transformer': transformer,
@@ -25,4 +25,5 @@ MODELS = {
     'resnet': resnet,
     'vit': vit,
     'encoder': encoder,
+    'autoencoder': autoencoder,
 }

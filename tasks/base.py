@@ -10,6 +10,7 @@ The trainer (`training/`) names no task and no model. It asks the task for:
                          sums and counts over a batch (padding rows weigh 0), so that adding them
                          up over batches and hosts gives the whole eval set's figures exactly.
   eval_metrics(sums)     host-side: the eval figures from those sums (logged as eval/*).
+  larger_is_better       which of those figures are better larger (the others: smaller).
   train_batches / eval_batches / test_batches
                          this process's rows of each global batch (a checkpointable Grain
                          iterator for training; fixed lists for evaluation: eval_batches on a
@@ -71,6 +72,9 @@ def process_rows(global_batch_size: int) -> tuple[int, int]:
 class Task:
   """Base class; subclasses override what differs. `config` is the whole run config."""
   unit = 'examples'
+  # Endings of the eval metrics that are better larger ('accuracy' covers 'top5_accuracy');
+  # every other one is better smaller. The run report's best values (summary.json) follow it.
+  larger_is_better: tuple[str, ...] = ()
 
   def __init__(self, config, model_module):
     self.config, self.model_module = config, model_module

@@ -51,6 +51,7 @@ def _is_image(config) -> bool:
 
 class Task(base.Task):
   """Cross-entropy on integer labels; accuracy as the training-time auxiliary figure."""
+  larger_is_better = ('accuracy', 'f1')
 
   def __init__(self, config, model_module):
     super().__init__(config, model_module)

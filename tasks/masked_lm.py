@@ -45,6 +45,7 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 class Task(base.Task):
   unit = 'tokens'
+  larger_is_better = ('accuracy',)
 
   def validate(self):
     d = self.config.data

@@ -25,7 +25,7 @@ RECORDS = [
 
 
 def test_summary_keeps_last_values_best_evals_and_median_throughput():
-  summary = report.summarize(RECORDS, total_steps=10)
+  summary = report.summarize(RECORDS, total_steps=10, larger_is_better=('accuracy', 'f1'))
   assert (summary['step'], summary['total_steps'], summary['complete']) == (4, 10, False)
   assert summary['last']['train/loss'] == 1.2 and summary['last']['eval/loss'] == 1.7
   assert summary['best'] == {'eval/loss': {'value': 1.5, 'step': 2},  # smaller is better

@@ -8,12 +8,9 @@ import statistics
 
 from etils import epath
 
-# Eval metrics whose name ends with one of these are better larger; every other one smaller.
-LARGER_IS_BETTER = ('accuracy', 'f1')
 
-
-def _better(key: str):
-  return max if key.endswith(LARGER_IS_BETTER) else min
+def _better(key: str, larger_is_better: tuple[str, ...]):
+  return max if key.endswith(larger_is_better) else min
 
 
 def _throughput_keys(keys) -> list[str]:
@@ -21,13 +18,16 @@ def _throughput_keys(keys) -> list[str]:
       ['perf/mfu'] if 'perf/mfu' in keys else [])
 
 
-def summarize(records: list[dict], total_steps: int) -> dict:
+def summarize(records: list[dict], total_steps: int, larger_is_better: tuple[str, ...] = ()
+              ) -> dict:
+  """`larger_is_better`: the endings of the eval metrics that are better larger (the task's
+  `larger_is_better`); every other one is better smaller."""
   keys = sorted({k for r in records for k in r} - {'step'})
   having = {k: [r for r in records if k in r] for k in keys}
   step = records[-1]['step'] if records else 0
   best = {}
   for key in (k for k in keys if k.startswith('eval/')):
-    record = _better(key)(having[key], key=lambda r, key=key: r[key])
+    record = _better(key, larger_is_better)(having[key], key=lambda r, key=key: r[key])
     best[key] = {'value': record[key], 'step': record['step']}
   # The first logged rate includes compiling.
   median = {k: statistics.median(r[k] for r in having[k][1:] or having[k])
@@ -65,12 +65,13 @@ def plot(records: list[dict]) -> bytes:
   return png.getvalue()
 
 
-def write(workdir: str, records: list[dict], total_steps: int, sections: dict | None = None):
+def write(workdir: str, records: list[dict], total_steps: int, sections: dict | None = None,
+          larger_is_better: tuple[str, ...] = ()):
   """summary.json (with `sections`, what parts add: name -> JSON-able) and report.png in
-  `workdir` (nothing if no step was logged)."""
+  `workdir` (nothing if no step was logged); `larger_is_better` as `summarize` takes it."""
   if not records:
     return
   workdir = epath.Path(workdir)
-  summary = summarize(records, total_steps) | (sections or {})
+  summary = summarize(records, total_steps, larger_is_better) | (sections or {})
   (workdir / 'summary.json').write_text(json.dumps(summary, indent=2))
   (workdir / 'report.png').write_bytes(plot(records))

@@ -108,7 +108,7 @@ class MetricsLogger(Part):
                   if k.startswith('summary/')}
       try:
         report.write(self.workdir, metrics_lib.read_metrics(self.workdir), self.total_steps,
-                     sections)
+                     sections, run.task.larger_is_better)
       except Exception as e:  # pylint: disable=broad-except; the run itself is saved and fine
         logging.warning('The run report (summary.json, report.png) was not written: %s: %s',
                         type(e).__name__, e)
