@@ -63,6 +63,9 @@ def _psnr(mse_B):
   return -10 * jnp.log10(jnp.maximum(mse_B, 1e-10))  # peak 1; a perfect image counts as 100 dB
 
 
+CHOICES = (data_lib.SOURCES,)  # the data section's registered choices
+
+
 class Task(base.Task):
   """Mean squared error between the denoised and the clean image."""
   unit = 'images'
@@ -72,8 +75,7 @@ class Task(base.Task):
     d, t = self.config.data, self.config.task
     _require('image_shape' in self.config.model, 'model.name',
              f'{self.config.model.name!r} takes no images; denoising needs an image model')
-    _require(d.source in data_lib.IMAGE_SOURCES, 'data.source',
-             f'{d.source!r} is not one of {", ".join(data_lib.IMAGE_SOURCES)}')
+    data_lib.SOURCES.validate(d, takes='images', model=self.config.model.name)
     _require(d.normalize == 'none', 'data.normalize',
              f'{d.normalize!r}; denoising measures noise and PSNR in pixels of [0, 1]: use none')
     augment.names(d, 'image')

@@ -61,6 +61,7 @@ def test_noise_is_fixed_by_key_and_row_whatever_batch_it_sits_in():
     ('data.normalize', 'dataset', "data.normalize: 'dataset'; denoising measures noise"),
     ('data.augment', 'flip,mixup', 'data.augment: '),
     ('model.features', (8, 8, 8), 'model.image_shape: (28, 28) is not divisible by 8'),
+    ('data.source', 'jsonl', "data.source: 'jsonl' gives texts, and model.name='autoencoder'"),
 ])
 def test_a_bad_key_is_a_one_line_error(key, value, message):
   config = fashion_mnist_denoise.get_config('tiny')
