@@ -12,6 +12,11 @@ F mlp, V vocab.
 Memory levers (config keys): `scan_layers` stacks the blocks (leading logical axis 'layers')
 and runs them as one scanned body, so compile time does not grow with depth; `remat` recomputes
 each block's activations in the backward pass, all of them or all but those a policy keeps.
+
+LoRA (Hu et al. 2021): with `cfg.lora_rank` > 0 (set from the `finetune` section by
+`with_lora`), the dense layers named in `cfg.lora_targets` add low-rank adapters,
+y = x W + lora_alpha / lora_rank * (x A) B, with A [in, rank] drawn small and B [rank, out]
+zero, so the adapted model starts as the base model; `merge_lora` folds them into the kernels.
 """
 
 import jax
@@ -32,6 +37,8 @@ REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj',  # [B, L, H|G, K], after 
 REMAT = ('none', 'full', 'dots', 'names')
 # Stacked (scanned) blocks: each parameter's leading axis is the layer, logical name 'layers'.
 _LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
+# The dense layers LoRA can adapt: attention's projections and the MLP's kernels.
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'up', 'gate', 'down')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -114,6 +121,37 @@ def validate(m, norm_positions=('pre',)):
   checks.one_of(m, 'attention', ('auto', *platforms.ATTENTION))
 
 
+def lora_targets(m) -> tuple[str, ...]:
+  """The LoRA targets a model built from these layers has (a gate only with SwiGLU)."""
+  return tuple(t for t in LORA_TARGETS if t != 'gate' or m.mlp == 'swiglu')
+
+
+def with_lora(model_config, finetune) -> ml_collections.ConfigDict:
+  """`model_config` with the `finetune` section's LoRA settings, which the dense layers read;
+  as it is when LoRA is off (lora_rank 0, or a config from before LoRA)."""
+  rank = finetune.get('lora_rank', 0) if finetune else 0
+  if not rank:
+    return model_config
+  m = ml_collections.ConfigDict(model_config.to_dict())
+  m.lora_rank, m.lora_alpha = rank, float(finetune.lora_alpha)
+  m.lora_targets = tuple(t.strip() for t in finetune.lora_targets.split(',') if t.strip())
+  return m
+
+
+def merge_lora(params: dict, cfg) -> dict:
+  """A params tree of a model with LoRA adapters (`cfg` from `with_lora`) as the plain model's:
+  each adapted kernel W + lora_alpha / lora_rank * A B, the adapters dropped."""
+  if not isinstance(params, dict):
+    return params
+  merged = {k: merge_lora(v, cfg) for k, v in params.items() if k not in ('lora_a', 'lora_b')}
+  if 'lora_a' in params:
+    kernel = params['kernel']
+    delta = jnp.matmul(jnp.asarray(params['lora_a'], jnp.float32),
+                       jnp.asarray(params['lora_b'], jnp.float32))  # stacked layers: batched
+    merged['kernel'] = (kernel + cfg.lora_alpha / cfg.lora_rank * delta).astype(kernel.dtype)
+  return merged
+
+
 def _output_scale(cfg) -> float:
   return (2 * cfg.num_layers) ** -0.5 if cfg.init_depth_scaled else 1.0
 
@@ -140,11 +178,13 @@ def _axes(*names):
 
 
 class Dense(nnx.Linear):
-  """`nnx.Linear` with logical axes on its parameters and the backend's best matmul."""
+  """`nnx.Linear` with logical axes on its parameters and the backend's best matmul; with LoRA
+  adapters when `lora` is one of `cfg.lora_targets`."""
 
   def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init=None, init_scale=1.0,
-               preferred_element_type=None):
-    """`init`: the kernel's initializer name (models/initializers.py); None: `cfg.init`."""
+               preferred_element_type=None, lora=None):
+    """`init`: the kernel's initializer name (models/initializers.py); None: `cfg.init`.
+    `lora`: this layer's name among LORA_TARGETS, if it is one."""
     # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
     dot_general = cpu_kernels.dot_general if cfg.platform == 'cpu' else lax.dot_general
     super().__init__(
@@ -152,6 +192,24 @@ class Dense(nnx.Linear):
         kernel_init=initializers.kernel(init or cfg.init, cfg.init_std, init_scale),
         dot_general=dot_general, preferred_element_type=preferred_element_type,
         kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
+    if lora not in cfg.get('lora_targets', ()):
+      self.lora_a = self.lora_b = None
+    else:
+      rank = cfg.lora_rank
+      # A as PEFT draws it (Kaiming-uniform, variance 1 / (3 d_in)); B zero: no change at step 0.
+      init_a = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+      self.lora_a = nnx.Param(init_a(rngs.params(), (d_in, rank), cfg.param_dtype),
+                              logical_axes=(in_axis, 'lora'))
+      self.lora_b = nnx.Param(jnp.zeros((rank, d_out), cfg.param_dtype),
+                              logical_axes=('lora', out_axis))
+      self.lora_scale = cfg.lora_alpha / rank
+
+  def __call__(self, x):
+    y = super().__call__(x)
+    if self.lora_a is None:
+      return y
+    x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+    return y + (x @ a @ b) * jnp.asarray(self.lora_scale, y.dtype)
 
 
 def norm(cfg, rngs):
@@ -170,11 +228,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg, *, rngs, causal=True):
     self.cfg, self.causal = cfg, causal
     d, k = cfg.embed_dim, cfg.embed_dim // cfg.num_heads
-    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs)
-    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
-    self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
+    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs, lora='query')
+    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs, lora='key')
+    self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs,
+                       lora='value')
     self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
-                     init_scale=_output_scale(cfg))
+                     init_scale=_output_scale(cfg), lora='out')
 
   def _project(self, x_BxLxD, positions_BxL=None):
     """Queries [B, L, H, K], keys and values [B, L, G, K] of tokens at `positions_BxL`."""
@@ -232,11 +291,12 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     self.gated = cfg.mlp == 'swiglu'
-    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
+    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs, lora='up')
     if self.gated:
-      self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
+      self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs,
+                        lora='gate')
     self.down = Dense(cfg.mlp_dim, cfg.embed_dim, 'mlp', 'embed', cfg, rngs=rngs,
-                      init_scale=_output_scale(cfg))
+                      init_scale=_output_scale(cfg), lora='down')
     self.activation = checks.ACTIVATIONS[cfg.activation]  # gelu: tanh-approximated, as GPT-2
 
   def __call__(self, x_BxLxD):
