@@ -13,10 +13,9 @@ Memory levers (config keys): `scan_layers` stacks the blocks (leading logical ax
 and runs them as one scanned body, so compile time does not grow with depth; `remat` recomputes
 each block's activations in the backward pass, all of them or all but those a policy keeps.
 
-LoRA (Hu et al. 2021): with `cfg.lora_rank` > 0 (set from the `finetune` section by
-`with_lora`), the dense layers named in `cfg.lora_targets` add low-rank adapters,
-y = x W + lora_alpha / lora_rank * (x A) B, with A [in, rank] drawn small and B [rank, out]
-zero, so the adapted model starts as the base model; `merge_lora` folds them into the kernels.
+LoRA (models/lora.py): with `cfg.lora_rank` > 0, the dense layers named in `cfg.lora_targets`
+add low-rank adapters, y = x W + lora_alpha / lora_rank * (x A) B, with A [in, rank] drawn
+small and B [rank, out] zero, so the adapted model starts as the base model.
 """
 
 import jax
@@ -27,7 +26,7 @@ from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import attention, checks, cpu_kernels, initializers, platforms, rotary
+from models import attention, checks, cpu_kernels, initializers, lora, platforms, rotary
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -37,8 +36,6 @@ REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj',  # [B, L, H|G, K], after 
 REMAT = ('none', 'full', 'dots', 'names')
 # Stacked (scanned) blocks: each parameter's leading axis is the layer, logical name 'layers'.
 _LAYERS = {nnx.PARTITION_NAME: 'layers', 'logical_axes': 'layers'}
-# The dense layers LoRA can adapt: attention's projections and the MLP's kernels.
-LORA_TARGETS = ('query', 'key', 'value', 'out', 'up', 'gate', 'down')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -123,33 +120,7 @@ def validate(m, norm_positions=('pre',)):
 
 def lora_targets(m) -> tuple[str, ...]:
   """The LoRA targets a model built from these layers has (a gate only with SwiGLU)."""
-  return tuple(t for t in LORA_TARGETS if t != 'gate' or m.mlp == 'swiglu')
-
-
-def with_lora(model_config, finetune) -> ml_collections.ConfigDict:
-  """`model_config` with the `finetune` section's LoRA settings, which the dense layers read;
-  as it is when LoRA is off (lora_rank 0, or a config from before LoRA)."""
-  rank = finetune.get('lora_rank', 0) if finetune else 0
-  if not rank:
-    return model_config
-  m = ml_collections.ConfigDict(model_config.to_dict())
-  m.lora_rank, m.lora_alpha = rank, float(finetune.lora_alpha)
-  m.lora_targets = tuple(t.strip() for t in finetune.lora_targets.split(',') if t.strip())
-  return m
-
-
-def merge_lora(params: dict, cfg) -> dict:
-  """A params tree of a model with LoRA adapters (`cfg` from `with_lora`) as the plain model's:
-  each adapted kernel W + lora_alpha / lora_rank * A B, the adapters dropped."""
-  if not isinstance(params, dict):
-    return params
-  merged = {k: merge_lora(v, cfg) for k, v in params.items() if k not in ('lora_a', 'lora_b')}
-  if 'lora_a' in params:
-    kernel = params['kernel']
-    delta = jnp.matmul(jnp.asarray(params['lora_a'], jnp.float32),
-                       jnp.asarray(params['lora_b'], jnp.float32))  # stacked layers: batched
-    merged['kernel'] = (kernel + cfg.lora_alpha / cfg.lora_rank * delta).astype(kernel.dtype)
-  return merged
+  return tuple(t for t in lora.TARGETS if t != 'gate' or m.mlp == 'swiglu')
 
 
 def _output_scale(cfg) -> float:
@@ -179,12 +150,12 @@ def _axes(*names):
 
 class Dense(nnx.Linear):
   """`nnx.Linear` with logical axes on its parameters and the backend's best matmul; with LoRA
-  adapters when `lora` is one of `cfg.lora_targets`."""
+  adapters when `adapter` is one of `cfg.lora_targets`."""
 
   def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init=None, init_scale=1.0,
-               preferred_element_type=None, lora=None):
+               preferred_element_type=None, adapter=None):
     """`init`: the kernel's initializer name (models/initializers.py); None: `cfg.init`.
-    `lora`: this layer's name among LORA_TARGETS, if it is one."""
+    `adapter`: this layer's name among lora.TARGETS, if it is one."""
     # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
     dot_general = cpu_kernels.dot_general if cfg.platform == 'cpu' else lax.dot_general
     super().__init__(
@@ -192,7 +163,7 @@ class Dense(nnx.Linear):
         kernel_init=initializers.kernel(init or cfg.init, cfg.init_std, init_scale),
         dot_general=dot_general, preferred_element_type=preferred_element_type,
         kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
-    if lora not in cfg.get('lora_targets', ()):
+    if adapter not in cfg.get('lora_targets', ()):
       self.lora_a = self.lora_b = None
     else:
       rank = cfg.lora_rank
@@ -228,12 +199,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg, *, rngs, causal=True):
     self.cfg, self.causal = cfg, causal
     d, k = cfg.embed_dim, cfg.embed_dim // cfg.num_heads
-    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs, lora='query')
-    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs, lora='key')
+    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs, adapter='query')
+    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs, adapter='key')
     self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs,
-                       lora='value')
+                       adapter='value')
     self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
-                     init_scale=_output_scale(cfg), lora='out')
+                     init_scale=_output_scale(cfg), adapter='out')
 
   def _project(self, x_BxLxD, positions_BxL=None):
     """Queries [B, L, H, K], keys and values [B, L, G, K] of tokens at `positions_BxL`."""
@@ -291,12 +262,12 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     self.gated = cfg.mlp == 'swiglu'
-    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs, lora='up')
+    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs, adapter='up')
     if self.gated:
       self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs,
-                        lora='gate')
+                        adapter='gate')
     self.down = Dense(cfg.mlp_dim, cfg.embed_dim, 'mlp', 'embed', cfg, rngs=rngs,
-                      init_scale=_output_scale(cfg), lora='down')
+                      init_scale=_output_scale(cfg), adapter='down')
     self.activation = checks.ACTIVATIONS[cfg.activation]  # gelu: tanh-approximated, as GPT-2
 
   def __call__(self, x_BxLxD):

@@ -11,7 +11,7 @@ import safetensors.numpy
 from flax import nnx
 
 from configs import default, encoder_classify, saved
-from models import MODELS, layers
+from models import MODELS, lora
 from parallel import sharding
 from tests.test_train_e2e import run_train, saved_state
 from tools import hf
@@ -44,7 +44,7 @@ def test_merged_adapters_give_the_adapted_models_logits(name, scan):
   config = _with_lora(default.get_config('tiny') if name == 'transformer'
                       else encoder_classify.get_config('tiny'))
   config.model.scan_layers, config.model.head = scan, 'mlm'  # the encoder: logits per token
-  adapted_config = layers.with_lora(config.model, config.finetune)
+  adapted_config = lora.model_config(config.model, config.finetune)
   adapted = MODELS[name].Model(adapted_config, rngs=nnx.Rngs(0))
   params = _params(adapted)
   # B starts at zero (the adapted model is the base model); give it values so merging matters.
@@ -53,7 +53,7 @@ def test_merged_adapters_give_the_adapted_models_logits(name, scan):
                        if path[-1].key == 'lora_b' else x), params)
   nnx.update(adapted, params)
   plain = MODELS[name].Model(config.model, rngs=nnx.Rngs(1))
-  merged = layers.merge_lora(params, adapted_config)
+  merged = lora.merge(params, adapted_config)
   nnx.update(plain, merged)
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 1, 200)
   np.testing.assert_allclose(plain(tokens), adapted(tokens), atol=1e-5)

@@ -45,7 +45,7 @@ from ml_collections import config_flags
 
 from hardware import console, cpu_runtime, paths
 from data import tokenizers
-from models import encoder, layers, transformer
+from models import encoder, lora, transformer
 from tools import sample
 from tools.hf_configs import (BERT, GPT2, LLAMA, MODEL_KEYS, HFConfig, HFError, family_of,
                                hf_config, require)
@@ -321,7 +321,7 @@ def export_run(workdir: str, step: int, out_dir: str):
   with the run's tokenizer.json (data.tokenizer) if it has one; a LoRA run's adapters merged
   into its kernels."""
   config, _, params = sample.load(workdir, step, decoder=False)
-  params = layers.merge_lora(params, layers.with_lora(config.model, config.get('finetune')))
+  params = lora.merge(params, lora.model_config(config.model, config.get('finetune')))
   to_hf(config.model, params, out_dir)
   if config.data.get('tokenizer', '').endswith('.json'):
     shutil.copyfile(config.data.tokenizer, epath.Path(out_dir) / 'tokenizer.json')

@@ -8,7 +8,7 @@ import types
 
 import ml_collections
 
-from models import MODELS, layers, platforms
+from models import MODELS, lora, platforms
 from parallel import sharding
 from tasks import TASKS, base
 from training import optimizer, parts, precision
@@ -200,8 +200,8 @@ def check_lora(config, model: types.ModuleType):
   targets = [t.strip() for t in f.lora_targets.split(',') if t.strip()]
   _require(targets, 'finetune.lora_targets', 'names no layer')
   for target in targets:
-    _require(target in layers.LORA_TARGETS, 'finetune.lora_targets',
-             f'unknown {target!r}; known are {", ".join(layers.LORA_TARGETS)}')
+    _require(target in lora.TARGETS, 'finetune.lora_targets',
+             f'unknown {target!r}; known are {", ".join(lora.TARGETS)}')
     _require(target in available(config.model), 'finetune.lora_targets',
              f'{target!r}: model.mlp={config.model.mlp!r} has no {target} layer (swiglu has)')
 

@@ -13,7 +13,7 @@ import json
 import jax
 from etils import epath
 
-from models import layers
+from models import lora
 from parallel import sharding
 from tasks import base
 from training import step as step_lib
@@ -66,8 +66,8 @@ def _params(setup, folder: epath.Path) -> dict:
 
 def _merged(config, state: dict, mesh, resolved) -> tuple[state_lib.Setup, dict]:
   """(the setup of the model without adapters, `state` with the adapters merged into it)."""
-  merged = layers.merge_lora(state['params'],
-                             layers.with_lora(config.model, config.finetune))
+  merged = lora.merge(state['params'],
+                             lora.model_config(config.model, config.finetune))
   config = config.copy_and_resolve_references()
   config.finetune.lora_rank = 0
   setup = state_lib.make_setup(config, mesh, resolved=resolved)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models import layers, platforms
+from models import lora, platforms
 from parallel import sharding
 from tasks import base
 from training import config_check, optimizer, precision, warm_start
@@ -54,7 +54,7 @@ class Setup:
 
 def _new_model(config, model_module, platform=None):
   """The model for `platform` (default: JAX's backend); initial parameters never depend on it."""
-  model_config = platforms.resolve_for_platform(layers.with_lora(config.model, config.finetune),
+  model_config = platforms.resolve_for_platform(lora.model_config(config.model, config.finetune),
                                                 platform or jax.default_backend())
   return model_module.Model(model_config, rngs=nnx.Rngs(params=config.seed))
 
@@ -88,7 +88,7 @@ def _backbone(config, param_template) -> tuple[dict | None, float]:
   if f.lora_rank:
     backbone = (warm_start.backbone(config.init_from, params) if config.init_from
                 else jax.tree.map(lambda _: True, params))
-    is_adapter = lambda path, _: getattr(path[-1], 'key', None) in ('lora_a', 'lora_b')
+    is_adapter = lambda path, _: getattr(path[-1], 'key', None) in lora.ADAPTERS
     adapters = jax.tree_util.tree_map_with_path(is_adapter, params)
     return jax.tree.map(lambda b, a: b and not a, backbone, adapters), 0.0
   if config.init_from and (f.freeze_backbone or f.backbone_lr_scale != 1.0):
