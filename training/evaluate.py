@@ -66,8 +66,7 @@ def _params(setup, folder: epath.Path) -> dict:
 
 def _merged(config, state: dict, mesh, resolved) -> tuple[state_lib.Setup, dict]:
   """(the setup of the model without adapters, `state` with the adapters merged into it)."""
-  merged = lora.merge(state['params'],
-                             lora.model_config(config.model, config.finetune))
+  merged = lora.merge(state['params'], lora.model_config(config.model, config.finetune))
   config = config.copy_and_resolve_references()
   config.finetune.lora_rank = 0
   setup = state_lib.make_setup(config, mesh, resolved=resolved)
