@@ -66,7 +66,7 @@ def test_merged_adapters_give_the_adapted_models_logits(name, scan):
 def encoder_run(tmp_path_factory):
   """An encoder classifier with adapters on every layer, started from a saved backbone (the
   classifier and pooler are new), 3 steps on one device and on a 2 fsdp x 2 tensor x 2 data
-  mesh: (initial params, [(losses, final state, opt_state leaves)] per layout)."""
+  mesh: (initial params, the frozen ones, [(losses, final state)] per layout)."""
   config = _with_lora(encoder_classify.get_config('tiny'))
   config.model.dropout_rate = 0.0
   base = MODELS['encoder'].Model(config.model, rngs=nnx.Rngs(7))
