@@ -7,7 +7,8 @@ key, its value and its comment) and exits.
 
 `--mode=evaluate --workdir=DIR [--split=validation|test] [--step=N|best]` evaluates one
 checkpoint of DIR (the newest by default) with the run's own config and prints and writes
-(DIR/evaluations/SPLIT-STEP.json) the task's eval figures; nothing is trained.
+(DIR/evaluations/SPLIT-STEP.json) the task's eval figures; nothing is trained. `--merge_lora`
+evaluates a LoRA run with its adapters merged into the kernels (SPLIT-STEP-merged.json).
 """
 
 import os
@@ -58,6 +59,8 @@ def _define_flags():
                     'evaluates.')
   flags.DEFINE_string('step', '', "The checkpoint --mode=evaluate evaluates: a step, 'best' "
                       '(the one early stopping kept) or empty for the newest.')
+  flags.DEFINE_bool('merge_lora', False, '--mode=evaluate of a LoRA run: with its adapters '
+                    'merged into the kernels (as `python -m tools.hf export` writes them).')
   flags.DEFINE_bool('print_config', False, 'Print the resolved config (presets and --config.* '
                     'overrides applied): every key, its value and its comment; then exit.')
   try:  # config_flags may resolve `--config.a.b=` overrides against the config right here
@@ -293,7 +296,8 @@ def _evaluate(config, workdir: str, resolved):
   import jax  # pylint: disable=g-import-not-at-top
   from training import evaluate  # pylint: disable=g-import-not-at-top
   try:
-    result = evaluate.evaluate(config, workdir, FLAGS.split, FLAGS.step, resolved)
+    result = evaluate.evaluate(config, workdir, FLAGS.split, FLAGS.step, resolved,
+                               FLAGS.merge_lora)
   except evaluate.EvaluateError as e:
     _usage_error(e)
   if jax.process_index() == 0:

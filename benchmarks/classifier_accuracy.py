@@ -66,6 +66,7 @@ class Run:
   records: list[dict]  # training.metrics.read_metrics
   seen_s: dict[int, float]  # step -> seconds after start when its record appeared
   others_cpus: float  # CPUs other processes used on average meanwhile (nan: unknown)
+  peak_rss_mib: float = float('nan')  # the process's peak resident memory, last seen (Linux)
 
   @property
   def log(self) -> str:
@@ -107,8 +108,10 @@ def run_train(config: str, workdir: str, flags_=(), poll_s: float = 0.5) -> Run:
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    peak_rss = float('nan')
     try:
       while True:
+        peak_rss = _peak_rss_mib(process.pid, peak_rss)
         done = process.poll() is not None
         now = time.perf_counter() - start
         records = _read_records(workdir, records)
@@ -124,7 +127,16 @@ def run_train(config: str, workdir: str, flags_=(), poll_s: float = 0.5) -> Run:
       raise
     wall_s = time.perf_counter() - start
   others = (_busy_cpu_seconds() - busy0 - (_children_cpu_seconds() - children0)) / wall_s
-  return Run(workdir, process.returncode, wall_s, records, seen_s, others)
+  return Run(workdir, process.returncode, wall_s, records, seen_s, others, peak_rss)
+
+
+def _peak_rss_mib(pid: int, last: float) -> float:
+  """The process's peak resident memory so far (VmHWM), or `last` once it is gone."""
+  try:
+    with open(f'/proc/{pid}/status', encoding='ascii') as f:
+      return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmHWM:'))
+  except (OSError, StopIteration, ValueError):
+    return last
 
 
 def _read_records(workdir, last_good):

@@ -17,6 +17,8 @@ run there is deleted first; output in WORKDIR/train.log):
                  import` into WORKDIR_ROOT/bert_imported, then (b)'s run from it with the keys
                  import prints (post-LN, exact GELU, token types, its tokenizer if DIR has one),
                  in WORKDIR_ROOT/bert.
+  (e) bert_lora  (d)'s run with LoRA adapters (--lora_rank, on every attention and MLP kernel)
+                 on the frozen imported backbone, in WORKDIR_ROOT/bert_lora.
 --presets go to both configs (`tiny` for a smoke check), --extra (repeatable, split like a shell
 line, last so it wins) to all three runs: it must keep the encoder's shape the same in both
 configs, or (b) refuses the checkpoint. A step count below a config's warmup shrinks the warmup
@@ -24,11 +26,13 @@ to a tenth of the steps.
 
 Prints figures only: for (a) the final eval MLM loss and accuracy; for (b), (c) and (d) the
 final and best (with its step) eval accuracy, loss and macro-F1, the wall time of the whole
-process, the median training throughput; then (b) minus (c) and (d) minus (c). Runs with
+process, the median training throughput, the trained parameters, the median step time and the
+process's peak resident memory; then (b), (d) and (e) minus (c). Runs with
 benchmarks/classifier_accuracy.py's `run_train` and `summary`.
 """
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -49,6 +53,7 @@ _FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 1000, 'Classification s
 _PRESETS = flags.DEFINE_string('presets', '', 'Presets for both configs, e.g. tiny.')
 _EXTRA = flags.DEFINE_multi_string('extra', [], 'More train.py flags for all three runs.')
 _BERT = flags.DEFINE_string('bert', '', "(d): a BERT checkpoint directory, or 'random'.")
+_LORA_RANK = flags.DEFINE_integer('lora_rank', 8, "(e)'s adapter rank (0: no (e)).")
 _POLL = flags.DEFINE_float('poll', 0.5, "Seconds between looks at the runs' metrics.")
 
 _CLASSIFY_KEYS = {'eval/accuracy': 'max', 'eval/loss': 'min', 'eval/macro_f1': 'max'}
@@ -68,9 +73,18 @@ def _report(label, run, keys, unit):
     print(f'({label}) {bench.failure(run)} ({run.workdir}/train.log)', flush=True)
     return
   rate, _, n = bench.train_rates(run.records, unit)
+  data = run.config()['data']
+  per_step = data['global_batch_size'] * (data['seq_len'] if unit == 'tokens' else 1)
   print(f'({label}) {bench.summary(run, keys)}; wall {run.wall_s / 60:.2f} min; '
-        f'{rate:,.0f} {unit}/s (median of {n} logged steps); '
+        f'{rate:,.0f} {unit}/s (median of {n} logged steps), {per_step / rate * 1e3:.1f} ms/step; '
+        f'{_trained(run):,} parameters trained; peak RSS {run.peak_rss_mib:,.0f} MiB; '
         f'others used {run.others_cpus:.2f} CPUs', flush=True)
+
+
+def _trained(run) -> int:
+  """The parameters the run trained: all, or those train.py announced as trained."""
+  found = re.search(r'([\d,]+) of them trained', run.log)
+  return int(found.group(1).replace(',', '')) if found else bench.param_count(run) or 0
 
 
 def _loaded(run) -> str:
@@ -136,7 +150,13 @@ def main(argv):
     _report('bert', runs['bert'], _CLASSIFY_KEYS, 'examples')
     if not runs['bert'].returncode:
       print(f'(bert) {_loaded(runs["bert"])}', flush=True)
-  for label in ('finetuned', 'bert'):
+    if _LORA_RANK.value:
+      lora = [f'--config.finetune.lora_rank={_LORA_RANK.value}',
+              '--config.finetune.lora_targets=query,key,value,out,up,down']
+      runs['bert_lora'] = _run('bert_lora', 'encoder_classify', _FINETUNE_STEPS.value,
+                               bert_flags + lora)
+      _report('bert_lora', runs['bert_lora'], _CLASSIFY_KEYS, 'examples')
+  for label in ('finetuned', 'bert', 'bert_lora'):
     if label in runs and not (runs[label].returncode or runs['scratch'].returncode):
       _print_deltas(label, runs[label], runs['scratch'])
 

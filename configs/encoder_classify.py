@@ -4,7 +4,8 @@ any labelled text (`--config.data.source=csv|jsonl|tfds`).
 
 `--config.init_from=<the MLM run's workdir>` loads its backbone (the classifier is new);
 `--config.finetune.freeze_backbone=true` or `--config.finetune.backbone_lr_scale=0.1` hold it
-back. Without init_from, the same encoder trains from scratch: the baseline.
+back; `--config.finetune.lora_rank=8` trains LoRA adapters on it, frozen, instead. Without
+init_from, the same encoder trains from scratch: the baseline.
 """
 
 from configs import common

@@ -74,7 +74,8 @@ def project(x, layers):
   fusable = len(layers) > 1 and all(
       layer.dot_general is dot_general and layer.precision is None
       and layer.preferred_element_type is None and layer.kernel.ndim == 2
-      and (layer.bias is None) == (first.bias is None) for layer in layers)
+      and (layer.bias is None) == (first.bias is None)
+      and getattr(layer, 'lora_a', None) is None for layer in layers)  # adapters: own term
   if not fusable:
     return [layer(x) for layer in layers]
   x, *kernels = first.promote_dtype((x, *(layer.kernel[...] for layer in layers)),

@@ -12,6 +12,10 @@ F mlp, V vocab.
 Memory levers (config keys): `scan_layers` stacks the blocks (leading logical axis 'layers')
 and runs them as one scanned body, so compile time does not grow with depth; `remat` recomputes
 each block's activations in the backward pass, all of them or all but those a policy keeps.
+
+LoRA (models/lora.py): with `cfg.lora_rank` > 0, the dense layers named in `cfg.lora_targets`
+add low-rank adapters, y = x W + lora_alpha / lora_rank * (x A) B, with A [in, rank] drawn
+small and B [rank, out] zero, so the adapted model starts as the base model.
 """
 
 import jax
@@ -22,7 +26,7 @@ from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import attention, checks, cpu_kernels, initializers, platforms, rotary
+from models import attention, checks, cpu_kernels, initializers, lora, platforms, rotary
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -114,6 +118,11 @@ def validate(m, norm_positions=('pre',)):
   checks.one_of(m, 'attention', ('auto', *platforms.ATTENTION))
 
 
+def lora_targets(m) -> tuple[str, ...]:
+  """The LoRA targets a model built from these layers has (a gate only with SwiGLU)."""
+  return tuple(t for t in lora.TARGETS if t != 'gate' or m.mlp == 'swiglu')
+
+
 def _output_scale(cfg) -> float:
   return (2 * cfg.num_layers) ** -0.5 if cfg.init_depth_scaled else 1.0
 
@@ -140,11 +149,13 @@ def _axes(*names):
 
 
 class Dense(nnx.Linear):
-  """`nnx.Linear` with logical axes on its parameters and the backend's best matmul."""
+  """`nnx.Linear` with logical axes on its parameters and the backend's best matmul; with LoRA
+  adapters when `adapter` is one of `cfg.lora_targets`."""
 
   def __init__(self, d_in, d_out, in_axis, out_axis, cfg, *, rngs, init=None, init_scale=1.0,
-               preferred_element_type=None):
-    """`init`: the kernel's initializer name (models/initializers.py); None: `cfg.init`."""
+               preferred_element_type=None, adapter=None):
+    """`init`: the kernel's initializer name (models/initializers.py); None: `cfg.init`.
+    `adapter`: this layer's name among lora.TARGETS, if it is one."""
     # The platform, not the host: an AOT compile for TPU on a CPU host takes the TPU path.
     dot_general = cpu_kernels.dot_general if cfg.platform == 'cpu' else lax.dot_general
     super().__init__(
@@ -152,6 +163,24 @@ class Dense(nnx.Linear):
         kernel_init=initializers.kernel(init or cfg.init, cfg.init_std, init_scale),
         dot_general=dot_general, preferred_element_type=preferred_element_type,
         kernel_metadata=_axes(in_axis, out_axis), bias_metadata=_axes(out_axis), rngs=rngs)
+    if adapter not in cfg.get('lora_targets', ()):
+      self.lora_a = self.lora_b = None
+    else:
+      rank = cfg.lora_rank
+      # A as PEFT draws it (Kaiming-uniform, variance 1 / (3 d_in)); B zero: no change at step 0.
+      init_a = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+      self.lora_a = nnx.Param(init_a(rngs.params(), (d_in, rank), cfg.param_dtype),
+                              logical_axes=(in_axis, 'lora'))
+      self.lora_b = nnx.Param(jnp.zeros((rank, d_out), cfg.param_dtype),
+                              logical_axes=('lora', out_axis))
+      self.lora_scale = cfg.lora_alpha / rank
+
+  def __call__(self, x):
+    y = super().__call__(x)
+    if self.lora_a is None:
+      return y
+    x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+    return y + (x @ a @ b) * jnp.asarray(self.lora_scale, y.dtype)
 
 
 def norm(cfg, rngs):
@@ -170,11 +199,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg, *, rngs, causal=True):
     self.cfg, self.causal = cfg, causal
     d, k = cfg.embed_dim, cfg.embed_dim // cfg.num_heads
-    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs)
-    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
-    self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs)
+    self.query = Dense(d, cfg.num_heads * k, 'embed', 'heads', cfg, rngs=rngs, adapter='query')
+    self.key = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs, adapter='key')
+    self.value = Dense(d, cfg.num_kv_heads * k, 'embed', 'heads', cfg, rngs=rngs,
+                       adapter='value')
     self.out = Dense(cfg.num_heads * k, d, 'heads', 'embed', cfg, rngs=rngs,
-                     init_scale=_output_scale(cfg))
+                     init_scale=_output_scale(cfg), adapter='out')
 
   def _project(self, x_BxLxD, positions_BxL=None):
     """Queries [B, L, H, K], keys and values [B, L, G, K] of tokens at `positions_BxL`."""
@@ -232,11 +262,12 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     self.gated = cfg.mlp == 'swiglu'
-    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
+    self.up = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs, adapter='up')
     if self.gated:
-      self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs)
+      self.gate = Dense(cfg.embed_dim, cfg.mlp_dim, 'embed', 'mlp', cfg, rngs=rngs,
+                        adapter='gate')
     self.down = Dense(cfg.mlp_dim, cfg.embed_dim, 'mlp', 'embed', cfg, rngs=rngs,
-                      init_scale=_output_scale(cfg))
+                      init_scale=_output_scale(cfg), adapter='down')
     self.activation = checks.ACTIVATIONS[cfg.activation]  # gelu: tanh-approximated, as GPT-2
 
   def __call__(self, x_BxLxD):

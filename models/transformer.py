@@ -46,6 +46,7 @@ def validate(m, config):
 
 
 validate_sharding = checks.heads_split
+lora_targets = layers.lora_targets  # the kernels finetune.lora_targets may name
 
 
 def train_flops_per_example(m, config) -> float:

@@ -30,6 +30,7 @@ RULES = (
     ('mlp', 'tensor'),
     ('norm', None),
     ('layers', None),  # the stacked axis of scanned blocks: each device holds every layer
+    ('lora', None),  # LoRA adapters' rank axis: small, whole on every device
 )
 
 

@@ -9,7 +9,8 @@ python -m tools.hf import --hf_dir=DIR --workdir=W [--config=configs/default.py:
     them with `python -m tools.sample --workdir=W`.
 python -m tools.hf export --workdir=W --out=DIR [--step=N]
     writes a run's newest (or step N's) parameters as DIR/config.json + DIR/model.safetensors,
-    which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads.
+    which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads; a LoRA run
+    (finetune.lora_rank > 0) is written with its adapters merged into the kernels.
 
 Both directions are one table per family: HF tensor name <- podium parameter path(s). HF keeps
 torch Linear weights as [out, in] (transposed here; GPT-2's Conv1D is already [in, out]), and
@@ -44,7 +45,7 @@ from ml_collections import config_flags
 
 from hardware import console, cpu_runtime, paths
 from data import tokenizers
-from models import encoder, transformer
+from models import encoder, lora, transformer
 from tools import sample
 from tools.hf_configs import (BERT, GPT2, LLAMA, MODEL_KEYS, HFConfig, HFError, family_of,
                                hf_config, require)
@@ -317,8 +318,10 @@ def _copy_tokenizer(hf_dir: str, workdir: epath.Path) -> str:
 
 def export_run(workdir: str, step: int, out_dir: str):
   """Writes the parameters of the run in `workdir` at `step` (0: the newest) to `out_dir`,
-  with the run's tokenizer.json (data.tokenizer) if it has one."""
+  with the run's tokenizer.json (data.tokenizer) if it has one; a LoRA run's adapters merged
+  into its kernels."""
   config, _, params = sample.load(workdir, step, decoder=False)
+  params = lora.merge(params, lora.model_config(config.model, config.get('finetune')))
   to_hf(config.model, params, out_dir)
   if config.data.get('tokenizer', '').endswith('.json'):
     shutil.copyfile(config.data.tokenizer, epath.Path(out_dir) / 'tokenizer.json')

@@ -23,7 +23,7 @@ from etils import epath
 from flax import nnx
 
 from hardware import console, cpu_runtime, paths
-from models import MODELS
+from models import MODELS, lora
 from tasks import language_model, lm_samples
 from training import warm_start
 
@@ -49,7 +49,8 @@ def load(workdir: str, step: int = 0, decoder: bool = True):
   config.model, config.data = model, data
   source = str(epath.Path(workdir) / 'checkpoints' / str(step)) if step else workdir
   graphdef, template = nnx.split(nnx.eval_shape(
-      lambda: model_module.Model(config.model, rngs=nnx.Rngs(params=0))), nnx.Param)
+      lambda: model_module.Model(lora.model_config(config.model, config.get('finetune')),
+                                 rngs=nnx.Rngs(params=0))), nnx.Param)
   one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
                           nnx.to_pure_dict(template))

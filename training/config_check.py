@@ -8,7 +8,7 @@ import types
 
 import ml_collections
 
-from models import MODELS, platforms
+from models import MODELS, lora, platforms
 from parallel import sharding
 from tasks import TASKS, base
 from training import optimizer, parts, precision
@@ -149,6 +149,12 @@ def finetune_config():
   f = ml_collections.ConfigDict()
   f.freeze_backbone = False  # backbone: the parameters `init_from` loaded
   f.backbone_lr_scale = 1.0  # their learning rate, relative to optim.learning_rate
+  # > 0: LoRA, rank-r adapters on the dense layers lora_targets names, trained on the frozen
+  # backbone (only the adapters and a new head train); 0: off.
+  f.lora_rank = 0
+  f.lora_alpha = 16.0  # the adapters' product is scaled by lora_alpha / lora_rank
+  # Comma list of attention query, key, value, out and MLP up, gate (swiglu), down.
+  f.lora_targets = 'query,value'
   return f
 
 
@@ -180,6 +186,30 @@ def check_train(config, overridden=()):
   _require(config.init_from or not (f.freeze_backbone or f.backbone_lr_scale != 1),
            'finetune', 'freezing or scaling the backbone needs init_from (the backbone is what '
            'it loads)')
+
+
+def check_lora(config, model: types.ModuleType):
+  """The `finetune.lora_*` keys, against `model`'s dense layers."""
+  f = config.finetune
+  _require(f.lora_rank >= 0, 'finetune.lora_rank', f'must be >= 0 (0: off), got {f.lora_rank}')
+  if not f.lora_rank:
+    return
+  available = getattr(model, 'lora_targets', None)
+  _require(available is not None, 'finetune.lora_rank',
+           f'model.name={config.model.name!r} has no layers LoRA adapts (transformer and '
+           'encoder have)')
+  _require(config.init_from, 'finetune.lora_rank', 'needs init_from (the frozen backbone is '
+           'what it loads)')
+  _require(f.backbone_lr_scale == 1, 'finetune.backbone_lr_scale',
+           'LoRA freezes the backbone; leave it 1')
+  _require(f.lora_alpha > 0, 'finetune.lora_alpha', f'must be > 0, got {f.lora_alpha}')
+  targets = [t.strip() for t in f.lora_targets.split(',') if t.strip()]
+  _require(targets, 'finetune.lora_targets', 'names no layer')
+  for target in targets:
+    _require(target in lora.TARGETS, 'finetune.lora_targets',
+             f'unknown {target!r}; known are {", ".join(lora.TARGETS)}')
+    _require(target in available(config.model), 'finetune.lora_targets',
+             f'{target!r}: model.mlp={config.model.mlp!r} has no {target} layer (swiglu has)')
 
 
 def check_health(config):
@@ -234,6 +264,7 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
     _from_value_error(lambda: platforms.check_platform(config.model, platform))
   resolved = Resolved(model, check_task(config, model))
   check_train(config, overridden)
+  check_lora(config, model)
   check_health(config)
   _from_value_error(lambda: parts.validate(config))
   check_optim(config, overridden)

@@ -162,9 +162,13 @@ class Run:
       params = state_lib.count_params(self.setup.abstract_state['params'])
       if self.config.init_from:
         state, loaded = warm_start.load(self.config.init_from, state)
+        frozen = self.setup.frozen
+        trained = '' if frozen is None else ', {:,} of them trained'.format(sum(
+            p.size for p, f in zip(jax.tree.leaves(self.setup.abstract_state['params']),
+                                   jax.tree.leaves(frozen)) if not f))
         announce(f'Starting from {self.config.init_from}: {loaded} of the '
                  f'{len(jax.tree.leaves(state["params"]))} parameter arrays loaded, the rest '
-                 f'new ({params:,} parameters).')
+                 f'new ({params:,} parameters{trained}).')
       else:
         announce(f'Starting from scratch: {params:,} parameters.')
       return state, 0

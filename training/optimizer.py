@@ -167,13 +167,18 @@ def make_optimizer(o, total_steps: int, backbone=None,
                    backbone_lr_scale: float = 1.0) -> optax.GradientTransformation:
   """The optimizer state records the learning rate of each update (`inject_hyperparams`), so
   what is logged is what was used. `backbone` (a tree of bools over the parameters) marks
-  those whose updates are scaled by `backbone_lr_scale` (0 freezes them)."""
+  those whose updates are scaled by `backbone_lr_scale`; 0 freezes them: no updates and no
+  optimizer state (the clipping and the moments see the trained parameters only)."""
   alias, kwargs = OPTIMIZERS[o.name].build(o[o.name].to_dict())
   parts = [*CLIPPING[o.grad_clip].build(o),
            injected(alias, kwargs)(learning_rate=learning_rate_schedule(o, total_steps),
                                    **kwargs)]
   if o.schedule == 'reduce_on_plateau':  # held as state, so checkpoints keep it
     parts.append(optax.inject_hyperparams(_scale_by_multiplier)(lr_multiplier=1.0))
+  if backbone is not None and backbone_lr_scale == 0:
+    labels = jax.tree.map(lambda frozen: 'frozen' if frozen else 'trained', backbone)
+    return optax.multi_transform({'trained': optax.chain(*parts),
+                                  'frozen': optax.set_to_zero()}, labels)
   if backbone is not None and backbone_lr_scale != 1.0:
     parts.append(optax.masked(optax.scale(backbone_lr_scale), backbone))
   return optax.chain(*parts)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models import platforms
+from models import lora, platforms
 from parallel import sharding
 from tasks import base
 from training import config_check, optimizer, precision, warm_start
@@ -34,6 +34,7 @@ class Setup:
   tx: optax.GradientTransformation
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   shardings: TrainState
+  frozen: dict | None = None  # bools over the params: those never updated (no gradient taken)
 
   def model(self, params, model_state=None) -> nnx.Module:
     """The model holding `params` (and `model_state`), pure dicts; used while tracing."""
@@ -53,7 +54,8 @@ class Setup:
 
 def _new_model(config, model_module, platform=None):
   """The model for `platform` (default: JAX's backend); initial parameters never depend on it."""
-  model_config = platforms.resolve_for_platform(config.model, platform or jax.default_backend())
+  model_config = platforms.resolve_for_platform(lora.model_config(config.model, config.finetune),
+                                                platform or jax.default_backend())
   return model_module.Model(model_config, rngs=nnx.Rngs(params=config.seed))
 
 
@@ -79,12 +81,20 @@ def _initial_state(config, model_module, tx) -> TrainState:
   }
 
 
-def _optimizer(config, param_template):
-  backbone, f = None, config.finetune
+def _backbone(config, param_template) -> tuple[dict | None, float]:
+  """(the backbone, a tree of bools over the params, or None; its learning rate scale, 0:
+  frozen). With LoRA the backbone is frozen, its adapters are not part of it."""
+  f, params = config.finetune, nnx.to_pure_dict(param_template)
+  if f.lora_rank:
+    backbone = (warm_start.backbone(config.init_from, params) if config.init_from
+                else jax.tree.map(lambda _: True, params))
+    is_adapter = lambda path, _: getattr(path[-1], 'key', None) in lora.ADAPTERS
+    adapters = jax.tree_util.tree_map_with_path(is_adapter, params)
+    return jax.tree.map(lambda b, a: b and not a, backbone, adapters), 0.0
   if config.init_from and (f.freeze_backbone or f.backbone_lr_scale != 1.0):
-    backbone = warm_start.backbone(config.init_from, nnx.to_pure_dict(param_template))
-  scale = 0.0 if f.freeze_backbone else f.backbone_lr_scale
-  return optimizer.make_optimizer(config.optim, config.train.steps, backbone, scale)
+    backbone = warm_start.backbone(config.init_from, params)
+    return backbone, 0.0 if f.freeze_backbone else f.backbone_lr_scale
+  return None, 1.0
 
 
 def make_setup(config, mesh, platform: str = '',
@@ -97,7 +107,8 @@ def make_setup(config, mesh, platform: str = '',
   graphdef, param_template, model_state_template = nnx.split(
       nnx.eval_shape(lambda: _new_model(config, resolved.model, platform)), nnx.Param,
       MODEL_STATE)
-  tx = _optimizer(config, param_template)
+  backbone, backbone_lr_scale = _backbone(config, param_template)
+  tx = optimizer.make_optimizer(config.optim, config.train.steps, backbone, backbone_lr_scale)
   abstract = jax.eval_shape(lambda: _initial_state(config, resolved.model, tx))
   replicated = sharding.replicated(mesh)
   shardings = jax.tree.map(lambda _: replicated, abstract)
@@ -121,7 +132,7 @@ def make_setup(config, mesh, platform: str = '',
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return Setup(graphdef, param_template, model_state_template, resolved.task, resolved.model, tx,
-               abstract, shardings)
+               abstract, shardings, backbone if backbone_lr_scale == 0 else None)
 
 
 def init_state(config, setup: Setup) -> TrainState:

@@ -22,6 +22,9 @@ def _loss_and_grads(setup: Setup, params, model_state, batch, key, config, loss_
   configured penalties (in the gradient, and in `aux` on their own). `loss_scale` multiplies the
   loss before differentiating and divides the gradients after (None: no scaling)."""
   def loss_fn(p):
+    if setup.frozen is not None:  # frozen parameters: zero gradients, their backward skipped
+      p = jax.tree.map(lambda w, frozen: jax.lax.stop_gradient(w) if frozen else w, p,
+                       setup.frozen)
     model = setup.model(p, model_state)
     loss, aux = setup.task.loss(model, batch, nnx.Rngs(dropout=key))
     penalties = _penalties(config.optim, p)
