@@ -198,13 +198,17 @@ def format_plan(candidates: list[Candidate], config, topology: str) -> str:
     verdict = ('fits' if c.fits else 'does not fit' if r else
                'not compiled' if c.estimate_bytes <= _FITS * chip.hbm_bytes else
                'does not fit (estimate)')
+    figures = ('     -', '-', '-', '-')
+    if compiled:
+      figures = (gib(r.total_bytes), f'{r.compiled_flops / r.model_flops:.2f}',
+                 f'{r.collective_bytes / 2**30:.1f}', f'{c.step_seconds(chip):.3g}')
     lines.append(
         f'{i:2d}  {o["model.remat"]:5s}  {o["train.grad_accum_steps"]:5d}  '
         f'{" x ".join(map(str, _mesh_of(c))):20s}  {o["model.loss_chunk"]:10d}  '
-        f'{gib(r.total_bytes) if compiled else "     -"} ({gib(c.estimate_bytes).strip()})'
-        f'  {r.compiled_flops / r.model_flops if compiled else math.nan:14.2f}'
-        f'  {r.collective_bytes / 2**30 if compiled else math.nan:15.1f}'
-        f'  {c.step_seconds(chip):6.3g}  {verdict}')
+        f'{figures[0]} ({gib(c.estimate_bytes).strip()})  {figures[1]:>14s}  {figures[2]:>15s}'
+        f'  {figures[3]:>6s}  {verdict}')
+  lines.append('step s = max(compiled FLOPs / peak FLOP/s, collective bytes / ICI bandwidth); '
+               '(est): the analytic estimate that picked what to compile')
   best = candidates[0]
   if best.fits:
     flags = overrides_of(best, config, topology)
