@@ -53,7 +53,8 @@ def _define_flags():
   flags.DEFINE_bool('plan', False, 'With --compile_only: try the remat, micro-batch, mesh and '
                     'loss-chunk settings, compile the most promising and print them ranked, with '
                     'the --config.* overrides of the best (training/plan.py).')
-  flags.DEFINE_integer('plan_compiles', 3, 'With --plan: how many candidates to compile.')
+  flags.DEFINE_integer('plan_compiles', 2, 'With --plan: how many candidates to compile (each '
+                       'may take minutes for a large model).')
   flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
                     "evaluate: the task's eval figures for one checkpoint of --workdir, on "
                     "--split, and no training. The config is the run's WORKDIR/config.json "
@@ -149,6 +150,8 @@ def main(argv):
     _print_config(config)
   if FLAGS.compile_only:
     _compile_only(config)
+  if FLAGS.plan:
+    _usage_error('--plan needs --compile_only and --topology')
   if not FLAGS.workdir:
     _usage_error('flag --workdir must have a value')
   if FLAGS.mode == 'evaluate':
