@@ -51,6 +51,11 @@ def _define_flags():
                     'Compile the train step for --topology and report its memory; no training.')
   flags.DEFINE_string('topology', '', 'Cloud TPU topology for --compile_only, e.g. v5p-128, '
                       'v5e-16, v6e-8 or 2xv5e-16 (two slices).')
+  flags.DEFINE_bool('plan', False, 'With --compile_only: try the remat, micro-batch, mesh and '
+                    'loss-chunk settings, compile the most promising and print them ranked, with '
+                    'the --config.* overrides of the best (training/plan.py).')
+  flags.DEFINE_integer('plan_compiles', 2, 'With --plan: how many candidates to compile (each '
+                       'may take minutes for a large model).')
   flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
                     "evaluate: the task's eval figures for one checkpoint of --workdir, on "
                     "--split, and no training. The config is the run's WORKDIR/config.json "
@@ -153,6 +158,8 @@ def main(argv):
     _print_config(config)
   if FLAGS.compile_only:
     _compile_only(config)
+  if FLAGS.plan:
+    _usage_error('--plan needs --compile_only and --topology')
   if not FLAGS.workdir:
     _usage_error('flag --workdir must have a value')
   if FLAGS.mode == 'evaluate':
@@ -260,9 +267,11 @@ def _compile_only(config):
   if not FLAGS.topology:
     _usage_error('--compile_only needs --topology, e.g. --topology=v5p-128')
   console.require('libtpu', 'tpu', '--compile_only')
-  from training import aot  # pylint: disable=g-import-not-at-top
+  from training import aot, plan  # pylint: disable=g-import-not-at-top
   from training import config_check  # pylint: disable=g-import-not-at-top
   try:
+    if FLAGS.plan:
+      sys.exit(plan.run(config, FLAGS.topology, _overridden_keys(), FLAGS.plan_compiles))
     sys.exit(aot.run(config, FLAGS.topology, _overridden_keys()))
   except config_check.ConfigError as e:
     _usage_error(e)

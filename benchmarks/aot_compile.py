@@ -2,7 +2,7 @@
 
 Compiles the real train step on this host for Cloud TPU slices (needs libtpu:
 `pip install -e '.[tpu]'`) and prints, per case, training/aot.py's report: bytes per device by
-category against HBM, FLOPs per step (analytic and XLA's), compile time and peak host RSS.
+category against HBM, FLOPs per step (analytic and compiled), compile time and peak host RSS.
 
 Cases (one fresh process each, so each peak RSS is its own):
   8b_v5p128     llama3_8b preset (d 4096, 32 layers, 32/8 heads, MLP 14336, vocab 128256,

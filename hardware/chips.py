@@ -1,12 +1,15 @@
-"""What one accelerator chip can do: peak dense bf16 FLOP/s and HBM, looked up by device kind.
+"""What one accelerator chip can do: peak dense bf16 FLOP/s, HBM and (TPUs) inter-chip
+bandwidth, looked up by device kind.
 
-These are the denominators of MFU (model FLOP/s utilisation) and of the ahead-of-time memory
-check. Figures are the vendors' own, per chip, dense (no structured sparsity):
+These are the denominators of MFU (model FLOP/s utilisation), of the ahead-of-time memory
+check and of the planner's step-time estimate. Figures are the vendors' own, per chip, dense
+(no structured sparsity); ICI is the bidirectional inter-chip interconnect bandwidth:
 
-  TPU v4         275 TFLOP/s   32 GiB HBM2    cloud.google.com/tpu/docs/v4
-  TPU v5e        197 TFLOP/s   16 GiB HBM2    cloud.google.com/tpu/docs/v5e
-  TPU v5p        459 TFLOP/s   95 GiB HBM2e   cloud.google.com/tpu/docs/v5p
-  TPU v6e        918 TFLOP/s   32 GiB HBM     cloud.google.com/tpu/docs/v6e (Trillium)
+  TPU v4         275 TFLOP/s   32 GiB HBM2    300 GB/s ICI  cloud.google.com/tpu/docs/v4 (ICI:
+                                                            the v4 paper, six 50 GB/s links)
+  TPU v5e        197 TFLOP/s   16 GiB HBM2    400 GB/s ICI  cloud.google.com/tpu/docs/v5e
+  TPU v5p        459 TFLOP/s   95 GiB HBM2e  1200 GB/s ICI  cloud.google.com/tpu/docs/v5p
+  TPU v6e        918 TFLOP/s   32 GiB HBM     800 GB/s ICI  cloud.google.com/tpu/docs/v6e
   A100 SXM/PCIe  312 TFLOP/s   40 or 80 GB    NVIDIA A100 datasheet (624 is with sparsity)
   H100 SXM       989 TFLOP/s   80 GB          NVIDIA H100 datasheet (1,979 is with sparsity)
   H100 PCIe      756 TFLOP/s   80 GB          same datasheet (1,513 with sparsity)
@@ -34,16 +37,17 @@ class Chip:
   name: str
   peak_flops: float  # dense bf16 FLOP/s
   hbm_bytes: int
+  ici_bytes_per_second: float = float('nan')  # bidirectional, per chip (TPUs)
 
 
 _TPUS = {  # device_kind as JAX reports it (both spellings seen across libtpu releases)
-    'TPU v4': Chip('TPU v4', 275e12, 32 * GIB),
-    'TPU v5 lite': Chip('TPU v5e', 197e12, 16 * GIB),
-    'TPU v5e': Chip('TPU v5e', 197e12, 16 * GIB),
-    'TPU v5': Chip('TPU v5p', 459e12, 95 * GIB),
-    'TPU v5p': Chip('TPU v5p', 459e12, 95 * GIB),
-    'TPU v6 lite': Chip('TPU v6e', 918e12, 32 * GIB),
-    'TPU v6e': Chip('TPU v6e', 918e12, 32 * GIB),
+    'TPU v4': Chip('TPU v4', 275e12, 32 * GIB, 300e9),
+    'TPU v5 lite': Chip('TPU v5e', 197e12, 16 * GIB, 400e9),
+    'TPU v5e': Chip('TPU v5e', 197e12, 16 * GIB, 400e9),
+    'TPU v5': Chip('TPU v5p', 459e12, 95 * GIB, 1200e9),
+    'TPU v5p': Chip('TPU v5p', 459e12, 95 * GIB, 1200e9),
+    'TPU v6 lite': Chip('TPU v6e', 918e12, 32 * GIB, 800e9),
+    'TPU v6e': Chip('TPU v6e', 918e12, 32 * GIB, 800e9),
 }
 
 # NVIDIA device kinds name the board, e.g. 'NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-40GB';

@@ -54,6 +54,12 @@ def train_flops_per_example(m, config) -> float:
   return config.data.seq_len * flops.train_flops_per_token(m, config.data.seq_len)
 
 
+def attention_flops_per_example(m, config) -> float:
+  """The part of `train_flops_per_example` in attention's score and value products: what a
+  Pallas kernel (splash) computes out of XLA's sight (training/aot.py)."""
+  return config.data.seq_len * flops.attention_flops_per_token(m, config.data.seq_len)
+
+
 class Model(nnx.Module):
   """Token ids [B, L] -> next-token logits [B, L, V] (float32).
 
