@@ -11,12 +11,12 @@ The trainer (`training/`) names no task and no model. It asks the task for:
                          up over batches and hosts gives the whole eval set's figures exactly.
   eval_metrics(sums)     host-side: the eval figures from those sums (logged as eval/*).
   larger_is_better       which of those figures are better larger (the others: smaller).
-  train_batches / eval_batches / test_batches
-                         this process's rows of each global batch (a checkpointable Grain
-                         iterator for training; fixed lists for evaluation: eval_batches on a
-                         validation split, for every periodic evaluation and all model selection;
-                         test_batches, if the task has a test split, once at the end: [] or
-                         data.sources.SplitAbsent, with its reason, when it has none).
+  train_batches(stats)   this process's rows of each training batch (a checkpointable Grain
+                         iterator).
+  split_batches(split)   this process's rows of the fixed batches of 'validation' (every
+                         periodic evaluation and all model selection: eval_batches) or 'test'
+                         (once at the end: test_batches); [] or data.sources.SplitAbsent, with
+                         its reason, where the task has no such split.
   unit, units_per_example
                          the unit of throughput ('tokens', 'images', 'examples').
   parts(run)             extra loop parts, e.g. samples or a confusion matrix at the end.
@@ -104,9 +104,16 @@ class Task:
     raise NotImplementedError
 
   def eval_batches(self) -> list[dict]:
-    return []
+    """The validation split's batches; none when the run never evaluates."""
+    return self.split_batches('validation') if self.config.train.eval_every else []
 
   def test_batches(self) -> list[dict]:
+    return self.split_batches('test')
+
+  def split_batches(self, split: str) -> list[dict]:
+    """This process's rows of the fixed batches of `split` ('validation' or 'test'); [] or
+    data.sources.SplitAbsent where the task has no such split."""
+    del split
     return []
 
   def parts(self, run) -> list:

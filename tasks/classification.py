@@ -144,15 +144,7 @@ class Task(base.Task):
                                   process_count=jax.process_count(), stats=stats,
                                   labels=labels)
 
-  def eval_batches(self):
-    if not self.config.train.eval_every:
-      return []
-    return self._whole_split('validation')
-
-  def test_batches(self):
-    return self._whole_split('test')
-
-  def _whole_split(self, split):
+  def split_batches(self, split):
     source = data_lib.make_source(self.config.data, split)
     self._check_source(source)
     return data_lib.eval_batches(source, self.config.data, process_index=jax.process_index(),

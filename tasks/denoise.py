@@ -123,15 +123,7 @@ class Task(base.Task):
     return data_lib.train_batches(source, self.config.data, process_index=jax.process_index(),
                                   process_count=jax.process_count(), stats=stats)
 
-  def eval_batches(self):
-    if not self.config.train.eval_every:
-      return []
-    return self._whole_split('validation')
-
-  def test_batches(self):
-    return self._whole_split('test')
-
-  def _whole_split(self, split):
+  def split_batches(self, split):
     d = self.config.data
     batches = data_lib.eval_batches(self._source(split), d, process_index=jax.process_index(),
                                     process_count=jax.process_count())

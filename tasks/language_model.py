@@ -208,15 +208,7 @@ class Task(base.Task):
     return _batches(self.config.data, source, shuffle=True, seed=self.config.data.shuffle_seed,
                     stats=stats, tokenizer=self.tokenizer)
 
-  def eval_batches(self):
-    if not self.config.train.eval_every:
-      return []
-    return self._sample('validation')
-
-  def test_batches(self):
-    return self._sample('test')  # SplitAbsent when the source has none
-
-  def _sample(self, split):
+  def split_batches(self, split):
     """A fixed sample: `split`'s documents shuffled with a fixed seed, packed, the first
     `task.eval_batches` batches."""
     if not self.config.task.eval_batches:

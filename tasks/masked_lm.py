@@ -112,15 +112,7 @@ class Task(base.Task):
         process_count=jax.process_count(), stats=stats, worker_threads=d.worker_threads,
         prefetch_batches=d.prefetch_batches, vocab=self.vocab)
 
-  def eval_batches(self):
-    if not self.config.train.eval_every:
-      return []
-    return self._sample('validation')
-
-  def test_batches(self):
-    return self._sample('test')  # SplitAbsent when the source has none
-
-  def _sample(self, split):
+  def split_batches(self, split):
     d = self.config.data
     if not self.config.task.eval_batches:
       return []
