@@ -114,7 +114,9 @@ def test_unreadable_newest_checkpoint_is_set_aside_and_the_previous_used(
   CORRUPTIONS[corruption](workdir / 'checkpoints' / '8')
   result = run_train(workdir)
   assert result.returncode == 0, result.stderr
-  skipped, resumed = result.stdout.splitlines()[:2]
+  lines = result.stdout.splitlines()  # after the start's notices (e.g. no test split)
+  first = next(i for i, line in enumerate(lines) if line.startswith('Skipped'))
+  skipped, resumed = lines[first:first + 2]
   assert skipped.startswith('Skipped the checkpoint at step 8: it is unreadable (')
   assert resumed == 'Resumed from the checkpoint at step 4.'
   # One line for the fallback: no report of each read the failed restore abandoned.
