@@ -261,14 +261,14 @@ def check_local_sgd(config):
   _require(not config.init_from, 'init_from', f'cannot start local SGD ({why}) yet')
   _require(config.optim.schedule != 'reduce_on_plateau', 'optim.schedule',
            f'reduce_on_plateau lowers one rate, but with {why} each replica keeps its own')
-  rules = dict(config.mesh.rules)
-  batch_axes = sharding.logical_spec(config.mesh.rules, 'batch')[0]
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+  def axes(name_axes):  # None, 'fsdp' or ('data', 'fsdp') -> a tuple
+    return (name_axes,) if isinstance(name_axes, str) else tuple(name_axes or ())
+  batch_axes = axes(sharding.logical_spec(config.mesh.rules, 'batch')[0])
   _require(batch_axes[:1] == ('data',), 'mesh.rules',
            f"with {why} the data axis holds the replicas, so 'batch' must map to it first, "
            f'not to {batch_axes}')
-  others = [name for name, axes in rules.items() if name != 'batch' and 'data' in (
-      (axes,) if isinstance(axes, str) else tuple(axes or ()))]
+  others = [name for name, mapped in config.mesh.rules if name != 'batch' and
+            'data' in axes(mapped)]
   _require(not others, 'mesh.rules', f"with {why} the data axis holds the replicas: only 'batch' "
            f'may map to it, not {", ".join(others)}')
 
