@@ -112,6 +112,10 @@ def train_config():
   t = ml_collections.ConfigDict()
   t.steps = 600
   t.grad_accum_steps = 1
+  # > 1: local SGD (DiLoCo): each replica (a group of the mesh's data axis: a slice of a
+  # multi-slice job with mesh.data=1) takes this many steps on its own, then the replicas average
+  # their parameter deltas into the global parameters (optim.outer). 1: synchronous training.
+  t.sync_every = 1
   t.log_every = 10
   t.eval_every = 100
   t.checkpoint_every = 100
@@ -169,6 +173,8 @@ def check_train(config, overridden=()):
   _require(t.hang_min_seconds > 0, 'train.hang_min_seconds', 'must be positive')
   for choice in train_choices():
     _from_value_error(lambda choice=choice: (choice.check(t, overridden), choice.validate(t)))
+  _require(t.sync_every >= 1, 'train.sync_every',
+           f'must be >= 1 (1: synchronous training), got {t.sync_every}')
   for key in ('eval_every', 'stop_after', 'debug_nan_at_step', 'debug_hang_at_step'):
     _require(t[key] >= 0, f'train.{key}', f'must be >= 0, got {t[key]}')
   profile = tuple(t.profile_steps)
@@ -244,6 +250,29 @@ def check_mesh(config, resolved: Resolved, num_devices: int, num_processes: int,
   _from_value_error(lambda: resolved.task.validate_processes(num_processes))
 
 
+def check_local_sgd(config):
+  """With train.sync_every > 1: the outer optimiser, and what local SGD cannot do."""
+  if config.train.sync_every == 1:
+    return
+  o = config.optim.outer
+  _require(o.learning_rate > 0, 'optim.outer.learning_rate', f'must be > 0, got {o.learning_rate}')
+  _require(0 <= o.momentum < 1, 'optim.outer.momentum', f'must be in [0, 1), got {o.momentum}')
+  why = f'train.sync_every={config.train.sync_every}'
+  _require(not config.init_from, 'init_from', f'cannot start local SGD ({why}) yet')
+  _require(config.optim.schedule != 'reduce_on_plateau', 'optim.schedule',
+           f'reduce_on_plateau lowers one rate, but with {why} each replica keeps its own')
+  def axes(name_axes):  # None, 'fsdp' or ('data', 'fsdp') -> a tuple
+    return (name_axes,) if isinstance(name_axes, str) else tuple(name_axes or ())
+  batch_axes = axes(sharding.logical_spec(config.mesh.rules, 'batch')[0])
+  _require(batch_axes[:1] == ('data',), 'mesh.rules',
+           f"with {why} the data axis holds the replicas, so 'batch' must map to it first, "
+           f'not to {batch_axes}')
+  others = [name for name, mapped in config.mesh.rules if name != 'batch' and
+            'data' in axes(mapped)]
+  _require(not others, 'mesh.rules', f"with {why} the data axis holds the replicas: only 'batch' "
+           f'may map to it, not {", ".join(others)}')
+
+
 def check_workdir(workdir: str):
   """A local workdir must be, or be creatable in, a writable directory; checked, not created."""
   if '://' in workdir:  # gs:// and other remote paths: the first write will tell
@@ -269,4 +298,5 @@ def validate(config, num_devices: int, num_processes: int, num_slices: int = 1,
   _from_value_error(lambda: parts.validate(config))
   check_optim(config, overridden)
   check_mesh(config, resolved, num_devices, num_processes, num_slices)
+  check_local_sgd(config)
   return resolved

@@ -128,6 +128,12 @@ def section() -> ml_collections.ConfigDict:
   # applies to:
   o.l2_penalty = 0.0  # + l2_penalty / 2 * sum(w^2)
   o.l1_penalty = 0.0  # + l1_penalty * sum(|w|)
+  # Local SGD's outer optimiser (train.sync_every > 1): SGD on the replicas' averaged deltas from
+  # the global parameters, every sync_every steps. DiLoCo's: 0.7, Nesterov momentum 0.9.
+  o.outer = ml_collections.ConfigDict()
+  o.outer.learning_rate = 0.7  # 1 with momentum 0: the global parameters become the average
+  o.outer.momentum = 0.9  # 0: no momentum buffer
+  o.outer.nesterov = True
   return o
 
 

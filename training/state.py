@@ -6,6 +6,7 @@ definition is split off once, so the compiled step only ever sees arrays.
 """
 
 import dataclasses
+import functools
 import types
 
 import jax
@@ -16,10 +17,11 @@ from flax import nnx
 from models import lora, platforms
 from parallel import sharding
 from tasks import base
-from training import config_check, optimizer, precision, warm_start
+from training import config_check, local_sgd, optimizer, precision, warm_start
 
 TrainState = dict  # {'step', 'params', ['model_state',] 'opt_state', 'skipped_steps', 'loss_stats',
-#                     ['loss_scale']}
+#                     ['loss_scale']}; with local SGD {'step', 'params', 'opt_state' (the outer
+#                     optimiser's), 'skipped_steps', 'local' (each replica's; local_sgd.py)}
 MODEL_STATE = nnx.BatchStat  # model variables that are not trained by the optimizer
 
 
@@ -35,6 +37,7 @@ class Setup:
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   shardings: TrainState
   frozen: dict | None = None  # bools over the params: those never updated (no gradient taken)
+  outer_tx: optax.GradientTransformation | None = None  # local SGD's outer optimiser, or None
 
   def model(self, params, model_state=None) -> nnx.Module:
     """The model holding `params` (and `model_state`), pure dicts; used while tracing."""
@@ -115,30 +118,51 @@ def make_setup(config, mesh, platform: str = '',
   for key, template in (('params', param_template), ('model_state', model_state_template)):
     if key in abstract:
       shardings[key] = _to_dict(sharding.param_shardings(template, mesh, config.mesh.rules))
-  # A parameter's state is sharded like it when shaped like it. Other state derived from a
-  # parameter is small and replicated: Adafactor's factored moments (a row and a column vector).
-  # Where a partitioned optimizer (Muon) keeps no state for a parameter, its state tree has an
-  # empty MaskedNode, kept as it is.
+  opt_state_shardings = functools.partial(_opt_state_shardings, param_shardings=shardings[
+      'params'], abstract_params=abstract['params'], replicated=replicated)
+  shardings['opt_state'] = opt_state_shardings(tx, abstract['opt_state'])
+  outer_tx = None
+  if config.train.sync_every > 1:
+    if 'model_state' in abstract:
+      raise config_check.ConfigError(
+          f'train.sync_every: local SGD keeps no model state, and model.name='
+          f'{config.model.name!r} has some (BatchNorm statistics); use sync_every=1')
+    outer_tx = local_sgd.outer_optimizer(config.optim.outer)
+    abstract, shardings = local_sgd.layout(abstract, shardings, outer_tx, opt_state_shardings,
+                                           mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return Setup(graphdef, param_template, model_state_template, resolved.task, resolved.model, tx,
+               abstract, shardings, backbone if backbone_lr_scale == 0 else None, outer_tx)
+
+
+def _opt_state_shardings(tx, abstract_opt_state, *, param_shardings, abstract_params,
+                         replicated):
+  """A parameter's state is sharded like it when shaped like it. Other state derived from a
+  parameter is small and replicated: Adafactor's factored moments (a row and a column vector).
+  Where a partitioned optimizer (Muon) keeps no state for a parameter, its state tree has an
+  empty MaskedNode, kept as it is."""
   masked = optax.transforms.MaskedNode
 
   def state_sharding(state, param_sharding, param):
     if isinstance(state, masked):
       return state
     return param_sharding if state.shape == param.shape else replicated
-  shardings['opt_state'] = optax.tree_map_params(
-      tx, state_sharding, abstract['opt_state'], shardings['params'], abstract['params'],
+  return optax.tree_map_params(
+      tx, state_sharding, abstract_opt_state, param_shardings, abstract_params,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked, jax.ShapeDtypeStruct)))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  return Setup(graphdef, param_template, model_state_template, resolved.task, resolved.model, tx,
-               abstract, shardings, backbone if backbone_lr_scale == 0 else None)
 
 
 def init_state(config, setup: Setup) -> TrainState:
   """Fresh state, each array initialised directly in its shard."""
-  return jax.jit(lambda: _initial_state(config, setup.model_module, setup.tx),
-                 out_shardings=setup.shardings)()
+  def initial():
+    state = _initial_state(config, setup.model_module, setup.tx)
+    if setup.outer_tx is None:
+      return state
+    replicas = jax.tree.leaves(setup.abstract_state['local'])[0].shape[0]
+    return local_sgd.initial_state(state, setup.outer_tx, replicas)
+  return jax.jit(initial, out_shardings=setup.shardings)()
 
 
 def count_params(params) -> int:

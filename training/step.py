@@ -13,7 +13,7 @@ from flax import nnx
 
 from parallel import sharding
 from tasks import base
-from training import health, optimizer, precision
+from training import health, local_sgd, optimizer, precision
 from training.state import Setup, TrainState
 
 
@@ -181,7 +181,9 @@ def compile_steps(setup: Setup, config, mesh):
   train_step(state, batch) -> (state, metrics); eval_step(params, model_state, batch) -> sums.
   """
   rules, replicated = config.mesh.rules, sharding.replicated(mesh)
-  train = jax.jit(functools.partial(train_step, setup=setup, config=config),
+  step = train_step if setup.outer_tx is None else functools.partial(local_sgd.train_step,
+                                                                     step_fn=train_step)
+  train = jax.jit(functools.partial(step, setup=setup, config=config),
                   in_shardings=(setup.shardings,
                                 base.batch_shardings(setup.task.batch_spec('train'), mesh, rules)),
                   out_shardings=(setup.shardings, replicated), donate_argnums=0)
