@@ -30,6 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.vocab_size = 256  # bytes; byte 0 separates documents
   m.tie_embeddings = True
   m.loss_chunk = 0  # > 0: logits and loss this many positions at a time (never all of [B,L,V])
+  # With pipeline stages (mesh.stage x mesh.dcn_stage > 1): micro-batches of each batch in the
+  # GPipe schedule (0: as many as stages); more shrink the bubble, (S-1) / (M+S-1).
+  m.pipeline_microbatches = 0
   return m
 
 
