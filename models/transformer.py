@@ -41,11 +41,24 @@ def validate(m, config):
   layers.validate(m)
   checks.require(m.vocab_size > 0, 'model.vocab_size', f'must be positive, got {m.vocab_size}')
   checks.require(m.loss_chunk >= 0, 'model.loss_chunk', f'must be >= 0, got {m.loss_chunk}')
+  checks.require(m.pipeline_microbatches >= 0, 'model.pipeline_microbatches',
+                 f'must be >= 0 (0: one per stage), got {m.pipeline_microbatches}')
   seq_len = config.data.seq_len
   checks.require(not m.loss_chunk or seq_len % m.loss_chunk == 0, 'model.loss_chunk',
            f'{m.loss_chunk} does not divide data.seq_len={seq_len}')
   checks.require(seq_len <= m.max_len, 'data.seq_len',
            f'{seq_len} is longer than model.max_len={m.max_len}')
+
+
+def validate_stages(m, stages: int, rows: int):
+  """`stages` > 1 pipeline stages (parallel/pipeline.py) over `rows` examples per data shard."""
+  checks.require(m.num_layers % stages == 0, 'model.num_layers',
+                 f'{m.num_layers} is not divisible by the {stages} pipeline stages '
+                 '(mesh.stage x mesh.dcn_stage)')
+  micro = m.pipeline_microbatches or stages
+  checks.require(rows % micro == 0, 'model.pipeline_microbatches',
+                 f'{micro} micro-batches do not divide the {rows} examples of each data shard '
+                 '(data.global_batch_size / data shards / train.grad_accum_steps)')
 
 
 validate_sharding = checks.heads_split
