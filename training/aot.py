@@ -345,15 +345,15 @@ def format_report(r: Report, config) -> str:
 
 
 def _pipeline_lines(r: Report, config) -> list[str]:
-  """The GPipe schedule's bubble and what each stage's devices hold together."""
+  """The GPipe schedule's bubble and the state each stage's devices hold together (each holds
+  its own layers; the embeddings and the rest are on every stage)."""
   s, m = r.stages, r.microbatches
   devices = r.num_devices // s
-  stage = lambda n: '?' if n is None else _size(n * devices).strip()
   return [f'pipeline: {s} stages x {m} micro-batches (GPipe): bubble (S-1)/(M+S-1) = '
           f"{pipeline.bubble_fraction(s, m):.1%} of each stage's time",
           f'per stage ({config.model.num_layers // s} layers on {devices} devices): parameters '
-          f'{stage(r.params_bytes)}, optimizer state {stage(r.opt_state_bytes)}, temporaries '
-          f'{stage(r.temp_bytes)}, total {stage(r.total_bytes)}']
+          f'{_size(r.params_bytes * devices).strip()}, optimizer state '
+          f'{_size(r.opt_state_bytes * devices).strip()}']
 
 
 def run(config, topology_name: str, overridden=()) -> int:
