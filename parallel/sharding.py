@@ -41,15 +41,15 @@ RULES = (
 def mesh_config():
   mesh = ml_collections.ConfigDict()
   # Sizes within a slice (ICI); -1 fills in the devices the other axes leave.
-  mesh.stage = 1  # pipeline stages: the decoder's layers in consecutive groups (GPipe)
   mesh.data = -1
   mesh.fsdp = 1
   mesh.tensor = 1
+  mesh.stage = 1  # pipeline stages: the decoder's layers in consecutive groups (GPipe)
   # Sizes across slices (DCN) of a multi-slice job; an axis's full size is ici * dcn.
-  mesh.dcn_stage = 1
   mesh.dcn_data = 1
   mesh.dcn_fsdp = 1
   mesh.dcn_tensor = 1
+  mesh.dcn_stage = 1
   mesh.rules = RULES
   return mesh
 

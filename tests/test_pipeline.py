@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import default, vit
+from hardware import tpu_slices
 from parallel import pipeline, sharding
 from tests.test_sharding import packed_batch
 from tests.test_train_e2e import run_train, saved_state
@@ -18,7 +19,8 @@ from training import state as state_lib
 
 
 def _config(scan=True, **model):
-  config = default.get_config('tiny')  # batch 8 of 32 tokens, width 32
+  config = default.get_config('tiny')  # 32 tokens, width 32
+  config.data.global_batch_size = 16  # 4 rows per shard of fsdp=4
   config.model.update(num_layers=4, scan_layers=scan)
   config.model.update(model)
   return config
@@ -67,17 +69,16 @@ def scanned_reference():
   return _run(_config(), ONE, jax.devices()[:1])
 
 
-@pytest.mark.parametrize('stages, fsdp', [(2, 1), (4, 1), (2, 4), (4, 2)])
-def test_stages_match_one_device(scanned_reference, stages, fsdp):
-  devices = jax.devices()[:stages * fsdp]
-  run = _run(_config(), dict(stage=stages, data=1, fsdp=fsdp, tensor=1), devices)
-  _assert_close(run, scanned_reference)
-
-
-def test_stages_with_every_axis_remat_and_more_microbatches_match(scanned_reference):
-  config = _config(remat='full', pipeline_microbatches=4)
-  run = _run(config, dict(stage=2, data=2, fsdp=1, tensor=2), jax.devices())
-  _assert_close(run, scanned_reference)
+@pytest.mark.parametrize('mesh_sizes, model', [
+    (dict(stage=2), {}),  # on 2 devices, as on 4 and 8 below
+    (dict(stage=4), {}),
+    (dict(stage=2, fsdp=4), dict(remat='full', pipeline_microbatches=4)),
+    (dict(stage=4, fsdp=2), dict(remat='names', pipeline_microbatches=8)),
+], ids=['2_stages', '4_stages', '2_stages_fsdp4_remat', '4_stages_fsdp2_remat_names'])
+def test_stages_match_one_device(scanned_reference, mesh_sizes, model):
+  sizes = {**ONE, **mesh_sizes}
+  devices = jax.devices()[:sizes['stage'] * sizes['fsdp']]
+  _assert_close(_run(_config(**model), sizes, devices), scanned_reference)
 
 
 def test_unscanned_layers_match_one_device():
@@ -132,7 +133,21 @@ def test_a_run_with_stages_resumes_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu')
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason='needs libtpu')
+
+
+@needs_libtpu
+def test_dcn_stages_put_each_stage_on_its_own_slice():
+  config = default.get_config('multislice')
+  config.mesh.update(dcn_data=1, dcn_stage=-1)
+  mesh = sharding.make_mesh(config.mesh, tpu_slices.devices('2xv5e-8'))
+  assert dict(mesh.shape) == {'stage': 2, 'data': 1, 'fsdp': 8, 'tensor': 1}
+  for index, stage in enumerate(mesh.devices):
+    assert {d.slice_index for d in stage.flat} == {index}
+
+
+@needs_libtpu
 def test_stages_across_slices_compile_for_tpu_and_report_the_bubble():
   config = default.get_config('tiny,llama,multislice')
   config.model.update(scan_layers=True, pipeline_microbatches=4)
