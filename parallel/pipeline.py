@@ -11,7 +11,8 @@ are the bubble: a share (stages - 1) / (microbatches + stages - 1) of each stage
 
 Data, FSDP and tensor parallelism apply within each stage as usual (the `batch` of a
 micro-batch stays on `data`/`fsdp`), and the backward pass is the same schedule reversed, which
-autodiff derives from the forward.
+autodiff derives from the forward. FSDP-sharded stage weights are gathered inside the tick, so
+once per tick rather than once per step.
 """
 
 import jax
