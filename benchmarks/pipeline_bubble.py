@@ -7,7 +7,10 @@ GPipe schedule (parallel/pipeline.py) runs every stage on every tick, so its bub
 computed (on nothing useful) rather than waited for. The 8 host-platform devices share this
 machine's cores, so a step's time follows the work of all devices together, and the bubble shows
 as extra time: measured bubble = 1 - (1-stage time) / (S-stage time), to compare with GPipe's
-(S-1)/(M+S-1). Prints figures only.
+(S-1)/(M+S-1). The measured share also holds what the formula leaves out: each device's
+matmuls are M times smaller (a micro-batch of its rows; slower per FLOP on a CPU), a
+collective-permute between stages every tick, and the embedding and loss, which every stage
+computes for the whole batch. Prints figures only.
 """
 
 import os
