@@ -13,6 +13,9 @@ A model module exports:
                            numerator of MFU.
   validate_sharding(cfg, ways)   (optional) raises ValueError for dimensions the mesh must split
                            evenly; `ways(logical_name)` is how many ways it splits that axis.
+  validate_stages(cfg, stages, rows)   (optional) the model splits its layers into pipeline
+                           stages (mesh.stage > 1); raises ValueError for a depth or a batch of
+                           `rows` per data shard that the stages or micro-batches cannot split.
 Which methods a model offers beyond that is between it and its tasks (`tasks/`).
 """
 

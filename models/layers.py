@@ -27,6 +27,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from models import attention, checks, cpu_kernels, initializers, lora, platforms, rotary
+from parallel import pipeline
 from parallel.sharding import constrain
 
 # Activations tagged with `checkpoint_name`, for remat='names' to keep (`model.remat_names`).
@@ -347,6 +348,11 @@ def _stacked_blocks(cfg, rngs, causal) -> Block:
   return make(rngs)
 
 
+def _layer(tree, i):
+  """Layer `i` of a tree of stacked arrays (None stays None)."""
+  return None if tree is None else jax.tree.map(lambda x: x[i], tree)
+
+
 def remat_policy(cfg):
   """What `jax.checkpoint` keeps of a block's activations (the rest is recomputed)."""
   if cfg.remat == 'dots':
@@ -384,21 +390,54 @@ class Blocks(nnx.Module):
       depth_N = (jax.random.split(depth_key, cfg.num_layers),
                  jnp.asarray(depth_rates(cfg.stochastic_depth, cfg.num_layers)))
     keys_N = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-    # The masks are closed over, not scanned: every layer reads the same ones.
+    # Every layer reads the same masks: closed over by a scan, not scanned.
     inputs = dict(kv_mask_BxL=kv_mask_BxL, segment_ids_BxL=segment_ids_BxL,
                   positions_BxL=positions_BxL)
-    apply = lambda block, x, key, depth: block(x, key, depth, **inputs)
+    apply = lambda block, x, key, depth, inputs: block(x, key, depth, **inputs)
     if cfg.remat != 'none':
       # Under scan there is no common subexpression to protect: XLA cannot hoist across steps.
       apply = nnx.remat(apply, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
+    stages = pipeline.num_stages()
+    if stages > 1:
+      return self._pipelined(apply, stages, x_BxLxD, keys_N, depth_N, inputs)
     if cfg.scan_layers:
-      scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry,
-                      transform_metadata=_LAYERS)
-      return scan(self.layers, x_BxLxD, keys_N, depth_N)
-    layer = lambda tree, i: None if tree is None else jax.tree.map(lambda x: x[i], tree)
+      return self._scan(apply, self.layers, x_BxLxD, keys_N, depth_N, inputs)
     for i, block in enumerate(self.layers):
-      x_BxLxD = apply(block, x_BxLxD, layer(keys_N, i), layer(depth_N, i))
+      x_BxLxD = apply(block, x_BxLxD, _layer(keys_N, i), _layer(depth_N, i), inputs)
     return x_BxLxD
+
+  @staticmethod
+  def _scan(apply, stacked, x_BxLxD, keys_N, depth_N, inputs):
+    scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0, 0, None), out_axes=nnx.Carry,
+                    transform_metadata=_LAYERS)
+    return scan(stacked, x_BxLxD, keys_N, depth_N, inputs)
+
+  def _pipelined(self, apply, stages, x_BxLxD, keys_N, depth_N, inputs):
+    """The layers as `stages` consecutive groups over the mesh's `stage` axis, in
+    `cfg.pipeline_microbatches` micro-batches (parallel/pipeline.py). Unscanned layers are
+    stacked here (each device still holds them all: scan_layers stores them split)."""
+    cfg = self.cfg
+    graphdef, params_N = nnx.split(self.layers if cfg.scan_layers else self.layers[0])
+    if not cfg.scan_layers:
+      params_N = jax.tree.map(lambda *a: jnp.stack(a),
+                              *(nnx.state(block) for block in self.layers))
+    per_stage = cfg.num_layers // stages
+
+    def stage(args, x_bxLxD, inputs, micro):
+      params, keys, depth = args
+      keys = None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, micro)
+      if depth is not None:
+        depth = (jax.vmap(jax.random.fold_in, (0, None))(depth[0], micro), depth[1])
+      if cfg.scan_layers:
+        return self._scan(apply, nnx.merge(graphdef, params), x_bxLxD, keys, depth, inputs)
+      for i in range(per_stage):
+        block = nnx.merge(graphdef, _layer(params, i))
+        x_bxLxD = apply(block, x_bxLxD, _layer(keys, i), _layer(depth, i), inputs)
+      return x_bxLxD
+
+    microbatches = cfg.get('pipeline_microbatches', 0) or stages
+    return pipeline.gpipe(stage, pipeline.by_stage((params_N, keys_N, depth_N), stages),
+                          x_BxLxD, inputs, microbatches)
 
   def init_cache(self, batch: int, length: int) -> list:
     """An empty key/value cache of `length` positions for `batch` rows: one {'key', 'value'}

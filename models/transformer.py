@@ -30,6 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.vocab_size = 256  # bytes; byte 0 separates documents
   m.tie_embeddings = True
   m.loss_chunk = 0  # > 0: logits and loss this many positions at a time (never all of [B,L,V])
+  # With pipeline stages (mesh.stage x mesh.dcn_stage > 1): micro-batches of each batch in the
+  # GPipe schedule (0: as many as stages); more shrink the bubble, (S-1) / (M+S-1).
+  m.pipeline_microbatches = 0
   return m
 
 
@@ -38,11 +41,24 @@ def validate(m, config):
   layers.validate(m)
   checks.require(m.vocab_size > 0, 'model.vocab_size', f'must be positive, got {m.vocab_size}')
   checks.require(m.loss_chunk >= 0, 'model.loss_chunk', f'must be >= 0, got {m.loss_chunk}')
+  checks.require(m.pipeline_microbatches >= 0, 'model.pipeline_microbatches',
+                 f'must be >= 0 (0: one per stage), got {m.pipeline_microbatches}')
   seq_len = config.data.seq_len
   checks.require(not m.loss_chunk or seq_len % m.loss_chunk == 0, 'model.loss_chunk',
            f'{m.loss_chunk} does not divide data.seq_len={seq_len}')
   checks.require(seq_len <= m.max_len, 'data.seq_len',
            f'{seq_len} is longer than model.max_len={m.max_len}')
+
+
+def validate_stages(m, stages: int, rows: int):
+  """`stages` > 1 pipeline stages (parallel/pipeline.py) over `rows` examples per data shard."""
+  checks.require(m.num_layers % stages == 0, 'model.num_layers',
+                 f'{m.num_layers} is not divisible by the {stages} pipeline stages '
+                 '(mesh.stage x mesh.dcn_stage)')
+  micro = m.pipeline_microbatches or stages
+  checks.require(rows % micro == 0, 'model.pipeline_microbatches',
+                 f'{micro} micro-batches do not divide the {rows} examples of each data shard '
+                 '(data.global_batch_size / data shards / train.grad_accum_steps)')
 
 
 validate_sharding = checks.heads_split

@@ -1,8 +1,8 @@
 """The device mesh and the mapping from logical axis names to it.
 
 Model code names logical axes only (`batch`, `embed`, `mlp`, ...); the config's rule table maps
-them to the mesh axes `data`, `fsdp` and `tensor`. Switching data parallel -> FSDP -> FSDP x tensor
-is a change of mesh sizes, never of model code.
+them to the mesh axes `stage`, `data`, `fsdp` and `tensor`. Switching data parallel -> FSDP ->
+FSDP x tensor -> pipeline stages is a change of mesh sizes, never of model code.
 """
 
 import contextlib
@@ -15,7 +15,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+# `stage` is outermost: across slices, pipeline stages talk over DCN (parallel/pipeline.py).
+MESH_AXES = ('stage', 'data', 'fsdp', 'tensor')
 
 # Logical axis -> mesh axes. Each mesh axis is used at most once per array: a later rule for an
 # axis already taken leaves that dimension unsharded, which is how activations (batch over
@@ -29,7 +30,10 @@ RULES = (
     ('kv', None),
     ('mlp', 'tensor'),
     ('norm', None),
-    ('layers', None),  # the stacked axis of scanned blocks: each device holds every layer
+    ('stage', 'stage'),  # the pipeline's stage axis (parallel/pipeline.py)
+    # The stacked axis of scanned blocks: split into consecutive groups, one per pipeline stage
+    # (with mesh.stage=1 each device holds every layer).
+    ('layers', 'stage'),
     ('lora', None),  # LoRA adapters' rank axis: small, whole on every device
 )
 
@@ -40,10 +44,12 @@ def mesh_config():
   mesh.data = -1
   mesh.fsdp = 1
   mesh.tensor = 1
+  mesh.stage = 1  # pipeline stages: the decoder's layers in consecutive groups (GPipe)
   # Sizes across slices (DCN) of a multi-slice job; an axis's full size is ici * dcn.
   mesh.dcn_data = 1
   mesh.dcn_fsdp = 1
   mesh.dcn_tensor = 1
+  mesh.dcn_stage = 1
   mesh.rules = RULES
   return mesh
 

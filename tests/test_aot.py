@@ -116,7 +116,7 @@ def test_small_model_compiles_for_a_tpu_slice(topology):
   config = _tiny()
   report = aot.compile_report(config, topology)
   devices = len(tpu_slices.devices(topology))
-  assert report.mesh == {'data': 1, 'fsdp': devices, 'tensor': 1}
+  assert report.mesh == {'stage': 1, 'data': 1, 'fsdp': devices, 'tensor': 1}
   assert report.params_bytes == _expected_params_bytes_per_device(config, devices)
   # AdamW's two moments per parameter, plus scalar step counts.
   assert 0 <= report.opt_state_bytes - 2 * report.params_bytes < 64
@@ -132,7 +132,7 @@ def test_small_model_compiles_for_a_tpu_slice(topology):
 @needs_libtpu
 def test_multislice_mesh_spans_the_slices(capsys):
   assert aot.run(_tiny('tiny,llama,multislice'), '2xv5e-4') == 0
-  assert '2xv5e-4: 8 x TPU v5 lite (16 GiB HBM each), mesh data=2 fsdp=4 tensor=1' in (
+  assert '2xv5e-4: 8 x TPU v5 lite (16 GiB HBM each), mesh stage=1 data=2 fsdp=4 tensor=1' in (
       capsys.readouterr().out)
 
 

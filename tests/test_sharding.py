@@ -136,6 +136,6 @@ def test_multislice_mesh_puts_data_across_slices_and_fsdp_within():
   devices = tpu_slices.devices('2xv5e-8')  # compile-only TPU devices: two slices of 8 chips
   config = default.get_config('multislice')
   mesh = sharding.make_mesh(config.mesh, devices)
-  assert dict(mesh.shape) == {'data': 2, 'fsdp': 8, 'tensor': 1}
-  for index, row in enumerate(mesh.devices[:, :, 0]):  # one data index = one whole slice
+  assert dict(mesh.shape) == {'stage': 1, 'data': 2, 'fsdp': 8, 'tensor': 1}
+  for index, row in enumerate(mesh.devices[0, :, :, 0]):  # one data index = one whole slice
     assert {d.slice_index for d in row} == {index}

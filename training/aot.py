@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from hardware import chips, tpu_slices
-from parallel import sharding
+from parallel import pipeline, sharding
 from tasks import base
 from training import config_check
 from training import state as state_lib
@@ -55,6 +55,11 @@ class Report:
   compiler_error: str = ''
   unsharded: tuple = ()  # parameters whose dimensions the mesh does not divide (kept whole)
   batch_shapes: str = ''  # the global batch, e.g. 'tokens 256x8193'
+  microbatches: int = 0  # the pipeline schedule's, with mesh stages > 1
+
+  @property
+  def stages(self) -> int:
+    return self.mesh.get('stage', 1)
 
   @property
   def total_bytes(self) -> int | None:
@@ -262,6 +267,7 @@ def compile_report(config, topology_name: str, overridden=()) -> Report:
       opt_state_bytes=_bytes_per_device(state['opt_state']),
       model_flops=train_flops_per_step(config, setup.model_module) / len(devices),
       unsharded=tuple(sharding.unsharded_params(setup.param_template, mesh, config.mesh.rules)),
+      microbatches=config.model.get('pipeline_microbatches', 0) or mesh.shape['stage'],
       batch_shapes=', '.join(f'{k} {"x".join(map(str, f.shape))}'
                              for k, f in setup.task.batch_spec('train').items()))
   compiled = _compile(config, mesh, setup, batch, report)
@@ -332,8 +338,22 @@ def format_report(r: Report, config) -> str:
   ]
   if not math.isnan(r.collective_bytes):
     lines.append(f'collectives per step per device: {_size(r.collective_bytes).strip()}')
+  if r.stages > 1:
+    lines += _pipeline_lines(r, config)
   lines += [f'note: {line}' for line in r.unsharded]
   return '\n'.join(lines)
+
+
+def _pipeline_lines(r: Report, config) -> list[str]:
+  """The GPipe schedule's bubble and the state each stage's devices hold together (each holds
+  its own layers; the embeddings and the rest are on every stage)."""
+  s, m = r.stages, r.microbatches
+  devices = r.num_devices // s
+  return [f'pipeline: {s} stages x {m} micro-batches (GPipe): bubble (S-1)/(M+S-1) = '
+          f"{pipeline.bubble_fraction(s, m):.1%} of each stage's time",
+          f'per stage ({config.model.num_layers // s} layers on {devices} devices): parameters '
+          f'{_size(r.params_bytes * devices).strip()}, optimizer state '
+          f'{_size(r.opt_state_bytes * devices).strip()}']
 
 
 def run(config, topology_name: str, overridden=()) -> int:

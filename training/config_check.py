@@ -245,6 +245,8 @@ def check_mesh(config, resolved: Resolved, num_devices: int, num_processes: int,
   if validate_sharding:  # e.g. attention heads that the tensor axis must divide
     ways = lambda name: sharding.shards(sizes, sharding.logical_spec(rules, name)[0])
     _from_value_error(lambda: validate_sharding(config.model, ways))
+  if sizes['stage'] > 1:
+    check_stages(config, resolved, sizes['stage'], config.data.global_batch_size // per_update)
   _require(config.data.global_batch_size % num_processes == 0, 'data.global_batch_size',
            f'is not divisible by the {num_processes} processes')
   _from_value_error(lambda: resolved.task.validate_processes(num_processes))
@@ -271,6 +273,20 @@ def check_local_sgd(config):
             'data' in axes(mapped)]
   _require(not others, 'mesh.rules', f"with {why} the data axis holds the replicas: only 'batch' "
            f'may map to it, not {", ".join(others)}')
+
+
+def check_stages(config, resolved: Resolved, stages: int, rows: int):
+  """Pipeline stages need a model with a layer stack to split (its `validate_stages`) and a task
+  that runs it; `rows`: the examples of each data shard in one micro-step."""
+  validate_stages = getattr(resolved.model, 'validate_stages', None)
+  stageable = [name for name, module in MODELS.items() if hasattr(module, 'validate_stages')]
+  _require(validate_stages is not None, 'mesh.stage',
+           f'{stages} pipeline stages (mesh.stage x mesh.dcn_stage) need a model with a layer '
+           f'stack to split; model.name={config.model.name!r} has none '
+           f'({", ".join(stageable)} has)')
+  _from_value_error(lambda: validate_stages(config.model, stages, rows))
+  _require(config.train.sync_every == 1, 'train.sync_every',
+           f'local SGD ({config.train.sync_every}) does not run with {stages} pipeline stages yet')
 
 
 def check_workdir(workdir: str):

@@ -29,6 +29,7 @@ REMATS = ('none', 'dots', 'names', 'full')  # least recompute first
 MAX_COMPILES = 2  # llama3_8b on v5p-128: about 2 minutes each on an idle 2-core host
 _FITS = 0.9  # the share of HBM an estimate may fill and count as fitting (it misses scratch)
 _LOSS_CHUNK = 1024  # tried when the config computes all logits at once and that is too big
+_MESH_LEVERS = ('data', 'fsdp', 'tensor')  # the mesh axes tried; `stage` stays as configured
 
 
 @dataclasses.dataclass
@@ -59,12 +60,18 @@ def with_overrides(config, overrides: dict):
   return config
 
 
+def _ici_sizes(config, num_devices: int, num_slices: int) -> dict[str, int]:
+  return dict(zip(sharding.MESH_AXES,
+                  sharding.ici_dcn_shapes(config.mesh, num_devices, num_slices)[0]))
+
+
 def _meshes(config, num_devices: int, num_slices: int) -> list[tuple[int, int, int]]:
   """(data, fsdp, tensor) within a slice: the config's first, then fully sharded, tensor
-  parallel 2 and 4, and two data-parallel replicas."""
-  shape = sharding.ici_dcn_shapes(config.mesh, num_devices, num_slices)[0]
-  n = num_devices // num_slices
-  options = [tuple(shape), (1, n, 1), (1, n // 2, 2), (1, n // 4, 4), (2, n // 2, 1)]
+  parallel 2 and 4, and two data-parallel replicas (each stage's, with pipeline stages)."""
+  ici = _ici_sizes(config, num_devices, num_slices)
+  n = num_devices // num_slices // ici['stage']
+  options = [tuple(ici[a] for a in _MESH_LEVERS), (1, n, 1), (1, n // 2, 2), (1, n // 4, 4),
+             (2, n // 2, 1)]
   return [m for i, m in enumerate(options) if math.prod(m) == n and m not in options[:i]]
 
 
@@ -93,7 +100,7 @@ def _activation_bytes(config, remat: str, micro: int, loss_chunk: int, batch_sha
 def _estimate(config, state_bytes: float, params_bytes: float, num_slices: int) -> float:
   """Per-device bytes: the sharded state, its gradients (twice with micro-batches: one sum)
   and `_activation_bytes`."""
-  data, fsdp, tensor = (config.mesh[a] for a in sharding.MESH_AXES)
+  data, fsdp, tensor = (config.mesh[a] for a in _MESH_LEVERS)
   micro = config.train.grad_accum_steps
   return ((state_bytes + params_bytes * (2 if micro > 1 else 1)) / (fsdp * tensor)
           + _activation_bytes(config, config.model.remat, micro, config.model.loss_chunk,
@@ -143,7 +150,8 @@ def plan(config, topology: str, overridden=(), max_compiles: int = MAX_COMPILES,
   state_bytes = params_bytes + nbytes(abstract['opt_state'])
   candidates = _candidates(config, devices, state_bytes, params_bytes, chip.hbm_bytes, remats,
                            overridden)
-  own_mesh = sharding.ici_dcn_shapes(config.mesh, len(devices), sharding.num_slices(devices))[0]
+  own = _ici_sizes(config, len(devices), sharding.num_slices(devices))
+  own_mesh = tuple(own[a] for a in _MESH_LEVERS)
   promise = lambda c: (c.estimate_bytes > _FITS * chip.hbm_bytes,
                        _mesh_of(c) != own_mesh, remats.index(c.overrides['model.remat']),
                        c.overrides['train.grad_accum_steps'])
@@ -162,7 +170,7 @@ def plan(config, topology: str, overridden=(), max_compiles: int = MAX_COMPILES,
 
 
 def _mesh_of(candidate) -> tuple[int, int, int]:
-  return tuple(candidate.overrides[f'mesh.{a}'] for a in sharding.MESH_AXES)
+  return tuple(candidate.overrides[f'mesh.{a}'] for a in _MESH_LEVERS)
 
 
 def _levers(c: Candidate) -> str:
@@ -174,13 +182,13 @@ def _levers(c: Candidate) -> str:
 def overrides_of(best: Candidate, config, topology: str) -> list[str]:
   """The `--config.*` flags that turn `config` into `best` (the levers it changes)."""
   devices = aot.slice_devices(topology)
-  own = dict(zip(sharding.MESH_AXES, sharding.ici_dcn_shapes(
-      config.mesh, len(devices), sharding.num_slices(devices))[0]))
+  own = _ici_sizes(config, len(devices), sharding.num_slices(devices))
   flags = []
   for key, value in best.overrides.items():
     section, name = key.split('.')
     current = own[name] if section == 'mesh' else config[section][name]
-    if value != current or (section == 'mesh' and _mesh_of(best) != tuple(own.values())):
+    if value != current or (section == 'mesh' and
+                            _mesh_of(best) != tuple(own[a] for a in _MESH_LEVERS)):
       flags.append(f'--config.{key}={value}')
   return flags
 
