@@ -33,9 +33,9 @@ def _config(**train):
   return config
 
 
-def _train(config, step_config, steps):
+def _train(config, step_config, steps, same_rows=False):
   """(losses, the state after each step, on the host) of `steps` steps of `config`, the step
-  compiled with `step_config`."""
+  compiled with `step_config`; `same_rows`: both halves of every batch the first half's rows."""
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
   setup = state_lib.make_setup(config, mesh)
   batches = iter(setup.task.train_batches(pipeline.RecordStats()))
@@ -45,7 +45,10 @@ def _train(config, step_config, steps):
     state = state_lib.init_state(config, setup)
     train_step, _ = step_lib.compile_steps(setup, step_config, mesh)
     for _ in range(steps):
-      state, metrics = train_step(state, place(next(batches)))
+      batch = next(batches)
+      if same_rows:
+        batch = jax.tree.map(lambda x: np.concatenate([x[:len(x) // 2]] * 2), batch)
+      state, metrics = train_step(state, place(batch))
       losses.append(float(metrics['train/loss']))
       states.append(jax.device_get(state))
   batches.close()
@@ -85,6 +88,14 @@ def test_replicas_part_after_a_sync_and_meet_at_the_next():
     np.testing.assert_array_equal(x, y)
   for x, g in zip(_leaves(synced['local']['params']), _leaves(synced['params'])):
     np.testing.assert_array_equal(x, np.broadcast_to(g, x.shape))
+
+
+def test_each_replica_draws_its_own_dropout():
+  """Both replicas on the same rows still step apart: each has its own dropout stream."""
+  config = _config(sync_every=4)
+  config.model.dropout_rate = 0.5
+  _, states = _train(config, config, steps=2, same_rows=True)  # step 1's rate is 0
+  assert max(np.abs(x[0] - x[1]).max() for x in _leaves(states[-1]['local']['params'])) > 0
 
 
 @pytest.fixture(scope='module')

@@ -44,13 +44,15 @@ def layout(abstract, shardings, outer_tx, opt_state_shardings, mesh):
   `opt_state_shardings(tx, abstract opt state)` shards an optimiser state like its parameters."""
   replicas = mesh.shape[REPLICA_AXIS]
   stacked = lambda s: NamedSharding(mesh, PartitionSpec(REPLICA_AXIS, *s.spec))
-  local_abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((replicas, *a.shape), a.dtype), abstract)
+  local_abstract = {**jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((replicas, *a.shape), a.dtype), abstract),
+                    'replica': jax.ShapeDtypeStruct((replicas,), jnp.int32)}
   outer_abstract = jax.eval_shape(outer_tx.init, abstract['params'])
   new_abstract = {**_global(abstract), 'opt_state': outer_abstract, 'local': local_abstract}
   new_shardings = {**_global(shardings),
                    'opt_state': opt_state_shardings(outer_tx, outer_abstract),
-                   'local': jax.tree.map(stacked, shardings)}
+                   'local': {**jax.tree.map(stacked, shardings),
+                             'replica': NamedSharding(mesh, PartitionSpec(REPLICA_AXIS))}}
   return new_abstract, new_shardings
 
 
@@ -59,8 +61,10 @@ def _global(state) -> dict:
 
 
 def initial_state(inner_state, outer_tx, replicas: int) -> dict:
-  """Every replica starts from the global parameters, with its own copy of the inner state."""
-  local = jax.tree.map(lambda x: jnp.broadcast_to(x, (replicas, *x.shape)), inner_state)
+  """Every replica starts from the global parameters, with its own copy of the inner state
+  and its index (`replica`: its own random stream, e.g. for dropout)."""
+  local = {**jax.tree.map(lambda x: jnp.broadcast_to(x, (replicas, *x.shape)), inner_state),
+           'replica': jnp.arange(replicas, dtype=jnp.int32)}
   return {**_global(inner_state), 'opt_state': outer_tx.init(inner_state['params']),
           'local': local}
 
@@ -73,6 +77,7 @@ def inner_step(state, batch, *, step_fn, config):
   with linen.logical_axis_rules(inner_rules(config.mesh.rules)):
     local, metrics = jax.vmap(step_fn, spmd_axis_name=REPLICA_AXIS)(
         state['local'], jax.tree.map(split, batch))
+  local['replica'] = state['local']['replica']  # the step keeps only what it updates
   new_state = {**state, 'local': local, 'step': state['step'] + 1,
                'skipped_steps': local['skipped_steps'].sum()}
   return new_state, {k: _across_replicas(k, v) for k, v in metrics.items()}

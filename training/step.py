@@ -91,6 +91,8 @@ def train_step(state: TrainState, batch, *, setup: Setup, config):
   """One optimiser update on a global batch; returns the new state and scalar metrics."""
   params, model_state = state['params'], state.get('model_state')
   key = jax.random.fold_in(jax.random.key(config.seed), state['step'])  # dropout and the like
+  if 'replica' in state:  # a local-SGD replica (training/local_sgd.py): a stream of its own
+    key = jax.random.fold_in(key, state['replica'])
   num_micro = config.train.grad_accum_steps
   scaling = 'loss_scale' in state
   loss_scale = state['loss_scale']['scale'] if scaling else None
