@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import checks, flops, layers, platforms
+from models import blocks, checks, flops, layers, platforms
 from models.byte_vocab import PAD_ID, SEP_ID, VOCAB_SIZE
 from parallel.sharding import constrain
 
@@ -136,7 +136,7 @@ class Model(nnx.Module):
           nnx.initializers.normal(cfg.init_std)(
               rngs.params(), (cfg.type_vocab_size, cfg.embed_dim), cfg.param_dtype),
           logical_axes=(None, 'embed'))
-    self.blocks = layers.Blocks(cfg, rngs=rngs, causal=False)
+    self.blocks = blocks.Blocks(cfg, rngs=rngs, causal=False)
     self.post_norm = cfg.norm_position == 'post'
     if self.post_norm:  # BERT: the embeddings are normed, each block's output too
       self.embed_norm = layers.norm(cfg, rngs)

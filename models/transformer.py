@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import checks, flops, layers, platforms
+from models import blocks, checks, flops, layers, platforms
 from parallel.sharding import constrain
 
 
@@ -89,7 +89,7 @@ class Model(nnx.Module):
     self.embed = layers.Embed(cfg, rngs=rngs)
     if cfg.position == 'learned':
       self.positions = layers.learned_positions(cfg, rngs)
-    self.blocks = layers.Blocks(cfg, rngs=rngs, causal=True)
+    self.blocks = blocks.Blocks(cfg, rngs=rngs, causal=True)
     self.final_norm = layers.norm(cfg, rngs)
     if not cfg.tie_embeddings:  # 16-bit activations: accumulated and returned in float32
       wide = None if cfg.dtype == 'float32' else jnp.float32

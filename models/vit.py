@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import checks, flops, layers, platforms
+from models import blocks, checks, flops, layers, platforms
 from parallel.sharding import constrain
 
 POOLS = ('cls', 'mean')
@@ -95,7 +95,7 @@ class Model(nnx.Module):
     if cfg.position == 'learned':
       self.positions = layers.learned_positions(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
-    self.blocks = layers.Blocks(cfg, rngs=rngs, causal=False)
+    self.blocks = blocks.Blocks(cfg, rngs=rngs, causal=False)
     self.final_norm = layers.norm(cfg, rngs)
     # 16-bit activations: the logits are accumulated in float32.
     wide = None if cfg.dtype == 'float32' else jnp.float32
