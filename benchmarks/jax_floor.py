@@ -7,7 +7,7 @@ with no podium code, so `benchmarks/whole_run.py --job=char` can be read against
 (b2 0.99) with 100 warmup steps and cosine decay to 0.1: the shape of whole_run.py's `char`
 job, without evaluation, checkpoints or logging. Prints the peak RSS after imports, after the
 jitted initialisation, after the first step and at the end, and the wall time. `--one_arena`
-caps glibc's malloc arenas at one, as podium's CPU set-up does (hardware/cpu_runtime.py).
+caps glibc's malloc arenas at one (podium's CPU set-up does not: hardware/cpu_runtime.py says why).
 Prints figures only.
 """
 
