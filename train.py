@@ -46,7 +46,8 @@ def _define_flags():
   flags.DEFINE_string('compile_cache', '',
                       "JAX's persistent compilation cache, so that a rerun (a resume after "
                       'preemption) loads the compiled train step instead of compiling it again. '
-                      "Empty: WORKDIR/compile_cache; 'none': off.")
+                      "Empty: $JAX_COMPILATION_CACHE_DIR if set (one cache for every run), else "
+                      "WORKDIR/compile_cache; 'none': off.")
   flags.DEFINE_bool('compile_only', False,
                     'Compile the train step for --topology and report its memory; no training.')
   flags.DEFINE_string('topology', '', 'Cloud TPU topology for --compile_only, e.g. v5p-128, '
@@ -237,10 +238,12 @@ def _open_log(workdir: str):
 
 
 def _compile_cache(workdir: str, absolute) -> str | None:
-  """--compile_cache as a directory, or None for 'none'."""
+  """--compile_cache as a directory, or None for 'none'. JAX's own variable, when set, names a
+  cache the user shares between runs: it wins over the workdir's."""
   if FLAGS.compile_cache == 'none':
     return None
-  return absolute(FLAGS.compile_cache) or f'{workdir.rstrip("/")}/compile_cache'
+  chosen = FLAGS.compile_cache or os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
+  return absolute(chosen) or f'{workdir.rstrip("/")}/compile_cache'
 
 
 def _print_config(config):

@@ -99,7 +99,10 @@ def train_flags(workdir: str, extra: list[str]) -> list[str]:
 
 
 def child_env() -> dict:
-  return {**os.environ, 'PYTHONPATH': _REPO.value, 'JAX_LOG_COMPILES': '1'}
+  """The run's environment: every compile logged, and no shared compile cache (a cold run)."""
+  env = {**os.environ, 'PYTHONPATH': _REPO.value, 'JAX_LOG_COMPILES': '1'}
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  return env
 
 
 def step_seconds(flags_: list[str]) -> float | None:

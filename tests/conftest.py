@@ -19,3 +19,12 @@ from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-
 def tiny_config():
   """A two-layer model over 32-token sequences, unlocked so tests can adjust it."""
   return default.get_config('tiny')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def shared_compile_cache(tmp_path_factory):
+  """One compile cache (per test worker) for every train.py the tests start: a program any
+  earlier run compiled is loaded, not compiled again. Set after collection, when this process's
+  JAX has read its settings, so only child processes see it."""
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.getbasetemp() / 'compile_cache')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # every compile, however short

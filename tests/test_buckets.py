@@ -18,7 +18,7 @@ import pytest
 from data import sources, tokenizers
 from tests.test_faults import _assert_same_state, _losses
 from tests.test_prepared_data import write_prepared
-from tests.test_train_e2e import CACHE_ALL, REPO, TINY, run_train
+from tests.test_train_e2e import REPO, TINY, run_train
 from tests.test_train_e2e import saved_state as _state
 
 pytest.importorskip('gcsfs', reason='gs:// needs gcsfs: pip install -e .[tpu]')
@@ -110,7 +110,7 @@ def _train_in_bucket(env, cwd) -> subprocess.Popen:
   command = [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir=gs://{BUCKET}/run',
              f'--compile_cache=gs://{BUCKET}/cache', *TINY, *RUN, '--config.data.source=files',
              f'--config.data.files=gs://{BUCKET}/data/*.txt']
-  return subprocess.Popen(command, cwd=cwd, env={**CACHE_ALL, **env}, text=True,
+  return subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -20,7 +20,7 @@ from models import MODELS
 from models.platforms import resolve_for_platform
 from tasks import classification
 from tests.test_faults import _assert_same_state, _losses
-from tests.test_train_e2e import CACHE_ALL, REPO, run_train, saved_state
+from tests.test_train_e2e import REPO, run_train, saved_state
 from training import metrics
 
 
@@ -327,7 +327,7 @@ def test_lm_eval_sample_is_fixed_and_drawn_from_all_documents(tmp_path):
 def _evaluate(workdir, *args, cwd):
   return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), '--mode=evaluate',
                          f'--workdir={workdir}', *args], capture_output=True, text=True,
-                        cwd=cwd, timeout=600, check=False, env=CACHE_ALL)
+                        cwd=cwd, timeout=600, check=False)
 
 
 def test_evaluate_reproduces_the_figures_training_wrote(honest_and_scrambled, tmp_path):

@@ -19,17 +19,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=' + os.path.join(REPO, 'configs', 'default.py') + ':tiny']
 
 
-# Every compile goes into the workdir's compile cache, however fast this machine compiles, so
-# resumed runs here always run cached executables.
-CACHE_ALL = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
-
-
 def run_train(workdir, *args, env=None, cwd=REPO):
   """train.py on the tiny default config, unless `args` name another --config; run in `cwd`."""
   config = [] if any(a.startswith('--config=') for a in args) else TINY
   return subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}',
                          *config, *args], capture_output=True, text=True, cwd=cwd,
-                        timeout=600, check=False, env={**CACHE_ALL, **(env or {})})
+                        timeout=600, check=False, env={**os.environ, **(env or {})})
 
 
 def saved_state(workdir, step):
@@ -88,6 +83,9 @@ def test_run_writes_outputs(unbroken):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '8']
   assert os.listdir(workdir / 'tensorboard')
   assert (workdir / 'config.json').exists()
+  # JAX_COMPILATION_CACHE_DIR (conftest.py's cache, shared by every run) wins over the workdir's
+  assert os.listdir(os.environ['JAX_COMPILATION_CACHE_DIR'])
+  assert not (workdir / 'compile_cache').exists()
   records = metrics.read_metrics(workdir)
   assert [r['step'] for r in records] == list(range(1, 9))
   for key in ('train/loss', 'learning_rate', 'tokens_per_second'):

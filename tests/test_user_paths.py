@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.test_faults import _wait_for_step
-from tests.test_train_e2e import CACHE_ALL, REPO, TINY, run_train
+from tests.test_train_e2e import REPO, TINY, run_train
 from training import exit_codes
 
 QUICK = ['--config.task.num_samples=0']
@@ -55,7 +55,7 @@ def test_workdir_under_home_killed_then_rerun_resumes(tmp_path):
   args = [*TINY, *QUICK, '--config.train.steps=16', '--config.train.checkpoint_every=2',
           '--config.train.eval_every=0']
   command = [sys.executable, os.path.join(REPO, 'train.py'), '--workdir=~/run', *args]
-  env = {**CACHE_ALL, 'HOME': str(home)}
+  env = {**os.environ, 'HOME': str(home)}
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              cwd=tmp_path, env=env)
   _wait_for_step(home / 'run', 5, process)
