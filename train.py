@@ -167,6 +167,8 @@ def main(argv):
     if FLAGS.step not in ('', 'best') and not FLAGS.step.isdigit():
       _usage_error(f"--step={FLAGS.step}: a step number, 'best', or empty for the newest")
     config = _evaluated_config(config)
+  # Read here, not by JAX at import: JAX would start its cache there before --compile_cache is set.
+  shared_cache = os.environ.pop('JAX_COMPILATION_CACHE_DIR', '')
   from hardware import cpu_runtime  # pylint: disable=g-import-not-at-top
   from parallel import multihost, sharding  # pylint: disable=g-import-not-at-top
   cpu_runtime.configure()  # before JAX starts its backend; does nothing off CPU
@@ -189,7 +191,8 @@ def main(argv):
     if FLAGS.mode == 'evaluate':
       _evaluate(config, workdir, resolved)
     _open_log(workdir)
-    status = loop.train(config, workdir, _compile_cache(workdir, paths.absolute), resolved)
+    cache = _compile_cache(workdir, paths.absolute, shared_cache)
+    status = loop.train(config, workdir, cache, resolved)
   except config_check.ConfigError as e:
     _usage_error(e if str(e).startswith('--') else f'config {e}')
   except (checkpointing.IncompatibleCheckpointError, checkpointing.NoUsableCheckpointError,
@@ -237,12 +240,12 @@ def _open_log(workdir: str):
     _usage_error(f'--workdir: cannot create {workdir}: {e.strerror or type(e).__name__}')
 
 
-def _compile_cache(workdir: str, absolute) -> str | None:
+def _compile_cache(workdir: str, absolute, shared_cache: str) -> str | None:
   """--compile_cache as a directory, or None for 'none'. JAX's own variable, when set, names a
   cache the user shares between runs: it wins over the workdir's."""
   if FLAGS.compile_cache == 'none':
     return None
-  chosen = FLAGS.compile_cache or os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
+  chosen = FLAGS.compile_cache or shared_cache
   return absolute(chosen) or f'{workdir.rstrip("/")}/compile_cache'
 
 

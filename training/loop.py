@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 from etils import epath
 import numpy as np
 import tqdm
@@ -260,6 +261,7 @@ def use_compile_cache(directory: str):
   model on a pod. JAX keeps compiles of 1 s or more, keyed by program, flags and versions, and
   writes from process 0 only; an entry it cannot read is compiled afresh."""
   jax.config.update('jax_compilation_cache_dir', directory)
+  compilation_cache.reset_cache()  # a cache JAX opened already (e.g. from its env variable) closes
   jax.monitoring.register_event_duration_secs_listener(_report_cache_hit)
 
 
